@@ -1,0 +1,230 @@
+//! The admin CLI: ls, stat, create, rm, df. Each talks to a running broker.
+
+pub mod serve;
+mod table;
+
+use std::path::Path;
+
+use clap::Args;
+use membroker_client::proto::{LeaseInfo, PoolInfo};
+use membroker_client::size::{format_size, parse_size};
+use membroker_client::{Client, CreateLease, Error, PageSize};
+
+use table::{Names, Table, mode_string};
+
+fn connect(socket: &Path) -> Result<Client, String> {
+    Client::connect(socket).map_err(|e| match &e {
+        Error::Connect { source, .. } => format!(
+            "cannot connect to the broker at {}: {source}; is `membroker serve` running? \
+             (--socket or MEMBROKER_SOCKET name another socket)",
+            socket.display()
+        ),
+        _ => text(&e),
+    })
+}
+
+fn text(e: &Error) -> String {
+    crate::server::error_chain(e)
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Result<(), String> {
+    let out =
+        serde_json::to_string_pretty(value).map_err(|e| format!("cannot format JSON: {e}"))?;
+    println!("{out}");
+    Ok(())
+}
+
+fn state(lease: &LeaseInfo) -> String {
+    format!("{:?}", lease.state).to_lowercase()
+}
+
+pub fn ls(socket: &Path, prefix: &str, long: bool, as_json: bool) -> Result<(), String> {
+    let leases = connect(socket)?.list(prefix).map_err(|e| text(&e))?;
+    if as_json {
+        return json(&leases);
+    }
+    if !long {
+        for lease in &leases {
+            println!("{}", lease.name);
+        }
+        return Ok(());
+    }
+    let names = Names::load();
+    let mut t = Table::new(
+        &[
+            "MODE", "OWNER", "GROUP", "SIZE", "PAGE", "POOL", "PERSIST", "STATE", "HOLDERS", "NAME",
+        ],
+        &[
+            false, false, false, true, true, false, false, false, true, false,
+        ],
+    );
+    for l in &leases {
+        t.row(vec![
+            mode_string(l.mode),
+            names.user(l.uid),
+            names.group(l.gid),
+            format_size(l.size),
+            l.page_size.to_string(),
+            l.pool.clone(),
+            if l.persistent { "yes" } else { "no" }.into(),
+            state(l),
+            l.holders.len().to_string(),
+            l.name.clone(),
+        ]);
+    }
+    print!("{}", t.render());
+    Ok(())
+}
+
+fn print_lease(l: &LeaseInfo) {
+    let names = Names::load();
+    println!("name:       {}", l.name);
+    println!("size:       {} ({} bytes)", format_size(l.size), l.size);
+    println!("page size:  {}", l.page_size);
+    println!("pool:       {}", l.pool);
+    println!(
+        "owner:      {} ({}), group {} ({})",
+        names.user(l.uid),
+        l.uid,
+        names.group(l.gid),
+        l.gid
+    );
+    println!("mode:       {:04o} ({})", l.mode, mode_string(l.mode));
+    println!("persistent: {}", if l.persistent { "yes" } else { "no" });
+    println!("state:      {}", state(l));
+    println!("created:    {} (unix time)", l.created);
+    let extents: Vec<String> = l
+        .extents
+        .iter()
+        .map(|e| format!("{:#x}+{}", e.start, format_size(e.len)))
+        .collect();
+    println!("extents:    {}", extents.join(", "));
+    let holders: Vec<String> = l
+        .holders
+        .iter()
+        .map(|h| format!("pid {} (uid {})", h.pid, h.uid))
+        .collect();
+    println!(
+        "holders:    {}",
+        if holders.is_empty() {
+            "none".into()
+        } else {
+            holders.join(", ")
+        }
+    );
+    if !l.poison.is_empty() {
+        let poison: Vec<String> = l
+            .poison
+            .iter()
+            .map(|p| format!("{:#x}+{}", p.offset, format_size(p.len)))
+            .collect();
+        println!("poison:     {}", poison.join(", "));
+    }
+}
+
+pub fn stat(socket: &Path, name: &str, as_json: bool) -> Result<(), String> {
+    let lease = connect(socket)?.stat(name).map_err(|e| text(&e))?;
+    if as_json {
+        return json(&lease);
+    }
+    print_lease(&lease);
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Lease name, a path such as tenant/vm1/ram0.
+    name: String,
+    /// Size: bytes or 4K, 2M, 1G, 1.5G; a multiple of the page size.
+    #[arg(long, value_parser = parse_size_arg)]
+    size: u64,
+    /// Page size: 4K, 2M or 1G [default: the pool's].
+    #[arg(long)]
+    page_size: Option<PageSize>,
+    /// Pool to take the memory from [default: the first pool serving the page size].
+    #[arg(long)]
+    pool: Option<String>,
+    /// Keep the lease until `membroker rm` (always the case from the CLI; accepted for clarity).
+    #[arg(long)]
+    persistent: bool,
+    /// Permission bits in octal, like a file's.
+    #[arg(long, default_value = "0600", value_parser = parse_mode)]
+    mode: u32,
+    /// Owner uid (root or the admin group only) [default: yours].
+    #[arg(long)]
+    owner: Option<u32>,
+    /// Machine-readable output (a JSON object).
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s, 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("mode {s:?}: use octal permission bits such as 0600 or 0640"))
+}
+
+pub fn create(socket: &Path, args: CreateArgs) -> Result<(), String> {
+    let mut req = CreateLease::new(args.name, args.size)
+        .persistent(true)
+        .mode(args.mode);
+    req.page_size = args.page_size;
+    req.pool = args.pool;
+    req.owner = args.owner;
+    let lease = connect(socket)?.create(req).map_err(|e| text(&e))?;
+    if args.json {
+        return json(lease.info());
+    }
+    print_lease(lease.info());
+    Ok(())
+}
+
+pub fn rm(socket: &Path, name: &str) -> Result<(), String> {
+    connect(socket)?.remove(name).map_err(|e| text(&e))
+}
+
+pub fn df(socket: &Path, as_json: bool) -> Result<(), String> {
+    let pools: Vec<PoolInfo> = connect(socket)?.df().map_err(|e| text(&e))?;
+    if as_json {
+        return json(&pools);
+    }
+    let mut t = Table::new(
+        &[
+            "POOL",
+            "KIND",
+            "PAGE",
+            "SIZE",
+            "USED",
+            "FREE",
+            "SCRUBBING",
+            "QUARANTINED",
+            "LEASES",
+        ],
+        &[false, false, true, true, true, true, true, true, true],
+    );
+    for p in &pools {
+        let name = if p.default {
+            format!("{} (default)", p.name)
+        } else {
+            p.name.clone()
+        };
+        t.row(vec![
+            name,
+            format!("{:?}", p.kind).to_lowercase(),
+            p.page_size.to_string(),
+            format_size(p.size),
+            format_size(p.used),
+            format_size(p.free),
+            format_size(p.scrubbing),
+            format_size(p.quarantined),
+            p.leases.to_string(),
+        ]);
+    }
+    print!("{}", t.render());
+    Ok(())
+}

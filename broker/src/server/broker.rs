@@ -1,0 +1,234 @@
+//! Request handling: the namespace, the pools, and the fds that go back to clients.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+
+use membroker_client::codec::{MAX_PAYLOAD, encoded_len};
+use membroker_client::proto::{ErrorCode, LeaseInfo, Request, Response};
+use parking_lot::Mutex;
+use rustix::fs::{Mode, OFlags};
+
+use crate::namespace::{Freed, Namespace, NsError, Peer, PoolAccount};
+use crate::pool::Pool;
+
+/// A reply and the fd that travels with it, if any.
+#[derive(Debug)]
+pub struct Reply {
+    pub response: Response,
+    pub fd: Option<ReplyFd>,
+}
+
+/// The fd of a lease reply: the broker's own (shared) or a read-only reopening of it.
+#[derive(Debug)]
+pub enum ReplyFd {
+    Shared(Arc<OwnedFd>),
+    Owned(OwnedFd),
+}
+
+impl AsFd for ReplyFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            ReplyFd::Shared(fd) => fd.as_fd(),
+            ReplyFd::Owned(fd) => fd.as_fd(),
+        }
+    }
+}
+
+impl Reply {
+    fn new(response: Response) -> Reply {
+        Reply { response, fd: None }
+    }
+
+    /// An error reply.
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Reply {
+        Reply::new(Response::Error {
+            code,
+            message: message.into(),
+        })
+    }
+}
+
+impl From<NsError> for Reply {
+    fn from(e: NsError) -> Reply {
+        Reply::error(e.code(), e.to_string())
+    }
+}
+
+/// The broker's state shared by every connection.
+#[derive(Debug)]
+pub struct Broker {
+    pools: Vec<Pool>,
+    ns: Mutex<Namespace>,
+    admin_gid: Option<u32>,
+}
+
+impl Broker {
+    /// A broker over `pools` (the first is the default); members of `admin_gid` (by primary
+    /// group) and root may manage every lease.
+    pub fn new(pools: Vec<Pool>, admin_gid: Option<u32>) -> Broker {
+        let accounts = pools
+            .iter()
+            .map(|p| PoolAccount {
+                name: p.name.clone(),
+                kind: p.kind,
+                page_size: p.page_size,
+                size: p.size,
+                used: 0,
+                leases: 0,
+            })
+            .collect();
+        Broker {
+            pools,
+            ns: Mutex::new(Namespace::new(accounts)),
+            admin_gid,
+        }
+    }
+
+    /// The identity of a connection.
+    pub fn peer(&self, conn: u64, pid: u32, uid: u32, gid: u32) -> Peer {
+        let admin = uid == 0 || self.admin_gid == Some(gid);
+        Peer {
+            conn,
+            pid,
+            uid,
+            gid,
+            admin,
+        }
+    }
+
+    /// Handles one request (after the handshake) from `peer`.
+    pub fn handle(&self, peer: &Peer, request: Request) -> Reply {
+        let result = match request {
+            Request::Hello { .. } => {
+                return Reply::error(ErrorCode::Protocol, "Hello may only be the first message");
+            }
+            Request::Create(req) => return self.create(peer, req),
+            Request::Open { name, writable } => self.open(peer, &name, writable),
+            Request::Release { name } => self.freeing(|ns| ns.release(peer, &name)),
+            Request::Remove { name } => {
+                let reply = self.freeing(|ns| ns.remove(peer, &name));
+                if reply.is_ok() {
+                    tracing::info!(lease = %name, "removed");
+                }
+                reply
+            }
+            Request::Stat { name } => self
+                .ns
+                .lock()
+                .stat(&name)
+                .map(|info| Reply::new(Response::Stat(info))),
+            Request::List { prefix, after } => Ok(self.list(&prefix, after.as_deref())),
+            Request::Df => Ok(Reply::new(Response::Df(self.ns.lock().df()))),
+            Request::ReportPoison { name, offset, len } => {
+                let result = self.ns.lock().report_poison(peer, &name, offset, len);
+                if result.is_ok() {
+                    tracing::warn!(lease = %name, offset, len, "memory error reported");
+                }
+                result.map(|()| Reply::new(Response::Ok))
+            }
+        };
+        result.unwrap_or_else(Reply::from)
+    }
+
+    fn create(&self, peer: &Peer, req: membroker_client::CreateLease) -> Reply {
+        let reservation = match self.ns.lock().reserve(peer, &req) {
+            Ok(r) => r,
+            Err(e) => return e.into(),
+        };
+        // The allocation (fallocate of up to the whole lease) runs outside the lock.
+        let pool = &self.pools[reservation.pool];
+        match pool.allocate(&reservation.name, reservation.size) {
+            Ok(allocation) => {
+                let (info, fd) =
+                    self.ns
+                        .lock()
+                        .commit(peer, reservation, allocation.fd, allocation.extents);
+                tracing::info!(lease = %info.name, size = info.size, pool = %info.pool, persistent = info.persistent, "created");
+                Reply {
+                    response: Response::Lease(info),
+                    fd: Some(ReplyFd::Shared(fd)),
+                }
+            }
+            Err(e) => {
+                self.ns.lock().abort(reservation);
+                tracing::warn!(lease = %req.name, error = %e, "allocation failed");
+                let code = match e {
+                    crate::pool::PoolError::NoHugePages { .. }
+                    | crate::pool::PoolError::NoMemory { .. } => ErrorCode::OutOfMemory,
+                    _ => ErrorCode::Internal,
+                };
+                Reply::error(code, format!("lease {}: {}", req.name, error_chain(&e)))
+            }
+        }
+    }
+
+    fn open(&self, peer: &Peer, name: &str, writable: bool) -> Result<Reply, NsError> {
+        let (info, fd) = self.ns.lock().open(peer, name, writable)?;
+        if writable {
+            return Ok(Reply {
+                response: Response::Lease(info),
+                fd: Some(ReplyFd::Shared(fd)),
+            });
+        }
+        // A read-only holder gets its own O_RDONLY file description, so it cannot map the
+        // memory writable.
+        let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&*fd));
+        match rustix::fs::open(
+            path.as_str(),
+            OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(ro) => Ok(Reply {
+                response: Response::Lease(info),
+                fd: Some(ReplyFd::Owned(ro)),
+            }),
+            Err(e) => {
+                drop(self.freeing(|ns| ns.release(peer, name)));
+                Ok(Reply::error(
+                    ErrorCode::Internal,
+                    format!("lease {name}: reopening read-only failed: {e}"),
+                ))
+            }
+        }
+    }
+
+    fn freeing(
+        &self,
+        op: impl FnOnce(&mut Namespace) -> Result<Freed, NsError>,
+    ) -> Result<Reply, NsError> {
+        let freed = op(&mut self.ns.lock())?;
+        drop(freed); // closing the last fd of a lease may free a lot of memory: not under the lock
+        Ok(Reply::new(Response::Ok))
+    }
+
+    fn list(&self, prefix: &str, after: Option<&str>) -> Reply {
+        let budget = MAX_PAYLOAD - 1024;
+        let mut used = 0usize;
+        let fits = |info: &LeaseInfo| {
+            used = used.saturating_add(encoded_len(info));
+            used <= budget
+        };
+        let (leases, more) = self.ns.lock().list(prefix, after, fits);
+        Reply::new(Response::List { leases, more })
+    }
+
+    /// A connection closed: release everything it held.
+    pub fn disconnect(&self, conn: u64) {
+        let freed = self.ns.lock().disconnect(conn);
+        if !freed.is_empty() {
+            tracing::info!(leases = freed.len(), "released on disconnect");
+        }
+    }
+}
+
+/// `error: cause: cause` on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

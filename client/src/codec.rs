@@ -1,0 +1,277 @@
+//! Wire format: a fixed 16-byte header, then a bincode 2 payload.
+//!
+//! ```text
+//! 0      4        6     8        12         16
+//! | magic | version | kind | length | reserved | payload (length bytes) |
+//! ```
+//! All integers little-endian. `kind` is never 0, `reserved` must be 0, and the whole message
+//! is at most [`MAX_MSG_SIZE`] bytes. bincode is pinned (`=2.0.1`, unmaintained upstream) and
+//! used only here, so swapping the payload encoding touches this module alone.
+
+use crate::proto::{PROTOCOL_MAX, PROTOCOL_MIN, Request, Response};
+
+/// `MBRK` read as a little-endian u32.
+pub const MAGIC: u32 = u32::from_le_bytes(*b"MBRK");
+/// Size of [`Header`] on the wire.
+pub const HEADER_LEN: usize = 16;
+/// Hard limit on a whole message (header + payload).
+pub const MAX_MSG_SIZE: usize = 64 << 10;
+/// Largest payload.
+pub const MAX_PAYLOAD: usize = MAX_MSG_SIZE - HEADER_LEN;
+
+const CONFIG: bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<MAX_PAYLOAD>,
+> = bincode::config::standard().with_limit::<MAX_PAYLOAD>();
+
+/// Why a message was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("message of {0} bytes is shorter than the {HEADER_LEN}-byte header")]
+    Truncated(usize),
+    #[error("bad magic {0:#010x}: not a membroker peer")]
+    BadMagic(u32),
+    #[error("protocol version {0} is not spoken here ({PROTOCOL_MIN}..={PROTOCOL_MAX})")]
+    Version(u16),
+    #[error("reserved header field is {0:#x}, must be 0")]
+    Reserved(u32),
+    #[error("header says {header} payload bytes, message has {actual}")]
+    Length { header: usize, actual: usize },
+    #[error("message of {0} bytes exceeds the {MAX_MSG_SIZE}-byte limit")]
+    TooLarge(usize),
+    #[error("message kind {0:#06x} is unknown here")]
+    Kind(u16),
+    #[error("payload does not decode")]
+    Decode(#[source] bincode::error::DecodeError),
+    #[error("payload has {0} trailing bytes")]
+    Trailing(usize),
+    #[error("payload does not encode")]
+    Encode(#[source] bincode::error::EncodeError),
+}
+
+/// Result alias of this module.
+pub type Result<T> = std::result::Result<T, CodecError>;
+
+/// The fixed message header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub version: u16,
+    pub kind: u16,
+    pub len: u32,
+}
+
+impl Header {
+    fn write(&self, out: &mut [u8; HEADER_LEN]) {
+        out[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        out[4..6].copy_from_slice(&self.version.to_le_bytes());
+        out[6..8].copy_from_slice(&self.kind.to_le_bytes());
+        out[8..12].copy_from_slice(&self.len.to_le_bytes());
+        out[12..16].copy_from_slice(&0u32.to_le_bytes());
+    }
+
+    /// Parses and checks the header of a whole message `msg`.
+    pub fn parse(msg: &[u8]) -> Result<Header> {
+        let Some(head) = msg.first_chunk::<HEADER_LEN>() else {
+            return Err(CodecError::Truncated(msg.len()));
+        };
+        let u32_at =
+            |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
+        let u16_at = |i: usize| u16::from_le_bytes([head[i], head[i + 1]]);
+        let magic = u32_at(0);
+        if magic != MAGIC {
+            return Err(CodecError::BadMagic(magic));
+        }
+        let header = Header {
+            version: u16_at(4),
+            kind: u16_at(6),
+            len: u32_at(8),
+        };
+        if !(PROTOCOL_MIN..=PROTOCOL_MAX).contains(&header.version) {
+            return Err(CodecError::Version(header.version));
+        }
+        let reserved = u32_at(12);
+        if reserved != 0 {
+            return Err(CodecError::Reserved(reserved));
+        }
+        if msg.len() > MAX_MSG_SIZE {
+            return Err(CodecError::TooLarge(msg.len()));
+        }
+        let actual = msg.len() - HEADER_LEN;
+        if header.len as usize != actual {
+            return Err(CodecError::Length {
+                header: header.len as usize,
+                actual,
+            });
+        }
+        if header.kind == 0 {
+            return Err(CodecError::Kind(0));
+        }
+        Ok(header)
+    }
+}
+
+fn encode<T: bincode::Encode>(version: u16, kind: u16, value: &T) -> Result<Vec<u8>> {
+    let mut msg = vec![0u8; HEADER_LEN];
+    let len =
+        bincode::encode_into_std_write(value, &mut msg, CONFIG).map_err(CodecError::Encode)?;
+    if msg.len() > MAX_MSG_SIZE {
+        return Err(CodecError::TooLarge(msg.len()));
+    }
+    let head: &mut [u8; HEADER_LEN] = msg.first_chunk_mut().expect("header space reserved");
+    Header {
+        version,
+        kind,
+        len: len as u32,
+    }
+    .write(head);
+    Ok(msg)
+}
+
+fn decode<T: bincode::Decode<()>>(msg: &[u8]) -> Result<(Header, T)> {
+    let header = Header::parse(msg)?;
+    let payload = &msg[HEADER_LEN..];
+    let (value, used) = bincode::decode_from_slice(payload, CONFIG).map_err(CodecError::Decode)?;
+    if used != payload.len() {
+        return Err(CodecError::Trailing(payload.len() - used));
+    }
+    Ok((header, value))
+}
+
+/// Bytes `value` takes as (part of) a payload.
+pub fn encoded_len<T: bincode::Encode>(value: &T) -> usize {
+    let mut counter = bincode::enc::write::SizeWriter::default();
+    match bincode::encode_into_writer(value, &mut counter, CONFIG) {
+        Ok(()) => counter.bytes_written,
+        Err(_) => usize::MAX,
+    }
+}
+
+/// Encodes a request at protocol `version`.
+pub fn encode_request(version: u16, req: &Request) -> Result<Vec<u8>> {
+    encode(version, req.kind(), req)
+}
+
+/// Encodes a response at protocol `version`.
+pub fn encode_response(version: u16, resp: &Response) -> Result<Vec<u8>> {
+    encode(version, resp.kind(), resp)
+}
+
+/// Decodes and validates a whole request message.
+pub fn decode_request(msg: &[u8]) -> Result<(Header, Request)> {
+    let (header, req): (Header, Request) = decode(msg)?;
+    if req.kind() != header.kind {
+        return Err(CodecError::Kind(header.kind));
+    }
+    Ok((header, req))
+}
+
+/// Decodes and validates a whole response message.
+pub fn decode_response(msg: &[u8]) -> Result<(Header, Response)> {
+    let (header, resp): (Header, Response) = decode(msg)?;
+    if resp.kind() != header.kind {
+        return Err(CodecError::Kind(header.kind));
+    }
+    Ok((header, resp))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{CreateLease, PageSize};
+    use proptest::prelude::*;
+
+    fn create() -> Request {
+        Request::Create(CreateLease {
+            name: "tenant/vm1/ram0".into(),
+            size: 1 << 30,
+            page_size: Some(PageSize::Huge2M),
+            pool: None,
+            persistent: true,
+            mode: 0o600,
+            owner: None,
+        })
+    }
+
+    #[test]
+    fn round_trip() {
+        let msg = encode_request(1, &create()).unwrap();
+        let (header, req) = decode_request(&msg).unwrap();
+        assert_eq!(header.kind, 2);
+        assert_eq!(req, create());
+    }
+
+    #[test]
+    fn header_checks() {
+        let msg = encode_request(1, &create()).unwrap();
+        assert!(matches!(
+            decode_request(&msg[..10]),
+            Err(CodecError::Truncated(10))
+        ));
+        let mut bad = msg.clone();
+        bad[0] ^= 1;
+        assert!(matches!(decode_request(&bad), Err(CodecError::BadMagic(_))));
+        let mut bad = msg.clone();
+        bad[4] = 9;
+        assert!(matches!(decode_request(&bad), Err(CodecError::Version(9))));
+        let mut bad = msg.clone();
+        bad[13] = 1;
+        assert!(matches!(decode_request(&bad), Err(CodecError::Reserved(_))));
+        let mut bad = msg.clone();
+        bad[6] = 3;
+        assert!(matches!(decode_request(&bad), Err(CodecError::Kind(3))));
+        let mut bad = msg.clone();
+        bad.push(0);
+        assert!(matches!(
+            decode_request(&bad),
+            Err(CodecError::Length { .. })
+        ));
+        let mut big = vec![0u8; MAX_MSG_SIZE + 1];
+        big[..HEADER_LEN].copy_from_slice(&msg[..HEADER_LEN]);
+        assert!(
+            matches!(decode_request(&big), Err(CodecError::TooLarge(n)) if n == MAX_MSG_SIZE + 1)
+        );
+    }
+
+    #[test]
+    fn huge_string_length_is_refused_without_allocating() {
+        // Hello with a string whose varint length claims 2^60 bytes.
+        let mut msg = vec![0u8; HEADER_LEN];
+        msg.extend_from_slice(&[0, 1, 1, 0xff]);
+        msg.extend_from_slice(&(1u64 << 60).to_le_bytes());
+        let len = (msg.len() - HEADER_LEN) as u32;
+        Header {
+            version: 1,
+            kind: 1,
+            len,
+        }
+        .write(msg.first_chunk_mut().unwrap());
+        assert!(matches!(decode_request(&msg), Err(CodecError::Decode(_))));
+    }
+
+    #[test]
+    fn oversize_encode_is_refused() {
+        let req = Request::Stat {
+            name: "x".repeat(MAX_MSG_SIZE),
+        };
+        assert!(encode_request(1, &req).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_request(&bytes);
+            let _ = decode_response(&bytes);
+        }
+
+        #[test]
+        fn garbage_payload_behind_valid_header_never_panics(
+            kind in 0u16..12, payload in proptest::collection::vec(any::<u8>(), 0..256)
+        ) {
+            let mut msg = vec![0u8; HEADER_LEN];
+            msg.extend_from_slice(&payload);
+            Header { version: 1, kind, len: payload.len() as u32 }.write(msg.first_chunk_mut().unwrap());
+            let _ = decode_request(&msg);
+        }
+    }
+}

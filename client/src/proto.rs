@@ -1,0 +1,276 @@
+//! Protocol messages exchanged over the broker socket.
+//!
+//! Every message is a fixed [`Header`](crate::codec::Header) followed by one of these types
+//! encoded by [`crate::codec`]. Requests never carry file descriptors; the only reply that
+//! carries one is [`Response::Lease`], with exactly one fd.
+
+use bincode::{Decode, Encode};
+use serde::Serialize;
+
+/// Oldest protocol version this build speaks.
+pub const PROTOCOL_MIN: u16 = 1;
+/// Newest protocol version this build speaks.
+pub const PROTOCOL_MAX: u16 = 1;
+
+/// Page size backing a lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Encode, Decode, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PageSize {
+    /// 4 KiB base pages (shmem).
+    #[serde(rename = "4K")]
+    Base4K,
+    /// 2 MiB huge pages (hugetlb or device align).
+    #[serde(rename = "2M")]
+    Huge2M,
+    /// 1 GiB huge pages (hugetlb or device align).
+    #[serde(rename = "1G")]
+    Huge1G,
+}
+
+impl PageSize {
+    /// Size of one page in bytes.
+    pub const fn bytes(self) -> u64 {
+        match self {
+            PageSize::Base4K => 4 << 10,
+            PageSize::Huge2M => 2 << 20,
+            PageSize::Huge1G => 1 << 30,
+        }
+    }
+
+    /// The page size of exactly `bytes`, if it is one we support.
+    pub const fn from_bytes(bytes: u64) -> Option<PageSize> {
+        match bytes {
+            0x1000 => Some(PageSize::Base4K),
+            0x20_0000 => Some(PageSize::Huge2M),
+            0x4000_0000 => Some(PageSize::Huge1G),
+            _ => None,
+        }
+    }
+
+    /// Short human name: `4K`, `2M`, `1G`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            PageSize::Base4K => "4K",
+            PageSize::Huge2M => "2M",
+            PageSize::Huge1G => "1G",
+        }
+    }
+}
+
+impl std::fmt::Display for PageSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for PageSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bytes = crate::size::parse_size(s).map_err(|e| e.to_string())?;
+        PageSize::from_bytes(bytes).ok_or_else(|| format!("page size {s:?}: use 4K, 2M or 1G"))
+    }
+}
+
+/// A request from a client to the broker.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub enum Request {
+    /// First message on every connection: the protocol versions the client speaks.
+    Hello {
+        min_version: u16,
+        max_version: u16,
+        client: String,
+    },
+    /// Create a new lease and deliver its fd (the connection becomes a holder).
+    Create(CreateLease),
+    /// Deliver an fd to an existing lease (re-attach); the connection becomes a holder.
+    Open { name: String, writable: bool },
+    /// Stop holding a lease on this connection.
+    Release { name: String },
+    /// Remove a lease's name; its memory returns to the pool once nobody holds it.
+    Remove { name: String },
+    /// Describe one lease.
+    Stat { name: String },
+    /// Describe the leases whose names start with `prefix` (component-wise), in name order,
+    /// starting after `after`; the reply says whether more follow (pagination keeps every
+    /// message under [`crate::codec::MAX_MSG_SIZE`]).
+    List {
+        prefix: String,
+        after: Option<String>,
+    },
+    /// Describe the pools.
+    Df,
+    /// A holder saw a memory error at `[offset, offset + len)` of a lease.
+    ReportPoison { name: String, offset: u64, len: u64 },
+}
+
+/// Parameters of [`Request::Create`].
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct CreateLease {
+    pub name: String,
+    pub size: u64,
+    /// `None`: the pool's page size.
+    pub page_size: Option<PageSize>,
+    /// `None`: the broker's default pool.
+    pub pool: Option<String>,
+    pub persistent: bool,
+    /// Permission bits, like a file's (only `0o777` is meaningful).
+    pub mode: u32,
+    /// Owner uid; only root or the admin group may give a lease to someone else.
+    pub owner: Option<u32>,
+}
+
+/// A reply from the broker.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub enum Response {
+    Hello {
+        version: u16,
+        server: String,
+    },
+    /// Carries exactly one fd: the lease memory.
+    Lease(LeaseInfo),
+    Ok,
+    Stat(LeaseInfo),
+    List {
+        leases: Vec<LeaseInfo>,
+        more: bool,
+    },
+    Df(Vec<PoolInfo>),
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+impl Request {
+    /// Wire discriminant (header `kind`), never 0.
+    pub fn kind(&self) -> u16 {
+        match self {
+            Request::Hello { .. } => 1,
+            Request::Create(_) => 2,
+            Request::Open { .. } => 3,
+            Request::Release { .. } => 4,
+            Request::Remove { .. } => 5,
+            Request::Stat { .. } => 6,
+            Request::List { .. } => 7,
+            Request::Df => 8,
+            Request::ReportPoison { .. } => 9,
+        }
+    }
+}
+
+impl Response {
+    /// Wire discriminant (header `kind`), never 0; replies have the high bit set.
+    pub fn kind(&self) -> u16 {
+        0x8000
+            | match self {
+                Response::Hello { .. } => 1,
+                Response::Lease(_) => 2,
+                Response::Ok => 3,
+                Response::Stat(_) => 4,
+                Response::List { .. } => 5,
+                Response::Df(_) => 6,
+                Response::Error { .. } => 7,
+            }
+    }
+
+    /// How many fds travel with this reply.
+    pub fn fd_count(&self) -> usize {
+        usize::from(matches!(self, Response::Lease(_)))
+    }
+}
+
+/// Why a request failed; stable numbers on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Encode, Decode, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The message could not be decoded or broke the protocol; the broker disconnects.
+    Protocol,
+    /// No version both sides speak.
+    Version,
+    NotFound,
+    Exists,
+    PermissionDenied,
+    InvalidArgument,
+    /// The pool has not enough free memory (admission control).
+    NoSpace,
+    /// The kernel refused memory (e.g. no free huge pages).
+    OutOfMemory,
+    Internal,
+}
+
+/// State of a lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeaseState {
+    /// Has at least one holder.
+    Held,
+    /// Persistent, nobody holds it now.
+    Idle,
+    /// Removed by name; memory returns to the pool when the last holder goes.
+    Removed,
+}
+
+/// A connected client that holds a lease.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize)]
+pub struct HolderInfo {
+    pub pid: u32,
+    pub uid: u32,
+}
+
+/// A `[offset, offset + len)` range within a pool (physical for device-dax, logical for memfd).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode, Serialize)]
+pub struct Extent {
+    pub start: u64,
+    pub len: u64,
+}
+
+/// A reported memory error within a lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode, Serialize)]
+pub struct PoisonInfo {
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// Everything the broker tells about a lease.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize)]
+pub struct LeaseInfo {
+    pub name: String,
+    pub size: u64,
+    pub page_size: PageSize,
+    pub pool: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
+    pub persistent: bool,
+    pub state: LeaseState,
+    /// Seconds since the Unix epoch.
+    pub created: u64,
+    pub extents: Vec<Extent>,
+    pub holders: Vec<HolderInfo>,
+    pub poison: Vec<PoisonInfo>,
+    /// Whether the fd that came with this reply is writable.
+    pub writable: bool,
+}
+
+/// Kind of memory a pool hands out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolKind {
+    Memfd,
+    Devdax,
+}
+
+/// Everything the broker tells about a pool.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize)]
+pub struct PoolInfo {
+    pub name: String,
+    pub kind: PoolKind,
+    pub page_size: PageSize,
+    pub size: u64,
+    pub used: u64,
+    pub free: u64,
+    pub scrubbing: u64,
+    pub quarantined: u64,
+    pub leases: u64,
+    pub default: bool,
+}

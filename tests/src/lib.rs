@@ -1,0 +1,341 @@
+//! Test harness: start the real `membroker` binary on a private socket, run the real CLI and
+//! helper programs, and look at the broker from outside (/proc).
+//!
+//! Binaries come from the same target directory as the test executable, so run
+//! `cargo build --workspace --bins` first (`scripts/test` does) or set `MEMBROKER_BIN`.
+
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use membroker_client::Client;
+
+/// Path of a binary built by this workspace (`membroker`, `mb-holder`, …).
+pub fn bin_path(name: &str) -> PathBuf {
+    if name == "membroker" {
+        if let Some(path) = std::env::var_os("MEMBROKER_BIN") {
+            return PathBuf::from(path);
+        }
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/test-HASH or target/<profile>/bench-HASH
+    for dir in exe.ancestors().skip(1).take(3) {
+        let candidate = dir.join(name);
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!(
+        "binary {name} not found next to {}; run `cargo build --workspace --bins` first (scripts/test does)",
+        exe.display()
+    );
+}
+
+/// A broker process serving a socket in its own temporary directory; killed on drop.
+#[derive(Debug)]
+pub struct TestBroker {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+    args: Vec<String>,
+}
+
+impl TestBroker {
+    /// Starts `membroker serve` with these extra arguments (e.g. `--pool memfd:t:64M`).
+    pub fn start(args: &[&str]) -> TestBroker {
+        let dir = tempfile::Builder::new()
+            .prefix("membroker-test")
+            .tempdir()
+            .expect("tempdir");
+        // Reachable by other uids (the socket itself is 0660 and group-controlled).
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod tempdir");
+        let socket = dir.path().join("broker.sock");
+        let mut broker = TestBroker {
+            child: None,
+            dir,
+            socket,
+            args: args.iter().map(|s| s.to_string()).collect(),
+        };
+        broker.spawn();
+        broker
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("broker.log")
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("log file");
+        let child = Command::new(bin_path("membroker"))
+            .arg("serve")
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(&self.args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn membroker serve");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().expect("try_wait"))
+            {
+                panic!(
+                    "broker exited during start ({status}); log:\n{}",
+                    self.log()
+                );
+            }
+            if Client::connect(&self.socket).is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "broker not ready after 10 s; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The broker's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("broker running").id()
+    }
+
+    /// A new connection.
+    pub fn client(&self) -> Client {
+        Client::connect(&self.socket)
+            .unwrap_or_else(|e| panic!("connect: {e}; log:\n{}", self.log()))
+    }
+
+    /// The `membroker` CLI against this broker.
+    pub fn cli(&self) -> Command {
+        let mut cmd = Command::new(bin_path("membroker"));
+        cmd.arg("--socket").arg(&self.socket);
+        cmd
+    }
+
+    /// Runs the CLI with `args` and returns its output.
+    pub fn run_cli(&self, args: &[&str]) -> Output {
+        self.cli().args(args).output().expect("run membroker CLI")
+    }
+
+    /// Open fds of the broker process.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .expect("read /proc/PID/fd")
+            .count()
+    }
+
+    /// Threads of the broker process.
+    pub fn thread_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/task", self.pid()))
+            .expect("read /proc/PID/task")
+            .count()
+    }
+
+    /// Sends SIGKILL and reaps the process.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Sends SIGTERM and waits for a clean exit; returns its status code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        signal(child.id(), rustix::process::Signal::TERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("broker ignored SIGTERM for 10 s; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Starts the broker again on the same socket and arguments.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop the broker first");
+        self.spawn();
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Sends `sig` to process `pid`.
+pub fn signal(pid: u32, sig: rustix::process::Signal) {
+    let pid = rustix::process::Pid::from_raw(pid as i32).expect("pid > 0");
+    rustix::process::kill_process(pid, sig).expect("kill");
+}
+
+/// Waits until `cond` holds, polling every 10 ms for at most `timeout`.
+pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A running helper program (`mb-holder`) that talks line by line on stdout.
+#[derive(Debug)]
+pub struct Helper {
+    pub child: Child,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Helper {
+    /// Starts `cmd` with a piped stdout.
+    pub fn spawn(mut cmd: Command) -> Helper {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("spawn helper");
+        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        Helper { child, stdout }
+    }
+
+    /// The next line the helper prints (panics at EOF, with its stderr).
+    pub fn line(&mut self) -> String {
+        let mut line = String::new();
+        self.stdout
+            .read_line(&mut line)
+            .expect("read helper stdout");
+        if line.is_empty() {
+            let mut err = String::new();
+            if let Some(stderr) = self.child.stderr.as_mut() {
+                let _ = stderr.read_to_string(&mut err);
+            }
+            panic!("helper exited without output; stderr: {err}");
+        }
+        line.trim_end().to_string()
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `nr_hugepages` of one huge page size, restored on drop.
+#[derive(Debug)]
+pub struct HugePages {
+    path: PathBuf,
+    before: u64,
+}
+
+impl HugePages {
+    /// Makes at least `extra` more free pages of `size_kib` available (needs root); fails the
+    /// test, with the reason, if the kernel cannot provide them.
+    pub fn reserve(size_kib: u64, extra: u64) -> HugePages {
+        let dir = PathBuf::from(format!("/sys/kernel/mm/hugepages/hugepages-{size_kib}kB"));
+        let read = |file: &str| -> u64 {
+            std::fs::read_to_string(dir.join(file))
+                .unwrap_or_else(|e| panic!("{}/{file}: {e}", dir.display()))
+                .trim()
+                .parse()
+                .expect("number")
+        };
+        let before = read("nr_hugepages");
+        let want = before + extra;
+        std::fs::write(dir.join("nr_hugepages"), want.to_string()).unwrap_or_else(|e| {
+            panic!(
+                "cannot set {}/nr_hugepages (needs root): {e}",
+                dir.display()
+            )
+        });
+        let guard = HugePages {
+            path: dir.join("nr_hugepages"),
+            before,
+        };
+        let got = read("free_hugepages");
+        assert!(
+            got >= extra,
+            "asked the kernel for {extra} more {size_kib} KiB huge pages, {got} free"
+        );
+        guard
+    }
+}
+
+impl Drop for HugePages {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.path, self.before.to_string());
+    }
+}
+
+/// Asserts that a CLI run succeeded and returns its stdout.
+pub fn stdout_ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "command failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).expect("utf-8 stdout")
+}
+
+/// Asserts that a CLI run failed and returns its stderr.
+pub fn stderr_err(out: &Output) -> String {
+    assert!(
+        !out.status.success(),
+        "command unexpectedly succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8(out.stderr.clone()).expect("utf-8 stderr")
+}
+
+/// Deterministic test pattern: byte at `offset` of a buffer seeded with `seed`.
+pub fn pattern(seed: u8, offset: usize) -> u8 {
+    (offset as u64)
+        .wrapping_mul(2654435761)
+        .wrapping_add(u64::from(seed))
+        .to_le_bytes()[3]
+}
