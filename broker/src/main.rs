@@ -1,10 +1,7 @@
 //! `membroker`: the broker daemon (`serve`) and its admin CLI.
 #![deny(unsafe_code)]
 
-mod cli;
-mod namespace;
-mod pool;
-mod server;
+use membroker::cli;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -50,8 +50,12 @@ impl RawMap {
         // SAFETY: a fresh mapping at a kernel-chosen address; unmapped exactly once on drop.
         let ptr = unsafe {
             match fd {
-                Some(fd) => rustix::mm::mmap(std::ptr::null_mut(), len, prot, MapFlags::SHARED, fd, 0),
-                None => rustix::mm::mmap_anonymous(std::ptr::null_mut(), len, prot, MapFlags::PRIVATE),
+                Some(fd) => {
+                    rustix::mm::mmap(std::ptr::null_mut(), len, prot, MapFlags::SHARED, fd, 0)
+                }
+                None => {
+                    rustix::mm::mmap_anonymous(std::ptr::null_mut(), len, prot, MapFlags::PRIVATE)
+                }
             }
         }
         .expect("mmap");
@@ -92,7 +96,9 @@ fn local_round_trip(size: u64, page: PageSize) -> Duration {
 /// create over the socket, receive fd, map, touch the first page, unmap, close, release.
 fn broker_round_trip(client: &mut membroker_client::Client, size: u64, page: PageSize) -> Duration {
     let start = Instant::now();
-    let lease = client.create(CreateLease::new("bench/rt", size).page_size(page)).expect("create");
+    let lease = client
+        .create(CreateLease::new("bench/rt", size).page_size(page))
+        .expect("create");
     let map = lease.map().expect("map");
     map.store(0, 1).expect("touch");
     drop(map);
@@ -126,7 +132,9 @@ fn small_lease_latency(broker: &TestBroker, n: usize) {
     let (mut create, mut release, mut local) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..n {
         let t = Instant::now();
-        let lease = client.create(CreateLease::new("bench/small", size)).expect("create");
+        let lease = client
+            .create(CreateLease::new("bench/small", size))
+            .expect("create");
         create.push(t.elapsed());
         drop(lease);
         let t = Instant::now();
@@ -141,12 +149,27 @@ fn small_lease_latency(broker: &TestBroker, n: usize) {
         local.push(t.elapsed());
     }
     let (c50, c99) = (percentile(&mut create, 0.5), percentile(&mut create, 0.99));
-    let (r50, r99) = (percentile(&mut release, 0.5), percentile(&mut release, 0.99));
+    let (r50, r99) = (
+        percentile(&mut release, 0.5),
+        percentile(&mut release, 0.99),
+    );
     let (l50, l99) = (percentile(&mut local, 0.5), percentile(&mut local, 0.99));
     println!("2 MiB lease, {n} requests:");
-    println!("  create (socket + memfd + fd passing)  p50 {:>9}  p99 {:>9}", us(c50), us(c99));
-    println!("  release                               p50 {:>9}  p99 {:>9}", us(r50), us(r99));
-    println!("  local memfd+fallocate+seal+close      p50 {:>9}  p99 {:>9}", us(l50), us(l99));
+    println!(
+        "  create (socket + memfd + fd passing)  p50 {:>9}  p99 {:>9}",
+        us(c50),
+        us(c99)
+    );
+    println!(
+        "  release                               p50 {:>9}  p99 {:>9}",
+        us(r50),
+        us(r99)
+    );
+    println!(
+        "  local memfd+fallocate+seal+close      p50 {:>9}  p99 {:>9}",
+        us(l50),
+        us(l99)
+    );
     println!(
         "  protocol cost per lease (create+release - local) p50 {}",
         us((c50 + r50).saturating_sub(l50))
@@ -164,9 +187,14 @@ fn populate_all(broker: &TestBroker, reps: usize) {
     let mut client = broker.client();
     let mut rows: Vec<(String, Vec<f64>)> = Vec::new();
     for _ in 0..reps {
-        let mut results = vec![("anonymous memory, 4K".to_string(), populate(&RawMap::new(None, GIB as usize)))];
+        let mut results = vec![(
+            "anonymous memory, 4K".to_string(),
+            populate(&RawMap::new(None, GIB as usize)),
+        )];
         for page in [PageSize::Base4K, PageSize::Huge2M, PageSize::Huge1G] {
-            let lease = client.create(CreateLease::new("bench/pop", GIB).page_size(page)).expect("create");
+            let lease = client
+                .create(CreateLease::new("bench/pop", GIB).page_size(page))
+                .expect("create");
             let fd: OwnedFd = lease.as_fd().try_clone_to_owned().unwrap();
             let rate = populate(&RawMap::new(Some(&fd), GIB as usize));
             drop(fd);
@@ -189,7 +217,10 @@ fn populate_all(broker: &TestBroker, reps: usize) {
     println!("populate 1 GiB (first write to every 4 KiB), medians of {reps}:");
     for (name, rates) in &mut rows {
         let m = med(rates);
-        println!("  {name:<22} {m:>7.2} GiB/s   ratio to anonymous {:.2}", m / base);
+        println!(
+            "  {name:<22} {m:>7.2} GiB/s   ratio to anonymous {:.2}",
+            m / base
+        );
     }
 }
 
@@ -197,11 +228,24 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // cargo bench --list
     }
-    assert!(rustix::process::getuid().is_root(), "the lease benchmark needs root (huge pages)");
-    let reps: usize = std::env::var("BENCH_REPS").ok().and_then(|r| r.parse().ok()).unwrap_or(7);
+    assert!(
+        rustix::process::getuid().is_root(),
+        "the lease benchmark needs root (huge pages)"
+    );
+    let reps: usize = std::env::var("BENCH_REPS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(7);
     let _two = HugePages::reserve(2048, 1024);
     let _one = HugePages::reserve(1048576, 1);
-    let broker = TestBroker::start(&["--pool", "memfd:small:4G", "--pool", "memfd:huge2m:2G:2M", "--pool", "memfd:huge1g:1G:1G"]);
+    let broker = TestBroker::start(&[
+        "--pool",
+        "memfd:small:4G",
+        "--pool",
+        "memfd:huge2m:2G:2M",
+        "--pool",
+        "memfd:huge1g:1G:1G",
+    ]);
     println!("membroker lease benchmarks ({reps} alternating repetitions, medians)");
     round_trips(&broker, PageSize::Base4K, reps);
     round_trips(&broker, PageSize::Huge2M, reps);

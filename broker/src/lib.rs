@@ -1,0 +1,8 @@
+//! membroker: the broker daemon and its admin CLI, as a library so that benchmarks and tests
+//! can drive the pieces (allocator, namespace) directly. The binary is `src/main.rs`.
+#![deny(unsafe_code)]
+
+pub mod cli;
+pub mod namespace;
+pub mod pool;
+pub mod server;
