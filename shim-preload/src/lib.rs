@@ -1,2 +1,26 @@
-//! LD_PRELOAD shim for unmodified QEMU (see DESIGN.md §7). Not implemented yet.
+//! `libmembroker_preload.so`: run unmodified QEMU on membroker memory (DESIGN.md §7, §10).
+//!
+//! Loaded with `LD_PRELOAD`, the library interposes `mmap`/`mmap64`, `munmap`, `madvise`,
+//! `sigaction` and the `signal` family:
+//!
+//! - QEMU's anonymous RAM *activation* (a `MAP_FIXED|MAP_PRIVATE|MAP_ANONYMOUS` read-write
+//!   mapping inside the `PROT_NONE` reservation of `len + 2 MiB` the same thread made just
+//!   before, at least `MEMBROKER_MIN_SIZE`) is replaced in place by a `MAP_SHARED|MAP_FIXED`
+//!   mapping of a broker lease ([`classify`], [`broker`]);
+//! - unmapping a whole redirected block releases its lease;
+//! - `MADV_DONTNEED`/`MADV_REMOVE`/`MADV_FREE` inside a redirected block punch a hole in the
+//!   lease (or zero a device lease), so the memory reads zero and is freed;
+//! - the kernel runs the shim's SIGBUS handler, which reports memory errors in redirected
+//!   blocks to the broker ([`poison`]) and then runs QEMU's handler, which QEMU always gets
+//!   back as the installed action;
+//! - QEMU's poison remap (anonymous `MAP_FIXED` over a redirected page) gets lease memory.
+//!
+//! All unsafe code is in [`sys`]; the rest of the crate is safe.
 #![deny(unsafe_code)]
+
+pub mod broker;
+pub mod classify;
+pub mod config;
+pub mod poison;
+mod sys;
+pub mod table;

@@ -1,0 +1,297 @@
+//! The slow path: talking to the broker when QEMU activates or frees a RAM block.
+//!
+//! Runs on QEMU's main thread (activation) or RCU thread (free), never in a signal handler,
+//! so it may allocate and take the one mutex that serialises it. Hooks enter it with the
+//! re-entry guard set, so anything it maps goes straight to the kernel.
+
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, IntoRawFd, OwnedFd};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+use membroker_client::{Client, CreateLease, ErrorCode};
+
+use crate::config::{Config, ConfigError, Fallback};
+use crate::table::{Backing, SLOTS, TABLE};
+
+/// Why a RAM block could not be backed by a lease.
+#[derive(Debug, thiserror::Error)]
+pub enum ShimError {
+    #[error("bad configuration")]
+    Config(#[source] ConfigError),
+    #[error(transparent)]
+    Client(membroker_client::Error),
+    #[error("lease {name} is {actual} bytes, QEMU asked for {wanted}")]
+    SizeMismatch {
+        name: String,
+        actual: u64,
+        wanted: u64,
+    },
+    #[error(
+        "guest RAM at {addr:#x} (+{len:#x}) is not aligned to lease {name}'s {page}-byte pages (set MEMBROKER_PAGE_SIZE to the pool's page size so the shim aligns QEMU's reservation)"
+    )]
+    Misaligned {
+        name: String,
+        addr: usize,
+        len: usize,
+        page: u64,
+    },
+    #[error("mapping lease {name} over guest RAM failed (errno {errno})")]
+    Map { name: String, errno: i32 },
+    #[error("more than {SLOTS} RAM blocks redirected")]
+    TableFull,
+    #[error("encoding the poison report for {name}")]
+    Encode {
+        name: String,
+        #[source]
+        source: membroker_client::codec::CodecError,
+    },
+}
+
+impl ShimError {
+    /// The errno QEMU's mmap sees. The one place shim errors become errno.
+    pub fn errno(&self) -> i32 {
+        match self {
+            ShimError::Config(_) => libc::EINVAL,
+            ShimError::Client(membroker_client::Error::Connect { source, .. }) => {
+                source.raw_os_error()
+            }
+            ShimError::Client(e) => match e.code() {
+                Some(ErrorCode::PermissionDenied) => libc::EACCES,
+                Some(ErrorCode::InvalidArgument) => libc::EINVAL,
+                _ => libc::ENOMEM,
+            },
+            ShimError::SizeMismatch { .. } | ShimError::Misaligned { .. } => libc::EINVAL,
+            ShimError::Map { errno, .. } => *errno,
+            ShimError::TableFull | ShimError::Encode { .. } => libc::ENOMEM,
+        }
+    }
+}
+
+/// A lease ready to be mapped over a RAM block.
+#[derive(Debug)]
+pub struct Acquired {
+    pub fd: OwnedFd,
+    pub name: String,
+    pub backing: Backing,
+    pub page: u64,
+    /// The pre-encoded poison report prefix.
+    pub report: Vec<u8>,
+}
+
+struct Conn {
+    pid: u32,
+    client: Client,
+    /// A second connection only the SIGBUS handler writes to (see [`POISON_FD`]).
+    poison: Client,
+}
+
+struct State {
+    conn: Option<Conn>,
+    next_index: u32,
+    names: [Option<String>; SLOTS],
+}
+
+static STATE: Mutex<State> = Mutex::new(State {
+    conn: None,
+    next_index: 0,
+    names: [const { None }; SLOTS],
+});
+static CONFIG: OnceLock<Result<Config, ConfigError>> = OnceLock::new();
+
+/// The raw fd of the pre-connected poison-report socket, or -1.
+pub static POISON_FD: AtomicI32 = AtomicI32::new(-1);
+
+/// Reads the environment; called from the library constructor.
+pub fn load_config() -> Option<&'static Config> {
+    CONFIG.get_or_init(Config::from_env).as_ref().ok()
+}
+
+fn config() -> Result<&'static Config, ShimError> {
+    CONFIG
+        .get_or_init(Config::from_env)
+        .as_ref()
+        .map_err(|e| ShimError::Config(e.clone()))
+}
+
+fn state() -> MutexGuard<'static, State> {
+    STATE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn connect(cfg: &Config) -> Result<Conn, ShimError> {
+    let client = Client::connect(&cfg.socket).map_err(ShimError::Client)?;
+    let poison = Client::connect(&cfg.socket).map_err(ShimError::Client)?;
+    POISON_FD.store(poison.as_fd().as_raw_fd(), Ordering::Release);
+    Ok(Conn {
+        pid: std::process::id(),
+        client,
+        poison,
+    })
+}
+
+/// Gets a lease for the next RAM block of `len` bytes: re-attaches to `PREFIX/ramN` when it
+/// exists, else creates it. Connects on first use.
+pub fn acquire(len: u64) -> Result<Acquired, ShimError> {
+    let cfg = config()?;
+    let mut st = state();
+    let pid = std::process::id();
+    if st.conn.as_ref().is_some_and(|c| c.pid != pid) {
+        // A forked child must not speak on its parent's connection.
+        if let Some(conn) = st.conn.take() {
+            std::mem::forget(conn);
+        }
+        POISON_FD.store(-1, Ordering::Release);
+    }
+    if st.conn.is_none() {
+        st.conn = Some(connect(cfg)?);
+    }
+    let index = st.next_index;
+    st.next_index += 1;
+    let name = cfg.lease_name(index, pid);
+    let conn = st.conn.as_mut().expect("connected above");
+    drain(&conn.poison);
+    let existing = if cfg.prefix.is_some() {
+        match conn.client.open(&name, true) {
+            Ok(lease) => Some(lease),
+            Err(e) if e.code() == Some(ErrorCode::NotFound) => None,
+            Err(e) => return Err(ShimError::Client(e)),
+        }
+    } else {
+        None
+    };
+    let lease = match existing {
+        Some(lease) => lease,
+        None => {
+            let mut req = CreateLease::new(name.clone(), len).persistent(cfg.persist);
+            if let Some(page) = cfg.page_size {
+                req = req.page_size(page);
+            }
+            if let Some(pool) = &cfg.pool {
+                req = req.pool(pool.clone());
+            }
+            conn.client.create(req).map_err(ShimError::Client)?
+        }
+    };
+    let release = |conn: &mut Conn| {
+        let _ = conn.client.release(&name);
+    };
+    if lease.size() != len {
+        release(conn);
+        return Err(ShimError::SizeMismatch {
+            name,
+            actual: lease.size(),
+            wanted: len,
+        });
+    }
+    let backing = match lease.backing() {
+        Ok(membroker_client::Backing::Memfd) => Backing::Memfd,
+        Ok(membroker_client::Backing::DevDax) => Backing::DevDax,
+        Err(e) => {
+            release(conn);
+            return Err(ShimError::Client(e));
+        }
+    };
+    let report = match crate::poison::prefix(&name) {
+        Ok(r) => r,
+        Err(source) => {
+            release(conn);
+            return Err(ShimError::Encode { name, source });
+        }
+    };
+    let page = lease.page_size().bytes();
+    Ok(Acquired {
+        fd: lease.into_fd(),
+        name,
+        backing,
+        page,
+        report,
+    })
+}
+
+/// Records a mapped lease in the block table.
+pub fn commit(acquired: Acquired, start: usize, len: usize) -> Result<(), ShimError> {
+    let mut st = state();
+    let fd = acquired.fd.as_raw_fd();
+    let page = usize::try_from(acquired.page).unwrap_or(usize::MAX);
+    let Some(slot) = TABLE.insert(start, len, fd, acquired.backing, page, &acquired.report) else {
+        if let Some(conn) = st.conn.as_mut() {
+            let _ = conn.client.release(&acquired.name);
+        }
+        return Err(ShimError::TableFull);
+    };
+    let _ = acquired.fd.into_raw_fd();
+    st.names[slot] = Some(acquired.name);
+    Ok(())
+}
+
+/// Gives a lease back after its mapping failed.
+pub fn abandon(acquired: Acquired) {
+    let mut st = state();
+    if let Some(conn) = st.conn.as_mut() {
+        let _ = conn.client.release(&acquired.name);
+    }
+}
+
+/// QEMU unmapped the block in `slot`: forget it, close its fd and release the lease (a
+/// persistent lease stays with the broker, idle, for the next re-attach).
+pub fn forget(slot: usize) {
+    let mut st = state();
+    let Some(block) = TABLE.remove(slot) else {
+        return;
+    };
+    // The fd was leaked into the table by `commit`, which owned it alone.
+    crate::sys::close_table_fd(block.fd);
+    let name = st.names[slot].take();
+    if let (Some(name), Some(conn)) = (name, st.conn.as_mut()) {
+        if conn.pid == std::process::id() {
+            let _ = conn.client.release(&name);
+            drain(&conn.poison);
+        }
+    }
+}
+
+/// Reads (and drops) the broker's replies to poison reports, without blocking.
+fn drain(poison: &Client) {
+    let mut buf = [0u8; 256];
+    while rustix::net::recv(
+        poison.as_fd(),
+        &mut buf[..],
+        rustix::net::RecvFlags::DONTWAIT,
+    )
+    .is_ok_and(|(n, _)| n > 0)
+    {}
+}
+
+/// Says on stderr, in one line, why a RAM block is not on broker memory and what happens now.
+pub fn complain(err: &ShimError, len: usize) -> Fallback {
+    let (socket, fallback) = match CONFIG.get() {
+        Some(Ok(cfg)) => (cfg.socket.display().to_string(), cfg.fallback),
+        _ => (
+            membroker_client::default_socket_path()
+                .display()
+                .to_string(),
+            Fallback::Fail,
+        ),
+    };
+    let mut reason = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(s) = source {
+        reason.push_str(": ");
+        reason.push_str(&s.to_string());
+        source = s.source();
+    }
+    let what = match fallback {
+        Fallback::Fail => {
+            "failing the allocation (set MEMBROKER_FALLBACK=anon to use anonymous memory instead)"
+        }
+        Fallback::Anon => "using anonymous memory (MEMBROKER_FALLBACK=anon)",
+    };
+    let line = format!(
+        "membroker-preload: guest RAM block of {} not backed by broker {socket}: {reason}; {what}\n",
+        membroker_client::size::format_size(len as u64)
+    );
+    let _ = std::io::stderr().write_all(line.as_bytes());
+    fallback
+}

@@ -1,0 +1,407 @@
+//! `mb-shim-helper`: makes QEMU's guest-RAM system calls so the preload shim can be tested
+//! without QEMU. Run under `LD_PRELOAD=libmembroker_preload.so`; it reads one command per line
+//! on stdin and answers one line on stdout (`ok …` or `err …`):
+//!
+//! ```text
+//! alloc SIZE                 QEMU's qemu_ram_mmap: PROT_NONE reservation of SIZE + 2M, then a
+//!                            MAP_FIXED|MAP_PRIVATE|MAP_ANONYMOUS RW activation inside it, head
+//!                            and tail trims, one guard page   -> ok INDEX ADDR
+//! anon SIZE                  a plain private anonymous mapping  -> ok INDEX ADDR
+//! fill I OFF LEN BYTE        memset                                 -> ok
+//! sum I OFF LEN              sum of the bytes                       -> ok SUM
+//! madvise I OFF LEN ADVICE   ADVICE: dontneed | remove | free | hugepage | mergeable -> ok RET ERRNO
+//! remap I OFF                QEMU's qemu_ram_remap: 4K MAP_FIXED anonymous page -> ok
+//! free I                     munmap(addr, size + 4096) like object_del -> ok RET
+//! handler                    install the helper's own SA_SIGINFO SIGBUS handler -> ok
+//! handler-signal             install a plain SIGBUS handler with signal(3) -> ok old-was-ours|old X
+//!                            (the code it then reports is -1)
+//! default                    signal(SIGBUS, SIG_DFL) -> ok
+//! query                      is sigaction(SIGBUS, NULL, &old)'s handler the helper's? -> ok yes|no
+//! sigbus I OFF CODE LSB      rt_tgsigqueueinfo(SIGBUS) to this thread with si_addr inside
+//!                            block I -> ok CALLS SIGNO CODE ADDR (what the handler saw)
+//! bench N                    N mmap+munmap pairs of 64 KiB anonymous memory -> ok NS_PER_PAIR
+//! bench-einval N             N mmap calls the kernel refuses at once (EINVAL) -> ok NS_PER_CALL
+//! exit
+//! ```
+//!
+//! It calls `libc::mmap` and friends (through the PLT), so the shim sees every call.
+
+use std::io::{BufRead, Write};
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicUsize, Ordering};
+
+use libc::{c_int, c_void, siginfo_t};
+
+const ALIGN: usize = 2 << 20;
+const PAGE: usize = 4096;
+
+static HANDLER_CALLS: AtomicU32 = AtomicU32::new(0);
+static HANDLER_SIGNO: AtomicI32 = AtomicI32::new(0);
+static HANDLER_CODE: AtomicI32 = AtomicI32::new(0);
+static HANDLER_ADDR: AtomicUsize = AtomicUsize::new(0);
+
+extern "C" fn on_sigbus_plain(sig: c_int) {
+    HANDLER_SIGNO.store(sig, Ordering::SeqCst);
+    HANDLER_CODE.store(-1, Ordering::SeqCst);
+    HANDLER_ADDR.store(0, Ordering::SeqCst);
+    HANDLER_CALLS.fetch_add(1, Ordering::SeqCst);
+}
+
+extern "C" fn on_sigbus(sig: c_int, info: *mut siginfo_t, _ctx: *mut c_void) {
+    HANDLER_SIGNO.store(sig, Ordering::SeqCst);
+    if !info.is_null() {
+        // SAFETY: the kernel (or the shim, chaining) passes a valid siginfo.
+        let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as usize) };
+        HANDLER_CODE.store(code, Ordering::SeqCst);
+        HANDLER_ADDR.store(addr, Ordering::SeqCst);
+    }
+    HANDLER_CALLS.fetch_add(1, Ordering::SeqCst);
+}
+
+#[derive(Clone, Copy)]
+struct Block {
+    addr: usize,
+    size: usize,
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+/// QEMU 7.2's `qemu_ram_mmap` for anonymous RAM.
+fn qemu_ram_mmap(size: usize) -> Result<usize, String> {
+    let total = size + ALIGN;
+    // SAFETY: a fresh PROT_NONE reservation replaces nothing.
+    let r = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            total,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if r == libc::MAP_FAILED {
+        return Err(format!("reserve errno {}", errno()));
+    }
+    let r = r as usize;
+    let a = (r + ALIGN - 1) & !(ALIGN - 1);
+    // SAFETY: inside our own reservation.
+    let p = unsafe {
+        libc::mmap(
+            a as *mut c_void,
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        let e = errno();
+        // SAFETY: our reservation.
+        unsafe { libc::munmap(r as *mut c_void, total) };
+        return Err(format!("activate errno {e}"));
+    }
+    if a > r {
+        // SAFETY: head of our reservation.
+        unsafe { libc::munmap(r as *mut c_void, a - r) };
+    }
+    let guard_end = a + size + PAGE;
+    if r + total > guard_end {
+        // SAFETY: tail of our reservation, after the guard page.
+        unsafe { libc::munmap(guard_end as *mut c_void, r + total - guard_end) };
+    }
+    Ok(a)
+}
+
+fn arg<T: std::str::FromStr>(words: &[&str], i: usize) -> Result<T, String> {
+    let w = words
+        .get(i)
+        .ok_or_else(|| format!("missing argument {i}"))?;
+    let parsed = if let Some(hex) = w.strip_prefix("0x") {
+        u64::from_str_radix(hex, 16)
+            .ok()
+            .and_then(|v| v.to_string().parse().ok())
+    } else if let Ok(bytes) = membroker_client::size::parse_size(w) {
+        bytes.to_string().parse().ok()
+    } else {
+        w.parse().ok()
+    };
+    parsed.ok_or_else(|| format!("bad argument {w:?}"))
+}
+
+fn block(blocks: &[Block], words: &[&str]) -> Result<Block, String> {
+    let i: usize = arg(words, 1)?;
+    blocks
+        .get(i)
+        .copied()
+        .ok_or_else(|| format!("no block {i}"))
+}
+
+fn range(b: &Block, words: &[&str]) -> Result<(usize, usize), String> {
+    let off: usize = arg(words, 2)?;
+    let len: usize = arg(words, 3)?;
+    if off.checked_add(len).is_none_or(|end| end > b.size) {
+        return Err(format!("range {off}+{len} outside block of {}", b.size));
+    }
+    Ok((b.addr + off, len))
+}
+
+fn run(blocks: &mut Vec<Block>, words: &[&str]) -> Result<String, String> {
+    match words[0] {
+        "alloc" => {
+            let size: usize = arg(words, 1)?;
+            let addr = qemu_ram_mmap(size)?;
+            blocks.push(Block { addr, size });
+            Ok(format!("{} {addr:#x}", blocks.len() - 1))
+        }
+        "anon" => {
+            let size: usize = arg(words, 1)?;
+            // SAFETY: a fresh private mapping.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    size,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(format!("mmap errno {}", errno()));
+            }
+            blocks.push(Block {
+                addr: p as usize,
+                size,
+            });
+            Ok(format!("{} {:#x}", blocks.len() - 1, p as usize))
+        }
+        "fill" => {
+            let b = block(blocks, words)?;
+            let (addr, len) = range(&b, words)?;
+            let byte: u8 = arg(words, 4)?;
+            // SAFETY: inside a block this program mapped read-write.
+            unsafe { std::ptr::write_bytes(addr as *mut u8, byte, len) };
+            Ok(String::new())
+        }
+        "sum" => {
+            let b = block(blocks, words)?;
+            let (addr, len) = range(&b, words)?;
+            let mut sum = 0u64;
+            for i in 0..len {
+                // SAFETY: inside a block this program mapped readable.
+                sum += u64::from(unsafe { ((addr + i) as *const u8).read_volatile() });
+            }
+            Ok(sum.to_string())
+        }
+        "madvise" => {
+            let b = block(blocks, words)?;
+            let (addr, len) = range(&b, words)?;
+            let advice = match *words.get(4).ok_or("missing advice")? {
+                "dontneed" => libc::MADV_DONTNEED,
+                "remove" => libc::MADV_REMOVE,
+                "free" => libc::MADV_FREE,
+                "hugepage" => libc::MADV_HUGEPAGE,
+                "mergeable" => libc::MADV_MERGEABLE,
+                "dontfork" => libc::MADV_DONTFORK,
+                other => return Err(format!("unknown advice {other}")),
+            };
+            // SAFETY: advice on our own mapping.
+            let r = unsafe { libc::madvise(addr as *mut c_void, len, advice) };
+            Ok(format!("{r} {}", if r == 0 { 0 } else { errno() }))
+        }
+        "remap" => {
+            let b = block(blocks, words)?;
+            let off: usize = arg(words, 2)?;
+            // SAFETY: QEMU's poison remap: replaces one page of our own block.
+            let p = unsafe {
+                libc::mmap(
+                    (b.addr + off) as *mut c_void,
+                    PAGE,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                Err(format!("mmap errno {}", errno()))
+            } else {
+                Ok(String::new())
+            }
+        }
+        "free" => {
+            let b = block(blocks, words)?;
+            // SAFETY: the block and its guard page are ours; nothing uses them afterwards.
+            let r = unsafe { libc::munmap(b.addr as *mut c_void, b.size + PAGE) };
+            Ok(r.to_string())
+        }
+        "handler" => {
+            // SAFETY: installs a valid SA_SIGINFO handler.
+            let r = unsafe {
+                let mut act: libc::sigaction = std::mem::zeroed();
+                act.sa_sigaction =
+                    on_sigbus as extern "C" fn(c_int, *mut siginfo_t, *mut c_void) as usize;
+                act.sa_flags = libc::SA_SIGINFO;
+                libc::sigaction(libc::SIGBUS, &act, std::ptr::null_mut())
+            };
+            if r == 0 {
+                Ok(String::new())
+            } else {
+                Err(format!("sigaction errno {}", errno()))
+            }
+        }
+        "handler-signal" => {
+            let plain = on_sigbus_plain as extern "C" fn(c_int) as libc::sighandler_t;
+            // SAFETY: installs a valid plain handler through signal(3).
+            let old = unsafe { libc::signal(libc::SIGBUS, plain) };
+            if old == libc::SIG_ERR {
+                return Err(format!("signal errno {}", errno()));
+            }
+            let ours = on_sigbus as extern "C" fn(c_int, *mut siginfo_t, *mut c_void) as usize;
+            Ok(if old == ours {
+                "old-was-ours".into()
+            } else {
+                format!("old {old:#x}")
+            })
+        }
+        "default" => {
+            // SAFETY: restores the default action (QEMU's sigbus_reraise does this).
+            let old = unsafe { libc::signal(libc::SIGBUS, libc::SIG_DFL) };
+            if old == libc::SIG_ERR {
+                Err(format!("signal errno {}", errno()))
+            } else {
+                Ok(String::new())
+            }
+        }
+        "query" => {
+            // SAFETY: a query into a local struct.
+            let handler = unsafe {
+                let mut old: libc::sigaction = std::mem::zeroed();
+                libc::sigaction(libc::SIGBUS, std::ptr::null(), &mut old);
+                old.sa_sigaction
+            };
+            let ours = on_sigbus as extern "C" fn(c_int, *mut siginfo_t, *mut c_void) as usize;
+            Ok(if handler == ours {
+                "yes".into()
+            } else {
+                format!("no {handler:#x}")
+            })
+        }
+        "sigbus" => {
+            let b = block(blocks, words)?;
+            let off: usize = arg(words, 2)?;
+            let code: i32 = arg(words, 3)?;
+            let lsb: i16 = arg(words, 4)?;
+            let before = HANDLER_CALLS.load(Ordering::SeqCst);
+            // SAFETY: a zeroed siginfo with the SIGBUS fields set at their kernel offsets
+            // (si_addr at 16, si_addr_lsb at 24), queued to this very thread.
+            let r = unsafe {
+                let mut info: siginfo_t = std::mem::zeroed();
+                info.si_signo = libc::SIGBUS;
+                info.si_code = code;
+                let raw = (&mut info as *mut siginfo_t).cast::<u8>();
+                raw.add(16).cast::<usize>().write_unaligned(b.addr + off);
+                raw.add(24).cast::<i16>().write_unaligned(lsb);
+                libc::syscall(
+                    libc::SYS_rt_tgsigqueueinfo,
+                    libc::getpid(),
+                    libc::syscall(libc::SYS_gettid),
+                    libc::SIGBUS,
+                    &info as *const siginfo_t,
+                )
+            };
+            if r != 0 {
+                return Err(format!("rt_tgsigqueueinfo errno {}", errno()));
+            }
+            // Delivered on return from the syscall; be patient anyway.
+            for _ in 0..1000 {
+                if HANDLER_CALLS.load(Ordering::SeqCst) != before {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            Ok(format!(
+                "{} {} {} {:#x}",
+                HANDLER_CALLS.load(Ordering::SeqCst) - before,
+                HANDLER_SIGNO.load(Ordering::SeqCst),
+                HANDLER_CODE.load(Ordering::SeqCst),
+                HANDLER_ADDR.load(Ordering::SeqCst)
+            ))
+        }
+        "bench" => {
+            let n: u32 = arg(words, 1)?;
+            let len = 64 << 10;
+            let start = std::time::Instant::now();
+            for _ in 0..n {
+                // SAFETY: a fresh private mapping, unmapped at once.
+                unsafe {
+                    let p = libc::mmap(
+                        std::ptr::null_mut(),
+                        len,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                        -1,
+                        0,
+                    );
+                    assert_ne!(p, libc::MAP_FAILED);
+                    libc::munmap(p, len);
+                }
+            }
+            Ok(format!(
+                "{:.1}",
+                start.elapsed().as_nanos() as f64 / f64::from(n.max(1))
+            ))
+        }
+        "bench-einval" => {
+            let n: u32 = arg(words, 1)?;
+            let start = std::time::Instant::now();
+            for _ in 0..n {
+                // SAFETY: neither MAP_PRIVATE nor MAP_SHARED: the kernel refuses with EINVAL
+                // before doing anything, so this measures the call path alone.
+                let p = unsafe {
+                    libc::mmap(
+                        std::ptr::null_mut(),
+                        PAGE,
+                        libc::PROT_READ,
+                        libc::MAP_ANONYMOUS,
+                        -1,
+                        0,
+                    )
+                };
+                assert_eq!(p, libc::MAP_FAILED);
+            }
+            Ok(format!(
+                "{:.1}",
+                start.elapsed().as_nanos() as f64 / f64::from(n.max(1))
+            ))
+        }
+        other => Err(format!("unknown command {other}")),
+    }
+}
+
+fn main() {
+    let mut blocks = Vec::new();
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout();
+    println!("ready {}", std::process::id());
+    for line in stdin.lock().lines() {
+        let Ok(line) = line else { break };
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if words.is_empty() {
+            continue;
+        }
+        if words[0] == "exit" {
+            break;
+        }
+        let reply = match run(&mut blocks, &words) {
+            Ok(s) if s.is_empty() => "ok".to_string(),
+            Ok(s) => format!("ok {s}"),
+            Err(e) => format!("err {e}"),
+        };
+        let _ = writeln!(out, "{reply}");
+        let _ = out.flush();
+    }
+}
