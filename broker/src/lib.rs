@@ -6,3 +6,4 @@ pub mod cli;
 pub mod namespace;
 pub mod pool;
 pub mod server;
+mod sys;

@@ -250,6 +250,8 @@ pub struct LeaseInfo {
     pub poison: Vec<PoisonInfo>,
     /// Whether the fd that came with this reply is writable.
     pub writable: bool,
+    /// The device-dax device behind the lease (`dax0.3`), if any.
+    pub device: Option<String>,
 }
 
 /// Kind of memory a pool hands out.

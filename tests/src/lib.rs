@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use membroker_client::Client;
 
+pub mod sys;
+
 /// Path of a binary built by this workspace (`membroker`, `mb-holder`, …).
 pub fn bin_path(name: &str) -> PathBuf {
     if name == "membroker" {
@@ -338,4 +340,82 @@ pub fn pattern(seed: u8, offset: usize) -> u8 {
         .wrapping_mul(2654435761)
         .wrapping_add(u64::from(seed))
         .to_le_bytes()[3]
+}
+
+/// Runs the calling test inside the device-dax VM (`tests/vm/run-in-vm`, which boots the
+/// installed Debian kernel with an emulated dynamic dax region) unless it already runs there.
+/// Returns true where the test body should run: inside the VM. On the host it boots the VM,
+/// runs this very test binary there with `test` as an exact filter, and fails if it fails.
+pub fn in_dax_vm(test: &str, vm_args: &[&str]) -> bool {
+    if std::env::var_os("MEMBROKER_IN_VM").is_some() {
+        return true;
+    }
+    let runner = Path::new(env!("CARGO_MANIFEST_DIR")).join("vm/run-in-vm");
+    let exe = std::env::current_exe().expect("current_exe");
+    let status = Command::new(&runner)
+        .args(vm_args)
+        .args([
+            "--env",
+            "MEMBROKER_IN_VM=1",
+            "--env",
+            "RUST_BACKTRACE=1",
+            "--env",
+            "RUST_LOG",
+        ])
+        .arg("--")
+        .arg(exe)
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .status()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", runner.display()));
+    assert!(
+        status.success(),
+        "{test} failed inside the dax VM ({status}); its output is above"
+    );
+    false
+}
+
+/// Physical address behind a virtual address of this process, from /proc/self/pagemap (root).
+pub fn physical_address(addr: usize) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let pagemap = std::fs::File::open("/proc/self/pagemap").expect("open /proc/self/pagemap");
+    let mut entry = [0u8; 8];
+    pagemap
+        .read_exact_at(&mut entry, (addr / 4096 * 8) as u64)
+        .expect("read pagemap");
+    let entry = u64::from_le_bytes(entry);
+    assert!(entry >> 63 == 1, "page at {addr:#x} is not present");
+    let pfn = entry & ((1 << 55) - 1);
+    assert!(pfn != 0, "pagemap hides PFNs: not root?");
+    pfn * 4096 + (addr % 4096) as u64
+}
+
+/// Empties dax region 0 (inside the dax VM): unbinds and deletes every device a previous
+/// broker left behind, so the next broker can take the region whole.
+pub fn reset_dax_region() {
+    let devices = Path::new("/sys/bus/dax/devices");
+    let region = std::fs::canonicalize(devices.join("dax0.0"))
+        .expect("dax0.0")
+        .parent()
+        .unwrap()
+        .join("dax_region");
+    let seed = std::fs::read_to_string(region.join("seed"))
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    for entry in std::fs::read_dir(devices)
+        .expect("/sys/bus/dax/devices")
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("dax0.") {
+            continue;
+        }
+        if entry.path().join("driver").exists() {
+            std::fs::write("/sys/bus/dax/drivers/device_dax/unbind", &name).expect("unbind");
+        }
+        std::fs::write(entry.path().join("size"), "0").expect("size 0");
+        if name != seed && name != "dax0.0" {
+            std::fs::write(region.join("delete"), &name).expect("delete");
+        }
+    }
 }

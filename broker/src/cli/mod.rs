@@ -99,6 +99,9 @@ fn print_lease(l: &LeaseInfo) {
         .map(|e| format!("{:#x}+{}", e.start, format_size(e.len)))
         .collect();
     println!("extents:    {}", extents.join(", "));
+    if let Some(device) = &l.device {
+        println!("device:     /dev/{device}");
+    }
     let holders: Vec<String> = l
         .holders
         .iter()

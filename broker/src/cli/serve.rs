@@ -10,13 +10,17 @@ use crate::server::{self, Broker, Listener, error_chain};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// A pool: memfd:NAME:SIZE[:PAGE] (PAGE 4K, 2M or 1G), e.g. memfd:default:4G:2M. Repeat for
-    /// more pools; the first is the default. Without any: memfd:default:<half of RAM>:4K.
+    /// A pool: memfd:NAME:SIZE[:PAGE] (PAGE 4K, 2M or 1G), e.g. memfd:default:4G:2M, or
+    /// devdax:NAME:REGION[:ALIGN] (ALIGN 2M or 1G), e.g. devdax:fast:region0:2M. Repeat for more
+    /// pools; the first is the default. Without any: memfd:default:<half of RAM>:4K.
     #[arg(long = "pool", value_name = "SPEC")]
     pools: Vec<PoolSpec>,
     /// Group (name or gid) whose members, like root, may manage every lease.
     #[arg(long, value_name = "GROUP")]
     admin_group: Option<String>,
+    /// Threads that zero released device-dax leases before their memory is reused.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    scrub_workers: usize,
     /// Group (name or gid) that owns the socket (mode 0660): its members may connect.
     #[arg(long, value_name = "GROUP")]
     socket_group: Option<String>,
@@ -54,7 +58,7 @@ pub fn run(socket: &Path, args: ServeArgs) -> Result<(), String> {
     };
     let mut pools: Vec<Pool> = Vec::new();
     for spec in &specs {
-        let pool = Pool::open(spec).map_err(|e| error_chain(&e))?;
+        let pool = Pool::open(spec, args.scrub_workers).map_err(|e| error_chain(&e))?;
         if pools.iter().any(|p| p.name == pool.name) {
             return Err(format!("pool {} is configured twice", pool.name));
         }

@@ -9,13 +9,13 @@ mod access;
 mod name;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use membroker_client::PageSize;
+
+use crate::pool::Allocation;
 use membroker_client::proto::{
-    CreateLease, ErrorCode, Extent, HolderInfo, LeaseInfo, LeaseState, PoisonInfo, PoolInfo,
-    PoolKind,
+    CreateLease, ErrorCode, HolderInfo, LeaseInfo, LeaseState, PoisonInfo, PoolInfo, PoolKind,
 };
 use membroker_client::size::format_size;
 
@@ -105,15 +105,15 @@ struct Record {
     mode: u32,
     persistent: bool,
     created: u64,
-    memory: Arc<OwnedFd>,
-    extents: Vec<Extent>,
+    memory: Arc<Allocation>,
     holders: BTreeMap<u64, HolderInfo>,
     poison: Vec<PoisonInfo>,
     removed: bool,
 }
 
-/// Memory whose last reference the namespace dropped; close it outside the lock.
-pub type Freed = Vec<Arc<OwnedFd>>;
+/// Leases the namespace let go of, with their pool: give them back to the pool outside the
+/// lock (closing or scrubbing may take long).
+pub type Freed = Vec<(usize, Arc<Allocation>)>;
 
 /// All leases and pool accounting.
 #[derive(Debug)]
@@ -271,9 +271,8 @@ impl Namespace {
         &mut self,
         peer: &Peer,
         res: Reservation,
-        memory: OwnedFd,
-        extents: Vec<Extent>,
-    ) -> (LeaseInfo, Arc<OwnedFd>) {
+        memory: Allocation,
+    ) -> (LeaseInfo, Arc<Allocation>) {
         self.pending.remove(&res.name);
         let id = self.next_id;
         self.next_id += 1;
@@ -291,7 +290,6 @@ impl Namespace {
             persistent: res.persistent,
             created,
             memory: Arc::new(memory),
-            extents,
             holders: BTreeMap::new(),
             poison: Vec::new(),
             removed: false,
@@ -344,7 +342,7 @@ impl Namespace {
         peer: &Peer,
         name: &str,
         writable: bool,
-    ) -> Result<(LeaseInfo, Arc<OwnedFd>)> {
+    ) -> Result<(LeaseInfo, Arc<Allocation>)> {
         let (id, record) = self.lookup(name)?;
         self.check(peer, record, Access::Read, "open it")?;
         if writable {
@@ -395,12 +393,12 @@ impl Namespace {
             .collect()
     }
 
-    fn drop_holder(&mut self, conn: u64, id: u64) -> Option<Arc<OwnedFd>> {
+    fn drop_holder(&mut self, conn: u64, id: u64) -> Option<(usize, Arc<Allocation>)> {
         self.records.get_mut(&id)?.holders.remove(&conn);
         self.free_if_unused(id)
     }
 
-    fn free_if_unused(&mut self, id: u64) -> Option<Arc<OwnedFd>> {
+    fn free_if_unused(&mut self, id: u64) -> Option<(usize, Arc<Allocation>)> {
         let record = self.records.get(&id)?;
         if !record.holders.is_empty() || (record.persistent && !record.removed) {
             return None;
@@ -412,11 +410,18 @@ impl Namespace {
         let pool = &mut self.pools[record.pool];
         pool.used -= record.size;
         pool.leases -= 1;
-        Some(record.memory)
+        Some((record.pool, record.memory))
     }
 
-    /// Records a memory error a holder or owner reported.
-    pub fn report_poison(&mut self, peer: &Peer, name: &str, offset: u64, len: u64) -> Result<()> {
+    /// Records a memory error a holder or owner reported; returns the lease's pool and memory
+    /// so the pool can quarantine it.
+    pub fn report_poison(
+        &mut self,
+        peer: &Peer,
+        name: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<(usize, Arc<Allocation>)> {
         let (id, record) = self.lookup(name)?;
         let holder = record.holders.contains_key(&peer.conn);
         if !holder && !peer.admin && peer.uid != record.uid {
@@ -442,7 +447,7 @@ impl Namespace {
             record.poison.push(report);
             record.poison.sort_by_key(|p| p.offset);
         }
-        Ok(())
+        Ok((record.pool, record.memory.clone()))
     }
 
     fn info(&self, record: &Record, writable: bool) -> LeaseInfo {
@@ -464,10 +469,11 @@ impl Namespace {
             persistent: record.persistent,
             state,
             created: record.created,
-            extents: record.extents.clone(),
+            extents: record.memory.extents.clone(),
             holders: record.holders.values().cloned().collect(),
             poison: record.poison.clone(),
             writable,
+            device: record.memory.device.clone(),
         }
     }
 

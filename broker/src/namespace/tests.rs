@@ -26,18 +26,23 @@ fn peer(conn: u64, uid: u32) -> Peer {
     }
 }
 
-fn memory() -> OwnedFd {
-    rustix::fs::open(
+fn memory() -> Allocation {
+    let fd = rustix::fs::open(
         "/dev/null",
         rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
         rustix::fs::Mode::empty(),
     )
-    .unwrap()
+    .unwrap();
+    Allocation {
+        fd,
+        extents: vec![],
+        device: None,
+    }
 }
 
 fn create(ns: &mut Namespace, peer: &Peer, req: CreateLease) -> Result<LeaseInfo> {
     let res = ns.reserve(peer, &req)?;
-    Ok(ns.commit(peer, res, memory(), vec![]).0)
+    Ok(ns.commit(peer, res, memory()).0)
 }
 
 fn used(ns: &Namespace, pool: usize) -> u64 {

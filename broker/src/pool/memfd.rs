@@ -45,14 +45,8 @@ impl MemfdPool {
         };
         // memfd names are at most 249 bytes; the lease name is for /proc/PID/maps readers.
         let mut label = format!("membroker:{lease}");
-        label.truncate(
-            label
-                .char_indices()
-                .map(|(i, _)| i)
-                .take_while(|&i| i <= 240)
-                .last()
-                .unwrap_or(0),
-        );
+        // Lease names are ASCII (checked by the namespace), so any byte index is a boundary.
+        label.truncate(240);
         let fd =
             rustix::fs::memfd_create(label.as_str(), self.flags()).map_err(sys("memfd_create"))?;
         rustix::fs::ftruncate(&fd, size).map_err(sys("ftruncate"))?;
@@ -81,6 +75,7 @@ impl MemfdPool {
                 start: 0,
                 len: size,
             }],
+            device: None,
         })
     }
 }
@@ -93,6 +88,15 @@ mod tests {
     fn memfd_lease_is_sized_backed_and_sealed() {
         let pool = MemfdPool::new("t", PageSize::Base4K);
         let a = pool.allocate("tenant/vm/ram0", 8 << 20).unwrap();
+        let link = std::fs::read_link(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&a.fd)
+        ))
+        .unwrap();
+        assert_eq!(
+            link.to_string_lossy(),
+            "/memfd:membroker:tenant/vm/ram0 (deleted)"
+        );
         let st = rustix::fs::fstat(&a.fd).unwrap();
         assert_eq!(st.st_size, 8 << 20);
         assert!(st.st_blocks as u64 * 512 >= 8 << 20, "not backed up front");

@@ -3,14 +3,18 @@
 //! A pool is configured at start (`--pool SPEC`) and hands out one [`Allocation`] per lease.
 //! Admission control (does the lease fit?) is the namespace's job; a pool only makes memory.
 
+mod devdax;
+pub mod extents;
 mod memfd;
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
 
 use membroker_client::PageSize;
 use membroker_client::proto::{Extent, PoolKind};
 use membroker_client::size::{format_size, parse_size};
 
+pub use devdax::{DaxError, DevdaxPool};
 pub use memfd::MemfdPool;
 
 /// Why a pool could not be configured or could not make memory.
@@ -36,6 +40,18 @@ pub enum PoolError {
     },
     #[error("pool {pool}: the kernel refused {size} of memory")]
     NoMemory { pool: String, size: String },
+    #[error("pool {pool} has {free} free, {asked} asked")]
+    NoSpace {
+        pool: String,
+        free: String,
+        asked: String,
+    },
+    #[error("pool {pool}")]
+    Dax {
+        pool: String,
+        #[source]
+        source: DaxError,
+    },
 }
 
 /// Result alias of this module.
@@ -44,10 +60,27 @@ pub type Result<T> = std::result::Result<T, PoolError>;
 /// Memory made for one lease.
 #[derive(Debug)]
 pub struct Allocation {
-    /// The lease memory, sized and (for memfd) sealed.
+    /// The lease memory: a sized, sealed memfd, or an open device-dax device.
     pub fd: OwnedFd,
-    /// Where in the pool it lies (logical for memfd pools).
+    /// Where in the pool it lies: physical ranges for device-dax, in file-offset order; the
+    /// whole memfd for memfd pools.
     pub extents: Vec<Extent>,
+    /// The device-dax device (`dax0.3`) made for this lease.
+    pub device: Option<String>,
+}
+
+impl AsFd for Allocation {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// What a pool knows about its own space beyond the namespace's accounting.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub free: u64,
+    pub scrubbing: u64,
+    pub quarantined: u64,
 }
 
 /// A parsed `--pool` argument.
@@ -58,6 +91,12 @@ pub enum PoolSpec {
         name: String,
         size: u64,
         page_size: PageSize,
+    },
+    /// `devdax:NAME:REGION[:ALIGN]`
+    Devdax {
+        name: String,
+        region: u32,
+        align: Option<PageSize>,
     },
 }
 
@@ -89,11 +128,30 @@ impl std::str::FromStr for PoolSpec {
                     page_size,
                 })
             }
-            ["devdax", ..] => Err(bad(
-                "device-dax pools are not available in this build yet; use memfd:NAME:SIZE[:PAGE]",
-            )),
+            ["devdax", name, region, rest @ ..] if rest.len() <= 1 => {
+                check_pool_name(name).map_err(|p| bad(&p))?;
+                let id = region.strip_prefix("region").unwrap_or(region);
+                let region = id.parse().map_err(|_| {
+                    bad("REGION is a dax region such as region0 (see `daxctl list -R`)")
+                })?;
+                let align = match rest.first() {
+                    Some(p) => Some(p.parse::<PageSize>().map_err(|e| bad(&e))?),
+                    None => None,
+                };
+                if align == Some(PageSize::Base4K) {
+                    return Err(bad(
+                        "device-dax leases use 2M or 1G pages: ALIGN is 2M or 1G",
+                    ));
+                }
+                Ok(PoolSpec::Devdax {
+                    name: name.to_string(),
+                    region,
+                    align,
+                })
+            }
             _ => Err(bad(
-                "expected memfd:NAME:SIZE[:PAGE], e.g. memfd:default:4G:2M",
+                "expected memfd:NAME:SIZE[:PAGE] or devdax:NAME:REGION[:ALIGN], \
+                 e.g. memfd:default:4G:2M or devdax:fast:region0:2M",
             )),
         }
     }
@@ -126,11 +184,12 @@ pub struct Pool {
 #[derive(Debug)]
 enum Backend {
     Memfd(MemfdPool),
+    Devdax(DevdaxPool),
 }
 
 impl Pool {
-    /// Builds the pool a spec describes.
-    pub fn open(spec: &PoolSpec) -> Result<Pool> {
+    /// Builds the pool a spec describes; device-dax pools scrub with `scrub_workers` threads.
+    pub fn open(spec: &PoolSpec, scrub_workers: usize) -> Result<Pool> {
         match spec {
             PoolSpec::Memfd {
                 name,
@@ -143,6 +202,26 @@ impl Pool {
                 size: *size,
                 backend: Backend::Memfd(MemfdPool::new(name, *page_size)),
             }),
+            PoolSpec::Devdax {
+                name,
+                region,
+                align,
+            } => {
+                let pool =
+                    DevdaxPool::open(name, *region, *align, scrub_workers).map_err(|source| {
+                        PoolError::Dax {
+                            pool: name.clone(),
+                            source,
+                        }
+                    })?;
+                Ok(Pool {
+                    name: name.clone(),
+                    kind: PoolKind::Devdax,
+                    page_size: pool.align(),
+                    size: pool.size(),
+                    backend: Backend::Devdax(pool),
+                })
+            }
         }
     }
 
@@ -161,6 +240,41 @@ impl Pool {
     pub fn allocate(&self, lease: &str, size: u64) -> Result<Allocation> {
         match &self.backend {
             Backend::Memfd(pool) => pool.allocate(lease, size),
+            Backend::Devdax(pool) => pool.allocate(size).map_err(|source| match source {
+                DaxError::NoSpace { free } => PoolError::NoSpace {
+                    pool: self.name.clone(),
+                    free: format_size(free),
+                    asked: format_size(size),
+                },
+                source => PoolError::Dax {
+                    pool: self.name.clone(),
+                    source,
+                },
+            }),
+        }
+    }
+
+    /// Takes back the memory of a lease nobody holds any more. A memfd is simply closed; a
+    /// device is scrubbed off the request path, then destroyed, then its extents are free.
+    pub fn release(&self, memory: Arc<Allocation>) {
+        match &self.backend {
+            Backend::Memfd(_) => drop(memory),
+            Backend::Devdax(pool) => pool.release(memory),
+        }
+    }
+
+    /// Memory errors at `[offset, offset + len)` of a lease: quarantine the physical memory.
+    pub fn quarantine(&self, memory: &Allocation, offset: u64, len: u64) {
+        if let Backend::Devdax(pool) = &self.backend {
+            pool.quarantine(&memory.extents, offset, len);
+        }
+    }
+
+    /// Space the pool itself tracks (device-dax); `None` when the namespace's accounting is all.
+    pub fn usage(&self) -> Option<Usage> {
+        match &self.backend {
+            Backend::Memfd(_) => None,
+            Backend::Devdax(pool) => Some(pool.usage()),
         }
     }
 
@@ -220,18 +334,40 @@ mod tests {
         ] {
             assert!(bad.parse::<PoolSpec>().is_err(), "{bad} parsed");
         }
-        let err = "devdax:fast:region0"
-            .parse::<PoolSpec>()
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("not available"), "{err}");
+        assert_eq!(
+            "devdax:fast:region0:1G".parse::<PoolSpec>().unwrap(),
+            PoolSpec::Devdax {
+                name: "fast".into(),
+                region: 0,
+                align: Some(PageSize::Huge1G)
+            }
+        );
+        assert_eq!(
+            "devdax:d:3".parse::<PoolSpec>().unwrap(),
+            PoolSpec::Devdax {
+                name: "d".into(),
+                region: 3,
+                align: None
+            }
+        );
+        for bad in [
+            "devdax:d",
+            "devdax:d:regionX",
+            "devdax:d:region0:4K",
+            "devdax:d:0:2M:x",
+        ] {
+            assert!(bad.parse::<PoolSpec>().is_err(), "{bad} parsed");
+        }
     }
 
     #[test]
     fn default_pool_is_a_share_of_ram() {
         let PoolSpec::Memfd {
             size, page_size, ..
-        } = Pool::default_spec();
+        } = Pool::default_spec()
+        else {
+            panic!("the default pool is a memfd pool")
+        };
         assert_eq!(page_size, PageSize::Base4K);
         assert!(size > 0 && size % (2 << 20) == 0);
     }

@@ -4,12 +4,12 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 use membroker_client::codec::{MAX_PAYLOAD, encoded_len};
-use membroker_client::proto::{ErrorCode, LeaseInfo, Request, Response};
+use membroker_client::proto::{ErrorCode, LeaseInfo, PoolInfo, Request, Response};
 use parking_lot::Mutex;
 use rustix::fs::{Mode, OFlags};
 
 use crate::namespace::{Freed, Namespace, NsError, Peer, PoolAccount};
-use crate::pool::Pool;
+use crate::pool::{Allocation, Pool, PoolError};
 
 /// A reply and the fd that travels with it, if any.
 #[derive(Debug)]
@@ -21,7 +21,7 @@ pub struct Reply {
 /// The fd of a lease reply: the broker's own (shared) or a read-only reopening of it.
 #[derive(Debug)]
 pub enum ReplyFd {
-    Shared(Arc<OwnedFd>),
+    Shared(Arc<Allocation>),
     Owned(OwnedFd),
 }
 
@@ -118,13 +118,14 @@ impl Broker {
                 .stat(&name)
                 .map(|info| Reply::new(Response::Stat(info))),
             Request::List { prefix, after } => Ok(self.list(&prefix, after.as_deref())),
-            Request::Df => Ok(Reply::new(Response::Df(self.ns.lock().df()))),
+            Request::Df => Ok(Reply::new(Response::Df(self.df()))),
             Request::ReportPoison { name, offset, len } => {
                 let result = self.ns.lock().report_poison(peer, &name, offset, len);
-                if result.is_ok() {
+                result.map(|(pool, memory)| {
                     tracing::warn!(lease = %name, offset, len, "memory error reported");
-                }
-                result.map(|()| Reply::new(Response::Ok))
+                    self.pools[pool].quarantine(&memory, offset, len);
+                    Reply::new(Response::Ok)
+                })
             }
         };
         result.unwrap_or_else(Reply::from)
@@ -139,10 +140,7 @@ impl Broker {
         let pool = &self.pools[reservation.pool];
         match pool.allocate(&reservation.name, reservation.size) {
             Ok(allocation) => {
-                let (info, fd) =
-                    self.ns
-                        .lock()
-                        .commit(peer, reservation, allocation.fd, allocation.extents);
+                let (info, fd) = self.ns.lock().commit(peer, reservation, allocation);
                 tracing::info!(lease = %info.name, size = info.size, pool = %info.pool, persistent = info.persistent, "created");
                 Reply {
                     response: Response::Lease(info),
@@ -153,8 +151,14 @@ impl Broker {
                 self.ns.lock().abort(reservation);
                 tracing::warn!(lease = %req.name, error = %e, "allocation failed");
                 let code = match e {
-                    crate::pool::PoolError::NoHugePages { .. }
-                    | crate::pool::PoolError::NoMemory { .. } => ErrorCode::OutOfMemory,
+                    PoolError::NoHugePages { .. } | PoolError::NoMemory { .. } => {
+                        ErrorCode::OutOfMemory
+                    }
+                    PoolError::NoSpace { .. } => ErrorCode::NoSpace,
+                    PoolError::Dax {
+                        source: crate::pool::DaxError::StaticWholeOnly { .. },
+                        ..
+                    } => ErrorCode::InvalidArgument,
                     _ => ErrorCode::Internal,
                 };
                 Reply::error(code, format!("lease {}: {}", req.name, error_chain(&e)))
@@ -172,7 +176,7 @@ impl Broker {
         }
         // A read-only holder gets its own O_RDONLY file description, so it cannot map the
         // memory writable.
-        let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&*fd));
+        let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd.fd));
         match rustix::fs::open(
             path.as_str(),
             OFlags::RDONLY | OFlags::CLOEXEC,
@@ -197,8 +201,30 @@ impl Broker {
         op: impl FnOnce(&mut Namespace) -> Result<Freed, NsError>,
     ) -> Result<Reply, NsError> {
         let freed = op(&mut self.ns.lock())?;
-        drop(freed); // closing the last fd of a lease may free a lot of memory: not under the lock
+        self.give_back(freed);
         Ok(Reply::new(Response::Ok))
+    }
+
+    /// Returns leases nobody holds to their pools, outside the namespace lock: closing the
+    /// last fd of a memfd may free a lot of memory, a device gets scrubbed.
+    fn give_back(&self, freed: Freed) {
+        for (pool, memory) in freed {
+            self.pools[pool].release(memory);
+        }
+    }
+
+    /// The namespace's accounting, completed by what pools track themselves (device-dax: free
+    /// aligned space, bytes being scrubbed, quarantined bytes).
+    fn df(&self) -> Vec<PoolInfo> {
+        let mut pools = self.ns.lock().df();
+        for (info, pool) in pools.iter_mut().zip(&self.pools) {
+            if let Some(usage) = pool.usage() {
+                info.free = usage.free;
+                info.scrubbing = usage.scrubbing;
+                info.quarantined = usage.quarantined;
+            }
+        }
+        pools
     }
 
     fn list(&self, prefix: &str, after: Option<&str>) -> Reply {
@@ -218,6 +244,7 @@ impl Broker {
         if !freed.is_empty() {
             tracing::info!(leases = freed.len(), "released on disconnect");
         }
+        self.give_back(freed);
     }
 }
 

@@ -2,8 +2,10 @@
 //!
 //! ```text
 //! mb-holder SOCKET create NAME SIZE [persistent]   create, fill with pattern 7, print "ready", wait
-//! mb-holder SOCKET open NAME ro|rw                  open, check pattern 7 on the first page,
-//!                                                   print "ok" or "error CODE: MESSAGE"
+//! mb-holder SOCKET open NAME ro|rw [probe-dax]      open, check pattern 7 on the first page,
+//!                                                   print "ok" or "error CODE: MESSAGE"; with
+//!                                                   probe-dax also try every /dev/dax* and a
+//!                                                   mapping past the lease, printing what happened
 //! ```
 //! It waits for stdin to close (or a kill) before exiting, so the test decides when it goes.
 
@@ -57,7 +59,38 @@ fn main() {
             .enumerate()
             .all(|(i, b)| *b == membroker_tests::pattern(7, i));
         println!("{}", if good { "ok" } else { "ok-but-pattern-differs" });
+        if args.get(5).is_some_and(|a| a == "probe-dax") {
+            probe_dax(&lease);
+        }
     }
     let mut sink = Vec::new();
     let _ = std::io::stdin().read_to_end(&mut sink);
+}
+
+/// What an unprivileged holder of a device lease can and cannot do.
+fn probe_dax(lease: &membroker_client::Lease) {
+    let mut opened = Vec::new();
+    for entry in std::fs::read_dir("/dev").expect("read /dev").flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("dax") {
+            match std::fs::OpenOptions::new().read(true).open(entry.path()) {
+                Ok(_) => opened.push(name),
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {}
+                Err(e) => panic!("open /dev/{name}: unexpected {e}"),
+            }
+        }
+    }
+    println!(
+        "dax-opened {}",
+        if opened.is_empty() {
+            "none".to_string()
+        } else {
+            opened.join(",")
+        }
+    );
+    let page = lease.page_size().bytes();
+    match lease.map_range(0, lease.size() + page) {
+        Ok(_) => println!("map-past-end allowed"),
+        Err(_) => println!("map-past-end refused"),
+    }
 }

@@ -1,0 +1,405 @@
+//! device-dax pools: one dax device per lease, placed on extents the broker chose.
+//!
+//! A `/dev/daxR.N` fd lets its holder map any offset of that device, so each lease gets a
+//! device of its own: created in the region, given the lease's align, its `mapping` written
+//! range by range while unbound (a bound device oopses on new ranges), bound to device_dax,
+//! opened, delivered. Release scrubs the device (zeroes every byte) off the request path, then
+//! unbinds, shrinks and deletes it; only then are its extents free again. A static region
+//! (pmem namespace) cannot be subdivided and serves whole-device leases only.
+
+mod scrub;
+mod sysfs;
+
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use membroker_client::PageSize;
+use membroker_client::proto::Extent;
+use membroker_client::size::format_size;
+use parking_lot::Mutex;
+use rustix::fs::{Mode, OFlags};
+
+use super::extents::ExtentAllocator;
+use super::{Allocation, Usage};
+use scrub::Scrubber;
+use sysfs::Region;
+
+/// Why a device-dax pool could not start or make a lease.
+#[derive(Debug, thiserror::Error)]
+pub enum DaxError {
+    #[error(
+        "no dax region {0}: /sys/bus/dax/devices has no dax{0}.* device (are dax_hmem and device_dax \
+         loaded? `daxctl list -R` lists regions)"
+    )]
+    NoRegion(u32),
+    #[error("cannot read {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("unexpected content in {}: {text:?}", path.display())]
+    Parse { path: PathBuf, text: String },
+    #[error("writing {value:?} to {} failed", path.display())]
+    Write {
+        path: PathBuf,
+        value: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("/proc/iomem hides physical addresses: device-dax pools need root")]
+    NotRoot,
+    #[error(
+        "region{region} is already in use by {devices}; membroker takes a dynamic region whole: \
+         destroy those devices first (daxctl destroy-device) or use another region"
+    )]
+    InUse { region: u32, devices: String },
+    #[error(
+        "region{region} is static (a pmem namespace): it serves only whole-device leases of exactly \
+         {size} ({device}), {asked} asked"
+    )]
+    StaticWholeOnly {
+        region: u32,
+        device: String,
+        size: String,
+        asked: String,
+    },
+    #[error("region{region} is static and its only device {device} is already leased")]
+    StaticBusy { region: u32, device: String },
+    #[error("region{region} has no usable device")]
+    StaticEmpty { region: u32 },
+    #[error("align {align} is not usable on region{region} (region align {region_align})")]
+    BadAlign {
+        region: u32,
+        align: PageSize,
+        region_align: u64,
+    },
+    #[error("no space: {free} bytes free in aligned extents")]
+    NoSpace { free: u64 },
+    #[error("device node {} did not appear", .0.display())]
+    NoNode(PathBuf),
+    #[error("cannot open {}", path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rustix::io::Errno,
+    },
+    #[error(
+        "device {device} is {actual} bytes after its mappings were written, {expected} expected"
+    )]
+    SizeMismatch {
+        device: String,
+        expected: u64,
+        actual: u64,
+    },
+}
+
+/// A device-dax region owned by the broker.
+#[derive(Debug)]
+pub struct DevdaxPool {
+    region: Region,
+    align: PageSize,
+    /// Extents of a dynamic region (free, leased, dirty, quarantined).
+    extents: Arc<Mutex<ExtentAllocator>>,
+    /// The one device of a static region, and whether it is leased.
+    whole: Option<(String, u64, AtomicBool)>,
+    /// Serialises device create/configure/delete: `create` reads back the newest device.
+    sysfs: Arc<Mutex<()>>,
+    scrubber: Scrubber,
+}
+
+fn describe(devices: &[sysfs::DeviceState]) -> String {
+    let list: Vec<String> = devices
+        .iter()
+        .map(|d| {
+            let driver = d
+                .driver
+                .as_deref()
+                .map(|dr| format!(", {dr}"))
+                .unwrap_or_default();
+            format!("{} ({}{driver})", d.name, format_size(d.size))
+        })
+        .collect();
+    list.join(", ")
+}
+
+impl DevdaxPool {
+    /// Takes region `id`: frees its seed device if that spans the whole region, refuses a
+    /// region that has any other device, changes nothing on refusal.
+    pub fn open(
+        name: &str,
+        id: u32,
+        align: Option<PageSize>,
+        scrub_workers: usize,
+    ) -> Result<DevdaxPool, DaxError> {
+        let region = Region::find(id)?;
+        let mut devices = Vec::new();
+        for device in sysfs::region_devices(id)? {
+            devices.push(sysfs::device_state(&device)?);
+        }
+        let used: Vec<sysfs::DeviceState> = devices.into_iter().filter(|d| d.size > 0).collect();
+        let sysfs_lock = Arc::new(Mutex::new(()));
+        let extents = Arc::new(Mutex::new(ExtentAllocator::new(region.base, region.size)));
+        if !region.dynamic {
+            let [device] = used.as_slice() else {
+                return Err(DaxError::StaticEmpty { region: id });
+            };
+            let align =
+                PageSize::from_bytes(sysfs_align(&device.name)?).unwrap_or(PageSize::Huge2M);
+            let scrubber = Scrubber::new(
+                scrub_workers,
+                extents.clone(),
+                sysfs_lock.clone(),
+                region.clone(),
+            );
+            tracing::info!(pool = name, device = %device.name, size = device.size, "static dax region: whole-device leases");
+            return Ok(DevdaxPool {
+                whole: Some((device.name.clone(), device.size, AtomicBool::new(false))),
+                region,
+                align,
+                extents,
+                sysfs: sysfs_lock,
+                scrubber,
+            });
+        }
+        let align = align.unwrap_or(PageSize::Huge2M);
+        if align.bytes() < region.align || align == PageSize::Base4K {
+            return Err(DaxError::BadAlign {
+                region: id,
+                align,
+                region_align: region.align,
+            });
+        }
+        // The seed spanning the whole region (the state after boot) is ours to free; any other
+        // device means someone else uses the region.
+        let foreign: Vec<sysfs::DeviceState> = used
+            .iter()
+            .filter(|d| {
+                !(d.size == region.size && d.driver.as_deref().is_none_or(|dr| dr == "device_dax"))
+            })
+            .cloned()
+            .collect();
+        if !foreign.is_empty() {
+            return Err(DaxError::InUse {
+                region: id,
+                devices: describe(&foreign),
+            });
+        }
+        for seed in &used {
+            sysfs::unbind(&seed.name)?;
+            sysfs::set_size_zero(&seed.name)?;
+            tracing::info!(pool = name, device = %seed.name, "freed the region's seed device");
+        }
+        let scrubber = Scrubber::new(
+            scrub_workers,
+            extents.clone(),
+            sysfs_lock.clone(),
+            region.clone(),
+        );
+        Ok(DevdaxPool {
+            region,
+            align,
+            extents,
+            whole: None,
+            sysfs: sysfs_lock,
+            scrubber,
+        })
+    }
+
+    pub fn align(&self) -> PageSize {
+        self.align
+    }
+
+    pub fn size(&self) -> u64 {
+        match &self.whole {
+            Some((_, size, _)) => *size,
+            None => self.region.size,
+        }
+    }
+
+    /// Makes a device of `size` bytes on extents the allocator chose.
+    pub fn allocate(&self, size: u64) -> Result<Allocation, DaxError> {
+        if let Some((device, whole, leased)) = &self.whole {
+            return self.allocate_whole(device, *whole, leased, size);
+        }
+        let align = self.align.bytes();
+        let extents = {
+            let mut alloc = self.extents.lock();
+            alloc.allocate(size, align).ok_or(DaxError::NoSpace {
+                free: alloc.free_bytes(),
+            })?
+        };
+        let _sysfs = self.sysfs.lock();
+        let device = match self.region.create_device() {
+            Ok(device) => device,
+            Err(e) => {
+                give_back(&self.extents, &extents);
+                return Err(e);
+            }
+        };
+        match self.configure(&device, &extents, size) {
+            Ok(fd) => Ok(Allocation {
+                fd,
+                extents,
+                device: Some(device),
+            }),
+            Err(e) => {
+                if let Err(undo) = scrub::destroy(&self.region, &device) {
+                    tracing::error!(%device, error = %undo, "cannot destroy a half-made device; its extents stay reserved");
+                    return Err(e);
+                }
+                give_back(&self.extents, &extents);
+                Err(e)
+            }
+        }
+    }
+
+    fn configure(&self, device: &str, extents: &[Extent], size: u64) -> Result<OwnedFd, DaxError> {
+        sysfs::set_align(device, self.align.bytes())?;
+        for extent in extents {
+            // The allocator aligns; the kernel accepts a misaligned start and fails the bind
+            // with a WARNING, so check again here where it matters.
+            assert!(
+                extent.start % self.align.bytes() == 0 && extent.len % self.align.bytes() == 0,
+                "misaligned extent {extent:?}"
+            );
+            sysfs::add_mapping(device, extent.start, extent.len)?;
+        }
+        let actual = sysfs::size(device)?;
+        if actual != size {
+            return Err(DaxError::SizeMismatch {
+                device: device.to_string(),
+                expected: size,
+                actual,
+            });
+        }
+        sysfs::bind(device)?;
+        let node = sysfs::wait_for_node(device)?;
+        rustix::fs::open(&node, OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())
+            .map_err(|source| DaxError::Open { path: node, source })
+    }
+
+    fn allocate_whole(
+        &self,
+        device: &str,
+        whole: u64,
+        leased: &AtomicBool,
+        size: u64,
+    ) -> Result<Allocation, DaxError> {
+        if size != whole {
+            return Err(DaxError::StaticWholeOnly {
+                region: self.region.id,
+                device: device.to_string(),
+                size: format_size(whole),
+                asked: format_size(size),
+            });
+        }
+        if leased.swap(true, Ordering::AcqRel) {
+            return Err(DaxError::StaticBusy {
+                region: self.region.id,
+                device: device.to_string(),
+            });
+        }
+        let node = PathBuf::from("/dev").join(device);
+        match rustix::fs::open(&node, OFlags::RDWR | OFlags::CLOEXEC, Mode::empty()) {
+            Ok(fd) => Ok(Allocation {
+                fd,
+                extents: vec![Extent {
+                    start: 0,
+                    len: whole,
+                }],
+                device: None,
+            }),
+            Err(source) => {
+                leased.store(false, Ordering::Release);
+                Err(DaxError::Open { path: node, source })
+            }
+        }
+    }
+
+    /// A lease nobody holds: scrub it, then make its memory free.
+    pub fn release(&self, memory: Arc<Allocation>) {
+        match &self.whole {
+            Some((_, _, leased)) => {
+                // Zeroed synchronously: a static region has one lease at a time.
+                if let Err(e) = scrub::zero(&memory.fd, memory.extents[0].len) {
+                    tracing::error!(error = %e, "scrubbing the static device failed; it stays leased");
+                    return;
+                }
+                leased.store(false, Ordering::Release);
+            }
+            // The extents stay leased (never allocatable) until the device is zeroed and gone.
+            None => self.scrubber.submit(memory),
+        }
+    }
+
+    /// Quarantines the physical memory behind `[offset, offset + len)` of a lease.
+    pub fn quarantine(&self, extents: &[Extent], offset: u64, len: u64) {
+        if self.whole.is_some() {
+            return; // static: no physical bookkeeping; the lease records the poison
+        }
+        let mut alloc = self.extents.lock();
+        let (mut file_offset, end) = (0u64, offset.saturating_add(len));
+        for extent in extents {
+            let (lo, hi) = (offset.max(file_offset), end.min(file_offset + extent.len));
+            if lo < hi {
+                let start = extent.start + (lo - file_offset);
+                tracing::warn!(
+                    start = format_args!("{start:#x}"),
+                    len = hi - lo,
+                    "quarantined"
+                );
+                if let Err(e) = alloc.quarantine(Extent {
+                    start,
+                    len: hi - lo,
+                }) {
+                    tracing::error!(error = %e, "cannot quarantine");
+                }
+            }
+            file_offset += extent.len;
+        }
+    }
+
+    pub fn usage(&self) -> Usage {
+        if let Some((_, size, leased)) = &self.whole {
+            let free = if leased.load(Ordering::Acquire) {
+                0
+            } else {
+                *size
+            };
+            return Usage {
+                free,
+                scrubbing: 0,
+                quarantined: 0,
+            };
+        }
+        let alloc = self.extents.lock();
+        Usage {
+            free: alloc.free_bytes(),
+            scrubbing: self.scrubber.pending_bytes(),
+            quarantined: alloc.quarantined_bytes() + alloc.poisoned_leased_bytes(),
+        }
+    }
+}
+
+/// Leased extents straight back to free (poisoned parts to quarantine).
+pub(super) fn give_back(extents: &Mutex<ExtentAllocator>, ranges: &[Extent]) {
+    if let Err(e) = extents.lock().release_clean(ranges) {
+        tracing::error!(error = %e, "extent bookkeeping refused a release");
+    }
+}
+
+fn sysfs_align(device: &str) -> Result<u64, DaxError> {
+    let path = PathBuf::from("/sys/bus/dax/devices")
+        .join(device)
+        .join("align");
+    let text = std::fs::read_to_string(&path).map_err(|source| DaxError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    text.trim()
+        .parse()
+        .map_err(|_| DaxError::Parse { path, text })
+}

@@ -1,0 +1,128 @@
+//! Scrubbing released device leases on worker threads, off the request path.
+
+use std::os::fd::BorrowedFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Sender, unbounded};
+use parking_lot::Mutex;
+
+use super::sysfs::{self, Region};
+use super::{Allocation, DaxError};
+use crate::pool::extents::ExtentAllocator;
+
+/// Zeroes the first `len` bytes of a device (large sequential clears through a mapping).
+pub fn zero(fd: &impl std::os::fd::AsFd, len: u64) -> Result<(), rustix::io::Errno> {
+    crate::sys::zero_shared(fd.as_fd(), len)
+}
+
+/// Unbinds, shrinks and deletes a device.
+pub fn destroy(region: &Region, device: &str) -> Result<(), DaxError> {
+    sysfs::unbind(device)?;
+    sysfs::set_size_zero(device)?;
+    region.delete_device(device)
+}
+
+/// A pool of scrub workers fed through a channel.
+#[derive(Debug)]
+pub struct Scrubber {
+    jobs: Option<Sender<Arc<Allocation>>>,
+    workers: Vec<JoinHandle<()>>,
+    /// Bytes queued or being zeroed.
+    pending: Arc<AtomicU64>,
+}
+
+impl Scrubber {
+    pub fn new(
+        workers: usize,
+        extents: Arc<Mutex<ExtentAllocator>>,
+        sysfs: Arc<Mutex<()>>,
+        region: Region,
+    ) -> Scrubber {
+        let (tx, rx) = unbounded::<Arc<Allocation>>();
+        let pending = Arc::new(AtomicU64::new(0));
+        let workers = (0..workers.max(1))
+            .map(|i| {
+                let (rx, extents, sysfs, region) =
+                    (rx.clone(), extents.clone(), sysfs.clone(), region.clone());
+                let pending = pending.clone();
+                std::thread::Builder::new()
+                    .name(format!("scrub-{i}"))
+                    .spawn(move || {
+                        for memory in rx {
+                            scrub_one(&memory, &extents, &sysfs, &region);
+                            pending.fetch_sub(lease_len(&memory), Ordering::Relaxed);
+                        }
+                    })
+                    .expect("spawn a scrub worker")
+            })
+            .collect();
+        Scrubber {
+            jobs: Some(tx),
+            workers,
+            pending,
+        }
+    }
+
+    /// Queues a released lease; its extents stay leased until it is zeroed and destroyed.
+    pub fn submit(&self, memory: Arc<Allocation>) {
+        if let Some(jobs) = &self.jobs {
+            self.pending
+                .fetch_add(lease_len(&memory), Ordering::Relaxed);
+            if jobs.send(memory).is_err() {
+                tracing::error!("scrub workers are gone; the lease's memory stays out of use");
+            }
+        }
+    }
+
+    /// Bytes waiting for or under scrubbing.
+    pub fn pending_bytes(&self) -> u64 {
+        self.pending.load(Ordering::Relaxed)
+    }
+}
+
+fn scrub_one(
+    memory: &Allocation,
+    extents: &Mutex<ExtentAllocator>,
+    sysfs: &Mutex<()>,
+    region: &Region,
+) {
+    let device = memory.device.as_deref().unwrap_or("?");
+    let len = lease_len(memory);
+    let started = std::time::Instant::now();
+    let fd: BorrowedFd<'_> = std::os::fd::AsFd::as_fd(&memory.fd);
+    if let Err(e) = zero(&fd, len) {
+        // Never hand out memory that was not zeroed: the extents stay dirty.
+        tracing::error!(device, error = %e, "scrub failed; its extents stay out of use");
+        return;
+    }
+    let destroyed = {
+        let _guard = sysfs.lock();
+        destroy(region, device)
+    };
+    if let Err(e) = destroyed {
+        tracing::error!(device, error = %crate::server::error_chain(&e), "cannot destroy a scrubbed device; its extents stay out of use");
+        return;
+    }
+    super::give_back(extents, &memory.extents);
+    tracing::info!(
+        device,
+        bytes = len,
+        ms = started.elapsed().as_millis() as u64,
+        "scrubbed and destroyed"
+    );
+}
+
+fn lease_len(memory: &Allocation) -> u64 {
+    memory.extents.iter().map(|e| e.len).sum()
+}
+
+impl Drop for Scrubber {
+    fn drop(&mut self) {
+        self.jobs = None; // workers finish the queue, then see the channel closed
+        for worker in self.workers.drain(..) {
+            let _ = worker.join();
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! The kernel's device-dax sysfs interface (see shared facts: device-dax.md).
+//!
+//! Every write here is a sysfs attribute write whose errno is the kernel's answer, so errors
+//! carry the path, the value and the errno.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::DaxError;
+
+const DEVICES: &str = "/sys/bus/dax/devices";
+const DRIVER: &str = "/sys/bus/dax/drivers/device_dax";
+
+fn read(path: &Path) -> Result<String, DaxError> {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .map_err(|source| DaxError::Read {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+fn read_u64(path: &Path) -> Result<u64, DaxError> {
+    let text = read(path)?;
+    let parsed = match text.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => text.parse(),
+    };
+    parsed.map_err(|_| DaxError::Parse {
+        path: path.to_path_buf(),
+        text,
+    })
+}
+
+fn write(path: &Path, value: &str) -> Result<(), DaxError> {
+    std::fs::write(path, value).map_err(|source| DaxError::Write {
+        path: path.to_path_buf(),
+        value: value.to_string(),
+        source,
+    })
+}
+
+/// One device-dax region, found through its devices in /sys/bus/dax/devices.
+#[derive(Debug, Clone)]
+pub struct Region {
+    pub id: u32,
+    /// `…/dax_region` of the region's parent device (e.g. /sys/devices/platform/hmem.0).
+    pub dir: PathBuf,
+    /// Physical start (dynamic regions: from /proc/iomem).
+    pub base: u64,
+    pub size: u64,
+    pub align: u64,
+    /// Has `create`/`delete`: sub-devices can be made (dax_hmem); else static (pmem namespace).
+    pub dynamic: bool,
+}
+
+/// A device of the region as sysfs shows it.
+#[derive(Debug, Clone)]
+pub struct DeviceState {
+    pub name: String,
+    pub size: u64,
+    pub driver: Option<String>,
+}
+
+fn device_dir(name: &str) -> PathBuf {
+    Path::new(DEVICES).join(name)
+}
+
+/// Device names `dax{id}.N` of region `id`, in numeric order.
+pub fn region_devices(id: u32) -> Result<Vec<String>, DaxError> {
+    let prefix = format!("dax{id}.");
+    let entries = std::fs::read_dir(DEVICES).map_err(|source| DaxError::Read {
+        path: DEVICES.into(),
+        source,
+    })?;
+    let mut names: Vec<(u32, String)> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter_map(|name| {
+            let n = name.strip_prefix(&prefix)?.parse().ok()?;
+            Some((n, name))
+        })
+        .collect();
+    names.sort();
+    Ok(names.into_iter().map(|(_, name)| name).collect())
+}
+
+/// Size and driver of a device.
+pub fn device_state(name: &str) -> Result<DeviceState, DaxError> {
+    let dir = device_dir(name);
+    let size = read_u64(&dir.join("size"))?;
+    let driver = std::fs::read_link(dir.join("driver"))
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+    Ok(DeviceState {
+        name: name.to_string(),
+        size,
+        driver,
+    })
+}
+
+impl Region {
+    /// Finds region `id`.
+    pub fn find(id: u32) -> Result<Region, DaxError> {
+        let devices = region_devices(id)?;
+        let Some(first) = devices.first() else {
+            return Err(DaxError::NoRegion(id));
+        };
+        let device = std::fs::canonicalize(device_dir(first)).map_err(|source| DaxError::Read {
+            path: device_dir(first),
+            source,
+        })?;
+        let parent = device.parent().ok_or(DaxError::NoRegion(id))?.to_path_buf();
+        let dir = parent.join("dax_region");
+        let dynamic = dir.join("create").exists();
+        let size = read_u64(&dir.join("size"))?;
+        let align = read_u64(&dir.join("align"))?;
+        let base = if dynamic {
+            let owner = parent
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            iomem_start(&owner)?
+        } else {
+            0
+        };
+        Ok(Region {
+            id,
+            dir,
+            base,
+            size,
+            align,
+            dynamic,
+        })
+    }
+
+    /// Creates an empty device and returns its name.
+    pub fn create_device(&self) -> Result<String, DaxError> {
+        write(&self.dir.join("create"), "1")?;
+        read(&self.dir.join("create"))
+    }
+
+    /// Deletes an unbound, size-0 device.
+    pub fn delete_device(&self, name: &str) -> Result<(), DaxError> {
+        write(&self.dir.join("delete"), name)
+    }
+}
+
+/// The physical start of `owner`'s top-level range in /proc/iomem (root sees real addresses).
+fn iomem_start(owner: &str) -> Result<u64, DaxError> {
+    let path = Path::new("/proc/iomem");
+    let iomem = read(path)?;
+    for line in iomem.lines() {
+        let Some((range, name)) = line.trim().split_once(" : ") else {
+            continue;
+        };
+        if name != owner {
+            continue;
+        }
+        let start = range.split('-').next().unwrap_or_default();
+        let start = u64::from_str_radix(start, 16).map_err(|_| DaxError::Parse {
+            path: path.into(),
+            text: line.into(),
+        })?;
+        if start == 0 {
+            return Err(DaxError::NotRoot);
+        }
+        return Ok(start);
+    }
+    Err(DaxError::Parse {
+        path: path.into(),
+        text: format!("no range named {owner}"),
+    })
+}
+
+/// Sets a device's mapping alignment (only while unbound).
+pub fn set_align(name: &str, align: u64) -> Result<(), DaxError> {
+    write(&device_dir(name).join("align"), &align.to_string())
+}
+
+/// Adds the physical range `[start, start + len)` to an unbound device. Never call this on a
+/// bound device: the kernel accepts it and then oopses on the first fault in the new range.
+pub fn add_mapping(name: &str, start: u64, len: u64) -> Result<(), DaxError> {
+    let end = start + len - 1;
+    write(
+        &device_dir(name).join("mapping"),
+        &format!("{start:#x}-{end:#x}"),
+    )
+}
+
+/// Shrinks an unbound device to nothing (returns its ranges to the region).
+pub fn set_size_zero(name: &str) -> Result<(), DaxError> {
+    write(&device_dir(name).join("size"), "0")
+}
+
+pub fn size(name: &str) -> Result<u64, DaxError> {
+    read_u64(&device_dir(name).join("size"))
+}
+
+pub fn bind(name: &str) -> Result<(), DaxError> {
+    write(&Path::new(DRIVER).join("bind"), name)
+}
+
+/// Unbinds a device from device_dax; an unbound device is left alone.
+pub fn unbind(name: &str) -> Result<(), DaxError> {
+    if device_state(name)?.driver.is_none() {
+        return Ok(());
+    }
+    write(&Path::new(DRIVER).join("unbind"), name)
+}
+
+/// Waits (up to 2 s) for devtmpfs to show /dev/NAME.
+pub fn wait_for_node(name: &str) -> Result<PathBuf, DaxError> {
+    let node = Path::new("/dev").join(name);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !node.exists() {
+        if Instant::now() > deadline {
+            return Err(DaxError::NoNode(node));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(node)
+}

@@ -1,0 +1,648 @@
+//! Unit and property tests of the extent allocator.
+
+use proptest::prelude::*;
+
+use super::*;
+
+const K4: u64 = 4 << 10;
+const M1: u64 = 1 << 20;
+const M2: u64 = 2 << 20;
+const G1: u64 = 1 << 30;
+
+fn ext(start: u64, len: u64) -> Extent {
+    Extent { start, len }
+}
+
+/// Checks every internal invariant against a recomputation from the map.
+fn check_invariants(a: &ExtentAllocator) {
+    let mut expect = a.base;
+    let mut prev: Option<RangeState> = None;
+    let mut bytes = [0u64; 6];
+    let mut free_count = 0;
+    let mut dirty = BTreeSet::new();
+    for (&start, span) in &a.map {
+        assert_eq!(start, expect, "gap or overlap at {start:#x}");
+        assert!(span.end > start, "empty range at {start:#x}");
+        assert_ne!(prev, Some(span.state), "unmerged neighbours at {start:#x}");
+        bytes[span.state.index()] += span.end - start;
+        free_count += usize::from(span.state == RangeState::Free);
+        if span.state == RangeState::Dirty {
+            dirty.insert(start);
+        }
+        prev = Some(span.state);
+        expect = span.end;
+    }
+    assert_eq!(expect, a.end, "the map does not reach the region end");
+    assert_eq!(bytes, a.bytes);
+    assert_eq!(bytes.iter().sum::<u64>(), a.end - a.base);
+    assert_eq!(
+        a.free_bytes() + a.leased_bytes() + a.dirty_bytes() + a.quarantined_bytes(),
+        a.end - a.base
+    );
+    assert_eq!(free_count, a.free_count);
+    assert_eq!(dirty, a.dirty);
+    for index in &a.indexes {
+        let mut by_len = BTreeSet::new();
+        let mut total = 0;
+        for (s, e) in a.free_spans() {
+            let len = usable(s, e, index.align);
+            if len > 0 {
+                by_len.insert((len, s));
+                total += len;
+            }
+        }
+        assert_eq!(by_len, index.by_len, "index {:#x}", index.align);
+        assert_eq!(total, index.total, "index {:#x}", index.align);
+    }
+}
+
+fn assert_aligned(extents: &[Extent], size: u64, align: u64) {
+    assert!(!extents.is_empty());
+    for e in extents {
+        assert!(
+            e.len > 0 && e.start % align == 0 && e.len % align == 0,
+            "{e:?}"
+        );
+    }
+    assert_eq!(extents.iter().map(|e| e.len).sum::<u64>(), size);
+}
+
+/// A region with free holes of the given sizes (in MiB, each 1 GiB-aligned), separated by
+/// leased 2 MiB guards.
+fn with_holes(holes_mib: &[u64]) -> (ExtentAllocator, Vec<Extent>) {
+    let total: u64 = holes_mib
+        .iter()
+        .map(|h| h.next_multiple_of(1024) + 1024)
+        .sum();
+    let mut a = ExtentAllocator::new(0, total * M1);
+    let mut at = 0;
+    let mut holes = Vec::new();
+    for &h in holes_mib {
+        holes.push(ext(at, h * M1));
+        let guard_end = (at + h * M1).next_multiple_of(G1) + G1;
+        a.claim(&[ext(at + h * M1, guard_end - at - h * M1)])
+            .unwrap();
+        at = guard_end;
+    }
+    check_invariants(&a);
+    (a, holes)
+}
+
+#[test]
+fn new_region_is_all_free() {
+    let a = ExtentAllocator::new(4 * G1, 8 * G1);
+    check_invariants(&a);
+    assert_eq!(a.free_bytes(), 8 * G1);
+    assert_eq!(
+        a.leased_bytes() + a.dirty_bytes() + a.quarantined_bytes(),
+        0
+    );
+    assert_eq!(a.largest_free(G1), 8 * G1);
+    assert_eq!(a.free_extent_count(), 1);
+    assert_eq!(a.region(), ext(4 * G1, 8 * G1));
+    let empty = ExtentAllocator::new(G1, 0);
+    check_invariants(&empty);
+    assert_eq!(empty.largest_free(M2), 0);
+    assert_eq!(empty.free_extent_count(), 0);
+}
+
+#[test]
+fn single_extent_is_the_smallest_hole_that_fits() {
+    let (mut a, holes) = with_holes(&[512, 2048, 64, 128, 1024]);
+    let got = a.allocate(96 * M1, M2).unwrap();
+    assert_eq!(got, vec![ext(holes[3].start, 96 * M1)]);
+    let got = a.allocate(700 * M1, M2).unwrap();
+    assert_eq!(got, vec![ext(holes[4].start, 700 * M1)]);
+    assert_eq!(a.largest_free(M2), 2048 * M1);
+    check_invariants(&a);
+}
+
+#[test]
+fn fragmented_pool_gives_fewest_extents_largest_first() {
+    let (mut a, holes) = with_holes(&[512, 1024, 256, 128, 64]);
+    // 1536 MiB: the two largest holes exactly.
+    let got = a.allocate(1536 * M1, M2).unwrap();
+    assert_eq!(got, vec![holes[1], holes[0]]);
+    assert_aligned(&got, 1536 * M1, M2);
+    check_invariants(&a);
+}
+
+#[test]
+fn remainder_goes_to_the_smallest_hole_that_fits_it() {
+    let (mut a, holes) = with_holes(&[1024, 256, 64, 128]);
+    // 1024 + 100: the 1 GiB hole whole, then 100 MiB from the 128 MiB hole, not the 256 MiB one.
+    let got = a.allocate(1124 * M1, M2).unwrap();
+    assert_eq!(got, vec![holes[0], ext(holes[3].start, 100 * M1)]);
+    assert_eq!(a.largest_free(M2), 256 * M1);
+    check_invariants(&a);
+}
+
+#[test]
+fn unaligned_base_uses_only_aligned_subranges() {
+    // [1 GiB + 4 KiB, 4 GiB + 3 MiB): 1 GiB-aligned part is [2 GiB, 4 GiB).
+    let mut a = ExtentAllocator::new(G1 + K4, 3 * G1 + 3 * M1 - K4);
+    assert_eq!(a.largest_free(G1), 2 * G1);
+    assert_eq!(a.free_aligned_bytes(G1), 2 * G1);
+    assert_eq!(a.largest_free(M2), 3 * G1);
+    assert!(a.allocate(3 * G1, G1).is_none());
+    let got = a.allocate(2 * G1, G1).unwrap();
+    assert_eq!(got, vec![ext(2 * G1, 2 * G1)]);
+    // The 2 MiB-aligned rest: [1 GiB + 2 MiB, 2 GiB) and [4 GiB, 4 GiB + 2 MiB).
+    assert_eq!(a.free_aligned_bytes(M2), G1 - M2 + M2);
+    let got = a.allocate(G1, M2).unwrap();
+    assert_eq!(got, vec![ext(G1 + M2, G1 - M2), ext(4 * G1, M2)]);
+    assert_eq!(a.free_aligned_bytes(M2), 0);
+    assert_eq!(a.free_bytes(), M2 - K4 + M1);
+    // An alignment not indexed from the start is indexed on first use.
+    assert_eq!(a.largest_free(M1), M1);
+    assert_eq!(a.allocate(M1, M1), Some(vec![ext(G1 + M1, M1)]));
+    check_invariants(&a);
+}
+
+#[test]
+fn refuses_when_aligned_space_is_short() {
+    let mut a = ExtentAllocator::new(0, 4 * G1);
+    a.claim(&[ext(G1, M2), ext(3 * G1, M2)]).unwrap();
+    // 4 GiB - 4 MiB free, but only 2 GiB of it 1 GiB-aligned.
+    assert_eq!(a.free_aligned_bytes(G1), 2 * G1);
+    let err = a.try_allocate(3 * G1, G1).unwrap_err();
+    assert_eq!(
+        err,
+        ExtentError::NoSpace {
+            size: 3 * G1,
+            align: G1,
+            free: 2 * G1
+        }
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("0xc0000000") && msg.contains("0x80000000"),
+        "{msg}"
+    );
+    assert!(a.allocate(3 * G1, M2).is_some());
+    check_invariants(&a);
+}
+
+#[test]
+fn invalid_requests_change_nothing() {
+    let mut a = ExtentAllocator::new(0, 4 * G1);
+    assert_eq!(
+        a.try_allocate(G1, 0),
+        Err(ExtentError::BadAlign { align: 0 })
+    );
+    assert_eq!(
+        a.try_allocate(3 * M2, 3 * M2),
+        Err(ExtentError::BadAlign { align: 3 * M2 })
+    );
+    assert_eq!(
+        a.try_allocate(0, M2),
+        Err(ExtentError::BadSize { size: 0, align: M2 })
+    );
+    assert_eq!(
+        a.try_allocate(M1, M2),
+        Err(ExtentError::BadSize {
+            size: M1,
+            align: M2
+        })
+    );
+    assert_eq!(a.allocate(M1, M2), None);
+    assert!(matches!(
+        a.claim(&[ext(0, 0)]),
+        Err(ExtentError::Empty { start: 0 })
+    ));
+    assert!(matches!(
+        a.claim(&[ext(u64::MAX, 2)]),
+        Err(ExtentError::OutsideRegion { .. })
+    ));
+    assert!(a.quarantine(ext(4 * G1 - M2, M2 + K4)).is_err());
+    assert!(a.scrubbed(ext(0, M2)).is_err());
+    assert_eq!(a.take_dirty(0), None);
+    assert_eq!(a.largest_free(3), 0);
+    assert_eq!(a.free_aligned_bytes(0), 0);
+    assert_eq!(a.free_bytes(), 4 * G1);
+    assert_eq!(a.free_extent_count(), 1);
+    check_invariants(&a);
+}
+
+#[test]
+fn released_memory_is_dirty_until_scrubbed() {
+    let mut a = ExtentAllocator::new(0, 2 * G1);
+    let lease = a.allocate(2 * G1, G1).unwrap();
+    assert_eq!(a.leased_bytes(), 2 * G1);
+    a.release(&lease).unwrap();
+    assert_eq!(a.dirty_bytes(), 2 * G1);
+    assert_eq!(a.allocate(M2, M2), None);
+    let chunk = a.take_dirty(G1).unwrap();
+    assert_eq!(chunk, ext(0, G1));
+    assert_eq!(a.scrubbing_bytes(), G1);
+    assert_eq!(a.dirty_bytes(), 2 * G1);
+    assert_eq!(a.allocate(M2, M2), None, "being scrubbed is not free");
+    a.scrubbed(chunk).unwrap();
+    assert_eq!(a.free_bytes(), G1);
+    assert_eq!(a.allocate(G1, G1), Some(vec![ext(0, G1)]));
+    assert_eq!(a.allocate(M2, M2), None);
+    check_invariants(&a);
+}
+
+#[test]
+fn take_dirty_goes_lowest_first_in_chunks() {
+    let mut a = ExtentAllocator::new(0, 8 * G1);
+    let x = a.allocate(G1, G1).unwrap();
+    let y = a.allocate(3 * G1, G1).unwrap();
+    let z = a.allocate(4 * G1, G1).unwrap();
+    a.release(&z).unwrap();
+    a.release(&x).unwrap();
+    assert_eq!(a.take_dirty(512 * M1), Some(ext(0, 512 * M1)));
+    assert_eq!(a.take_dirty(4 * G1), Some(ext(512 * M1, 512 * M1)));
+    assert_eq!(a.take_dirty(4 * G1), Some(z[0]));
+    assert_eq!(a.take_dirty(4 * G1), None);
+    assert_eq!(a.dirty_bytes(), 5 * G1);
+    // Two adjacent chunks merged into one range being scrubbed; each is still scrubbed alone.
+    a.scrubbed(ext(512 * M1, 512 * M1)).unwrap();
+    a.scrubbed(ext(0, 512 * M1)).unwrap();
+    a.scrubbed(z[0]).unwrap();
+    assert!(a.scrubbed(y[0]).is_err(), "leased is not being scrubbed");
+    assert_eq!(a.free_bytes(), 5 * G1);
+    assert_eq!(a.free_extent_count(), 2);
+    check_invariants(&a);
+}
+
+#[test]
+fn release_clean_frees_at_once_and_coalesces() {
+    let mut a = ExtentAllocator::new(0, 4 * G1);
+    let leases: Vec<_> = (0..4).map(|_| a.allocate(G1, G1).unwrap()).collect();
+    assert_eq!(a.free_extent_count(), 0);
+    a.release_clean(&leases[1]).unwrap();
+    a.release_clean(&leases[3]).unwrap();
+    assert_eq!(a.free_extent_count(), 2);
+    a.release_clean(&leases[2]).unwrap();
+    assert_eq!(a.free_extent_count(), 1);
+    assert_eq!(a.largest_free(G1), 3 * G1);
+    assert_eq!(a.range_count(), 2);
+    check_invariants(&a);
+}
+
+#[test]
+fn claim_takes_exact_ranges_or_nothing() {
+    let mut a = ExtentAllocator::new(G1, 4 * G1);
+    a.claim(&[ext(2 * G1, M2), ext(3 * G1 + 6 * M2, 4 * M2)])
+        .unwrap();
+    assert_eq!(a.leased_bytes(), 5 * M2);
+    assert_eq!(a.free_extent_count(), 3);
+    let err = a
+        .claim(&[ext(G1, M2), ext(2 * G1 - M2, 2 * M2)])
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "cannot claim [0x7fe00000, 0x80200000): [0x80000000, 0x80200000) is leased, expected free"
+    );
+    assert_eq!(a.leased_bytes(), 5 * M2, "nothing changed");
+    let err = a.claim(&[ext(G1, 2 * M2), ext(G1 + M2, M2)]).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "ranges [0x40000000, 0x40400000) and [0x40200000, 0x40400000) overlap"
+    );
+    let err = a.claim(&[ext(0, M2)]).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "range [0x0, 0x200000) is not inside the region [0x40000000, 0x140000000)"
+    );
+    // Claimed ranges are released like any lease.
+    a.release(&[ext(2 * G1, M2)]).unwrap();
+    assert_eq!(a.dirty_bytes(), M2);
+    check_invariants(&a);
+}
+
+#[test]
+fn release_of_what_is_not_leased_is_refused() {
+    let mut a = ExtentAllocator::new(0, 4 * G1);
+    let lease = a.allocate(G1, G1).unwrap();
+    assert!(matches!(
+        a.release(&[ext(G1, M2)]),
+        Err(ExtentError::WrongState {
+            state: RangeState::Free,
+            ..
+        })
+    ));
+    // Partly leased: refused whole.
+    assert!(a.release(&[ext(G1 - M2, 2 * M2)]).is_err());
+    assert!(a.release_clean(&[ext(G1 - M2, 2 * M2)]).is_err());
+    assert_eq!(a.leased_bytes(), G1);
+    a.release(&lease).unwrap();
+    assert!(a.release(&lease).is_err(), "double release");
+    assert!(a.release_clean(&lease).is_err());
+    assert_eq!(a.dirty_bytes(), G1);
+    check_invariants(&a);
+}
+
+#[test]
+fn quarantine_splits_out_of_free_dirty_and_scrubbing() {
+    let mut a = ExtentAllocator::new(0, 4 * G1);
+    let lease = a.allocate(2 * G1, G1).unwrap();
+    a.release(&lease).unwrap();
+    let chunk = a.take_dirty(G1).unwrap();
+    // One 4 KiB page in each of: being scrubbed, dirty, free.
+    for at in [G1 / 2, G1 + G1 / 2, 3 * G1] {
+        a.quarantine(ext(at, K4)).unwrap();
+    }
+    a.quarantine(ext(3 * G1, K4)).unwrap(); // twice: no change
+    assert_eq!(a.quarantined_bytes(), 3 * K4);
+    assert_eq!(
+        a.quarantined(),
+        vec![ext(G1 / 2, K4), ext(G1 + G1 / 2, K4), ext(3 * G1, K4)]
+    );
+    a.scrubbed(chunk).unwrap();
+    assert_eq!(a.free_bytes(), 2 * G1 + G1 - 2 * K4);
+    let rest = a.take_dirty(u64::MAX).unwrap();
+    assert_eq!(rest, ext(G1, G1 / 2));
+    assert_eq!(
+        a.take_dirty(u64::MAX),
+        Some(ext(G1 + G1 / 2 + K4, G1 / 2 - K4))
+    );
+    // No aligned allocation may cover a quarantined page.
+    assert_eq!(a.free_aligned_bytes(G1), G1);
+    assert_eq!(a.free_aligned_bytes(M2), 3 * G1 - 2 * M2);
+    check_invariants(&a);
+}
+
+#[test]
+fn quarantined_lease_parts_wait_for_release() {
+    let mut a = ExtentAllocator::new(0, 4 * G1);
+    let x = a.allocate(G1, G1).unwrap();
+    let y = a.allocate(G1, G1).unwrap();
+    a.quarantine(ext(M2, M2)).unwrap();
+    a.quarantine(ext(G1 + 4 * M2, M2)).unwrap();
+    assert_eq!(a.quarantined_bytes(), 0);
+    assert_eq!(a.leased_bytes(), 2 * G1);
+    assert_eq!(a.poisoned_leased(), vec![ext(M2, M2), ext(G1 + 4 * M2, M2)]);
+    assert_eq!(a.poisoned_leased_bytes(), 2 * M2);
+    a.release(&x).unwrap();
+    assert_eq!(a.quarantined(), vec![ext(M2, M2)]);
+    assert_eq!(a.dirty_bytes(), G1 - M2);
+    a.release_clean(&y).unwrap();
+    assert_eq!(a.quarantined(), vec![ext(M2, M2), ext(G1 + 4 * M2, M2)]);
+    assert_eq!(a.free_bytes(), 3 * G1 - M2);
+    assert_eq!(a.poisoned_leased(), vec![]);
+    check_invariants(&a);
+}
+
+#[test]
+fn memory_grows_with_ranges_not_size() {
+    let mut a = ExtentAllocator::new(0, 64 << 40);
+    let small = a.approx_memory_bytes();
+    let leases: Vec<_> = (0..1000)
+        .map(|_| a.allocate(64 * G1, G1).unwrap())
+        .collect();
+    for lease in leases.iter().step_by(2) {
+        a.release_clean(lease).unwrap();
+    }
+    assert_eq!(a.free_extent_count(), 501);
+    assert!(a.range_count() <= 1001);
+    assert!(small < 200);
+    assert!(a.approx_memory_bytes() < 1001 * 24 + 501 * 3 * 16);
+    check_invariants(&a);
+}
+
+#[test]
+fn debug_is_a_summary() {
+    let mut a = ExtentAllocator::new(G1, 4 * G1);
+    a.allocate(G1, G1).unwrap();
+    assert_eq!(
+        format!("{a:?}"),
+        "ExtentAllocator { region: [0x40000000, 0x140000000), Free: 0xc0000000, \
+         Leased: 0x40000000, ranges: 2, free_ranges: 1 }"
+    );
+}
+
+// ---- Property tests: random operation sequences against a per-MiB reference model. ----
+
+/// The model's unit: every boundary in these tests is a multiple of 1 MiB.
+const UNIT: u64 = M1;
+/// An odd number of MiB above 64 GiB: neither 2 MiB- nor 1 GiB-aligned.
+const BASE: u64 = 64 * G1 + 3 * M1;
+const UNITS: u64 = 4 * 1024 + 5;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Allocate { units: u64, huge: bool },
+    Release { pick: usize, clean: bool },
+    TakeDirty { max_units: u64 },
+    Scrubbed { pick: usize },
+    Quarantine { at: u64, units: u64 },
+    Claim { at: u64, units: u64 },
+    ReleaseAny { at: u64, units: u64 },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (1u64..=600, any::<bool>()).prop_map(|(units, huge)| Op::Allocate {
+            units: if huge { units % 3 + 1 } else { units },
+            huge
+        }),
+        4 => (any::<usize>(), any::<bool>()).prop_map(|(pick, clean)| Op::Release { pick, clean }),
+        3 => (1u64..=1500).prop_map(|max_units| Op::TakeDirty { max_units }),
+        3 => any::<usize>().prop_map(|pick| Op::Scrubbed { pick }),
+        2 => (0..UNITS, 1u64..=8).prop_map(|(at, units)| Op::Quarantine { at, units }),
+        1 => (0..UNITS, 1u64..=300).prop_map(|(at, units)| Op::Claim { at, units }),
+        1 => (0..UNITS, 1u64..=300).prop_map(|(at, units)| Op::ReleaseAny { at, units }),
+    ]
+}
+
+struct Model {
+    units: Vec<RangeState>,
+}
+
+impl Model {
+    fn unit(addr: u64) -> usize {
+        ((addr - BASE) / UNIT) as usize
+    }
+
+    fn units_of(e: Extent) -> std::ops::Range<usize> {
+        Self::unit(e.start)..Self::unit(e.start + e.len)
+    }
+
+    fn all(&self, e: Extent, ok: impl Fn(RangeState) -> bool) -> bool {
+        self.units[Self::units_of(e)].iter().all(|&s| ok(s))
+    }
+
+    fn set(&mut self, e: Extent, f: impl Fn(RangeState) -> RangeState) {
+        for s in &mut self.units[Self::units_of(e)] {
+            *s = f(*s);
+        }
+    }
+
+    /// Maximal runs of one state, as extents.
+    fn runs(&self, state: RangeState) -> Vec<Extent> {
+        let mut runs = Vec::new();
+        let mut i = 0;
+        while i < self.units.len() {
+            let j = (i..self.units.len())
+                .find(|&j| self.units[j] != self.units[i])
+                .unwrap_or(self.units.len());
+            if self.units[i] == state {
+                runs.push(ext(BASE + i as u64 * UNIT, (j - i) as u64 * UNIT));
+            }
+            i = j;
+        }
+        runs
+    }
+
+    fn usable_free(&self, align: u64) -> Vec<u64> {
+        let mut lens: Vec<u64> = self
+            .runs(RangeState::Free)
+            .iter()
+            .map(|r| usable(r.start, r.start + r.len, align))
+            .filter(|&l| l > 0)
+            .collect();
+        lens.sort_unstable_by(|a, b| b.cmp(a));
+        lens
+    }
+}
+
+fn run(ops: Vec<Op>) {
+    let mut a = ExtentAllocator::new(BASE, UNITS * UNIT);
+    let mut m = Model {
+        units: vec![RangeState::Free; UNITS as usize],
+    };
+    let mut leases: Vec<Vec<Extent>> = Vec::new();
+    let mut taken: Vec<Extent> = Vec::new();
+    let mut quarantined = 0;
+    let in_region = |at: u64, units: u64| ext(BASE + at * UNIT, units.min(UNITS - at) * UNIT);
+    for op in ops {
+        match op {
+            Op::Allocate { units, huge } => {
+                let align = if huge { G1 } else { M2 };
+                let size = units * align;
+                let lens = m.usable_free(align);
+                let free: u64 = lens.iter().sum();
+                let got = a.allocate(size, align);
+                let Some(got) = got else {
+                    assert!(
+                        free < size,
+                        "{size:#x} at {align:#x} refused, {free:#x} free"
+                    );
+                    continue;
+                };
+                assert!(free >= size);
+                assert_aligned(&got, size, align);
+                // Fewest extents: as many as the largest holes need.
+                let mut sum = 0;
+                let fewest = lens.iter().take_while(|&&l| {
+                    let more = sum < size;
+                    sum += l;
+                    more
+                });
+                assert_eq!(got.len(), fewest.count(), "{got:?} from {lens:?}");
+                if got.len() == 1 {
+                    let best = lens.iter().filter(|&&l| l >= size).min().copied();
+                    let hole = m
+                        .runs(RangeState::Free)
+                        .into_iter()
+                        .find(|r| r.start <= got[0].start && got[0].start < r.start + r.len)
+                        .unwrap();
+                    assert_eq!(Some(usable(hole.start, hole.start + hole.len, align)), best);
+                }
+                for &e in &got {
+                    assert!(m.all(e, |s| s == RangeState::Free), "{e:?} not free");
+                    m.set(e, |_| RangeState::Leased);
+                }
+                leases.push(got);
+            }
+            Op::Release { pick, clean } => {
+                if leases.is_empty() {
+                    continue;
+                }
+                let lease = leases.swap_remove(pick % leases.len());
+                let to = if clean {
+                    a.release_clean(&lease).unwrap();
+                    RangeState::Free
+                } else {
+                    a.release(&lease).unwrap();
+                    RangeState::Dirty
+                };
+                for &e in &lease {
+                    m.set(e, |s| match s {
+                        RangeState::LeasedPoisoned => RangeState::Quarantined,
+                        _ => to,
+                    });
+                }
+            }
+            Op::TakeDirty { max_units } => {
+                let expect = m
+                    .runs(RangeState::Dirty)
+                    .first()
+                    .map(|r| ext(r.start, r.len.min(max_units * UNIT)));
+                let got = a.take_dirty(max_units * UNIT);
+                assert_eq!(got, expect);
+                if let Some(e) = got {
+                    m.set(e, |_| RangeState::Scrubbing);
+                    taken.push(e);
+                }
+            }
+            Op::Scrubbed { pick } => {
+                if taken.is_empty() {
+                    continue;
+                }
+                let e = taken.swap_remove(pick % taken.len());
+                a.scrubbed(e).unwrap();
+                m.set(e, |s| match s {
+                    RangeState::Scrubbing => RangeState::Free,
+                    other => other,
+                });
+            }
+            Op::Quarantine { at, units } => {
+                let e = in_region(at, units);
+                a.quarantine(e).unwrap();
+                m.set(e, |s| match s {
+                    RangeState::Leased | RangeState::LeasedPoisoned => RangeState::LeasedPoisoned,
+                    _ => RangeState::Quarantined,
+                });
+            }
+            Op::Claim { at, units } => {
+                let e = in_region(at, units);
+                let ok = m.all(e, |s| s == RangeState::Free);
+                assert_eq!(a.claim(&[e]).is_ok(), ok, "claim {e:?}");
+                if ok {
+                    m.set(e, |_| RangeState::Leased);
+                    leases.push(vec![e]);
+                }
+            }
+            Op::ReleaseAny { at, units } => {
+                let e = in_region(at, units);
+                let ok = m.all(e, RangeState::is_leased);
+                // Only the refusals are exercised: releasing part of a tracked lease would leave
+                // the rest of that lease to be released twice.
+                if ok {
+                    continue;
+                }
+                assert!(a.release(&[e]).is_err());
+            }
+        }
+        check_invariants(&a);
+        let mut expect = [0u64; 6];
+        for &s in &m.units {
+            expect[s.index()] += UNIT;
+        }
+        assert_eq!(a.bytes, expect);
+        let got: Vec<_> = a.ranges().collect();
+        let want: Vec<_> = RangeState::ALL
+            .iter()
+            .flat_map(|&s| m.runs(s).into_iter().map(move |r| (r, s)))
+            .collect();
+        assert_eq!(got.len(), want.len());
+        for g in &got {
+            assert!(want.contains(g), "{g:?}");
+        }
+        assert!(a.quarantined_bytes() >= quarantined);
+        quarantined = a.quarantined_bytes();
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+
+    #[test]
+    fn random_sequences_keep_every_invariant(ops in prop::collection::vec(op(), 1..120)) {
+        run(ops);
+    }
+}

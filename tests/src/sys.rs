@@ -1,0 +1,66 @@
+//! The test harness's unsafe code: catching SIGBUS around a memory-error injection.
+#![allow(unsafe_code)]
+
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
+
+static CODE: AtomicI32 = AtomicI32::new(0);
+static ADDR: AtomicUsize = AtomicUsize::new(0);
+static LSB: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn record(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
+    let info = unsafe { &*info };
+    CODE.store(info.si_code, Ordering::SeqCst);
+    // SAFETY: si_addr is valid for SIGBUS.
+    ADDR.store(unsafe { info.si_addr() } as usize, Ordering::SeqCst);
+    // si_addr_lsb (a short) follows si_addr in the SIGBUS layout: offset 16 + 8 on x86_64.
+    // SAFETY: siginfo_t is 128 bytes; offset 24 is inside it.
+    let lsb = unsafe {
+        (info as *const libc::siginfo_t)
+            .cast::<u8>()
+            .add(24)
+            .cast::<i16>()
+            .read_unaligned()
+    };
+    LSB.store(lsb as u64, Ordering::SeqCst);
+}
+
+/// A SIGBUS the kernel delivered: si_code, si_addr, si_addr_lsb.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sigbus {
+    pub code: i32,
+    pub addr: usize,
+    pub lsb: u32,
+}
+
+/// `madvise(addr, len, MADV_HWPOISON)` (root) with a recording SIGBUS handler installed;
+/// returns the signal if one arrived.
+pub fn inject_hwpoison(addr: *mut u8, len: usize) -> Result<Option<Sigbus>, std::io::Error> {
+    CODE.store(0, Ordering::SeqCst);
+    // SAFETY: a zeroed sigaction with a valid SA_SIGINFO handler that only stores atomics.
+    let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+    action.sa_sigaction = record as *const () as usize;
+    action.sa_flags = libc::SA_SIGINFO;
+    let mut old: libc::sigaction = unsafe {
+        // SAFETY: plain data, filled by the kernel below.
+        std::mem::zeroed()
+    };
+    // SAFETY: valid pointers to sigaction structs.
+    if unsafe { libc::sigaction(libc::SIGBUS, &action, &mut old) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the caller's mapping; MADV_HWPOISON only marks the page poisoned (root).
+    let rc = unsafe { libc::madvise(addr.cast(), len, libc::MADV_HWPOISON) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: restores the previous action.
+    unsafe { libc::sigaction(libc::SIGBUS, &old, std::ptr::null_mut()) };
+    if rc != 0 && CODE.load(Ordering::SeqCst) == 0 {
+        return Err(err);
+    }
+    let code = CODE.load(Ordering::SeqCst);
+    Ok((code != 0).then(|| Sigbus {
+        code,
+        addr: ADDR.load(Ordering::SeqCst),
+        lsb: LSB.load(Ordering::SeqCst) as u32,
+    }))
+}

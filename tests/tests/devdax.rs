@@ -1,0 +1,481 @@
+//! device-dax pools on a real device-dax kernel: each test boots the project's VM
+//! (tests/vm/run-in-vm: Debian kernel, emulated dynamic dax region of 2 GiB at 4 GiB physical,
+//! its own NUMA node) and runs itself inside as root.
+
+use std::os::fd::AsFd;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use membroker_client::proto::Extent;
+use membroker_client::{CreateLease, ErrorCode, LeaseInfo, PageSize};
+use membroker_tests::{
+    Helper, TestBroker, bin_path, in_dax_vm, physical_address, stderr_err, wait_until,
+};
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+const REGION_BASE: u64 = 0x1_0000_0000; // where run-in-vm puts the dax range
+
+fn sysfs(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+        .trim()
+        .to_string()
+}
+
+fn hex(text: &str) -> u64 {
+    u64::from_str_radix(text.trim_start_matches("0x"), 16).unwrap()
+}
+
+/// The ranges sysfs shows for a device, in file-offset order.
+fn device_ranges(device: &str) -> Vec<Extent> {
+    let dir = format!("/sys/bus/dax/devices/{device}");
+    (0..)
+        .map(|i| format!("{dir}/mapping{i}"))
+        .take_while(|m| std::path::Path::new(m).exists())
+        .map(|m| {
+            let (start, end) = (
+                hex(&sysfs(&format!("{m}/start"))),
+                hex(&sysfs(&format!("{m}/end"))),
+            );
+            Extent {
+                start,
+                len: end + 1 - start,
+            }
+        })
+        .collect()
+}
+
+fn devices_with_size() -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir("/sys/bus/dax/devices")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|d| sysfs(&format!("/sys/bus/dax/devices/{d}/size")) != "0")
+        .collect();
+    out.sort();
+    out
+}
+
+fn wait_scrubbed(broker: &TestBroker) {
+    wait_until(Duration::from_secs(60), "scrubbing to finish", || {
+        broker.client().df().unwrap()[0].scrubbing == 0
+    });
+}
+
+fn check_device(info: &LeaseInfo, align: u64) {
+    let device = info
+        .device
+        .as_deref()
+        .expect("a device lease names its device");
+    assert_eq!(
+        device_ranges(device),
+        info.extents,
+        "sysfs ranges of {device} = what stat reports"
+    );
+    assert_eq!(
+        sysfs(&format!("/sys/bus/dax/devices/{device}/align")),
+        align.to_string()
+    );
+    assert_eq!(
+        sysfs(&format!("/sys/bus/dax/devices/{device}/size")),
+        info.size.to_string()
+    );
+    for e in &info.extents {
+        assert!(
+            e.start % align == 0 && e.len % align == 0,
+            "extent {e:?} aligned to {align}"
+        );
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "devdax"),
+    ignore = "boots the dax VM: run with --features devdax (scripts/test does)"
+)]
+fn one_device_per_lease_with_the_reported_ranges() {
+    if !in_dax_vm("one_device_per_lease_with_the_reported_ranges", &[]) {
+        return;
+    }
+    let broker = TestBroker::start(&["--pool", "devdax:dax:region0:2M"]);
+    let mut client = broker.client();
+    let small = client
+        .create(CreateLease::new("vm1/small", 2 * MIB).persistent(true))
+        .unwrap();
+    let big = client
+        .create(CreateLease::new("vm1/big", GIB).persistent(true))
+        .unwrap();
+    assert_eq!(small.page_size(), PageSize::Huge2M);
+    assert_eq!(
+        small.info().extents,
+        vec![Extent {
+            start: REGION_BASE,
+            len: 2 * MIB
+        }]
+    );
+    let mut devices = Vec::new();
+    for lease in [&small, &big] {
+        let info = client.stat(lease.name()).unwrap();
+        check_device(&info, 2 * MIB);
+        // The fd is that device.
+        let st = rustix::fs::fstat(lease.as_fd()).unwrap();
+        let dev = sysfs(&format!(
+            "/sys/bus/dax/devices/{}/dev",
+            info.device.as_deref().unwrap()
+        ));
+        let rdev = format!(
+            "{}:{}",
+            rustix::fs::major(st.st_rdev),
+            rustix::fs::minor(st.st_rdev)
+        );
+        assert_eq!(dev, rdev);
+        devices.push(info.device.unwrap());
+    }
+    let mut expected = devices.clone();
+    expected.sort();
+    assert_eq!(
+        devices_with_size(),
+        expected,
+        "exactly one device per lease (the seed was freed)"
+    );
+    // Bytes written through one holder's mapping are read through another's.
+    let map = big.map().unwrap();
+    map.write_at(GIB as usize - 6, b"dax!!!").unwrap();
+    let mut word = [0u8; 6];
+    broker
+        .client()
+        .open("vm1/big", false)
+        .unwrap()
+        .map()
+        .unwrap()
+        .read_at(GIB as usize - 6, &mut word)
+        .unwrap();
+    assert_eq!(&word, b"dax!!!");
+    // JSON through the CLI says the same.
+    let out = broker.run_cli(&["stat", "vm1/big", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["device"], devices[1].as_str());
+    assert_eq!(json["extents"][0]["start"], big.info().extents[0].start);
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "devdax"),
+    ignore = "boots the dax VM: run with --features devdax (scripts/test does)"
+)]
+fn one_gib_aligned_leases() {
+    if !in_dax_vm("one_gib_aligned_leases", &["--dax-size", "3G"]) {
+        return;
+    }
+    let broker = TestBroker::start(&["--pool", "devdax:huge:region0:1G"]);
+    let mut client = broker.client();
+    let err = client
+        .create(CreateLease::new("odd", 512 * MIB))
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::InvalidArgument), "{err}");
+    let lease = client.create(CreateLease::new("vm/ram", 2 * GIB)).unwrap();
+    assert_eq!(lease.page_size(), PageSize::Huge1G);
+    check_device(lease.info(), GIB);
+    let map = lease.map().unwrap();
+    map.fill(GIB as usize, 4096, 0x11).unwrap();
+    assert!(
+        lease.map_range(0, 2 * MIB).is_err(),
+        "2 MiB mapping of a 1 GiB-aligned lease"
+    );
+    let err = client
+        .create(CreateLease::new("vm/more", 2 * GIB))
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NoSpace));
+    assert!(
+        err.to_string()
+            .contains("pool huge has 1 GiB free, 2 GiB asked"),
+        "{err}"
+    );
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "devdax"),
+    ignore = "boots the dax VM: run with --features devdax (scripts/test does)"
+)]
+fn fragmented_region_gives_one_discontiguous_device_at_the_reported_addresses() {
+    if !in_dax_vm(
+        "fragmented_region_gives_one_discontiguous_device_at_the_reported_addresses",
+        &[],
+    ) {
+        return;
+    }
+    let broker = TestBroker::start(&["--pool", "devdax:dax:region0:2M"]);
+    let mut client = broker.client();
+    let names: Vec<String> = (0..32).map(|i| format!("small/{i:02}")).collect();
+    for name in &names {
+        client
+            .create(CreateLease::new(name, 64 * MIB).persistent(true))
+            .unwrap();
+        client.release(name).unwrap(); // persistent: stays, nobody holds it
+    }
+    let err = client
+        .create(CreateLease::new("full", 2 * MIB))
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NoSpace), "region full: {err}");
+    for name in names.iter().step_by(2) {
+        client.remove(name).unwrap();
+    }
+    wait_scrubbed(&broker);
+    let df = &client.df().unwrap()[0];
+    assert_eq!(df.free, GIB);
+    // No hole is larger than 64 MiB, so 256 MiB must come as one device over several holes.
+    let lease = client.create(CreateLease::new("big", 256 * MIB)).unwrap();
+    let extents = &lease.info().extents;
+    assert_eq!(
+        extents.len(),
+        4,
+        "fewest extents: four 64 MiB holes, got {extents:?}"
+    );
+    assert!(
+        extents
+            .windows(2)
+            .all(|w| w[0].start + w[0].len != w[1].start),
+        "discontiguous: {extents:?}"
+    );
+    check_device(lease.info(), 2 * MIB);
+    // Bytes written at each file offset land on the physical pages the broker reported.
+    let map = lease.map().unwrap();
+    let mut offset = 0u64;
+    for (i, extent) in extents.iter().enumerate() {
+        for probe in [0, extent.len / 2, extent.len - 4096] {
+            let at = (offset + probe) as usize;
+            map.write_at(at, &[i as u8 + 1; 8]).unwrap();
+            let phys = physical_address(map.as_ptr() as usize + at);
+            assert_eq!(phys, extent.start + probe, "file offset {at:#x}");
+        }
+        offset += extent.len;
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "devdax"),
+    ignore = "boots the dax VM: run with --features devdax (scripts/test does)"
+)]
+fn unprivileged_holder_maps_its_lease_and_nothing_else() {
+    if !in_dax_vm("unprivileged_holder_maps_its_lease_and_nothing_else", &[]) {
+        return;
+    }
+    let broker = TestBroker::start(&["--pool", "devdax:dax:region0:2M", "--socket-group", "65534"]);
+    let mut owner = broker.client();
+    let lease = owner
+        .create(
+            CreateLease::new("shared/vm", 64 * MIB)
+                .persistent(true)
+                .mode(0o666),
+        )
+        .unwrap();
+    let first: Vec<u8> = (0..2 * MIB as usize)
+        .map(|i| membroker_tests::pattern(7, i))
+        .collect();
+    lease.map().unwrap().write_at(0, &first).unwrap();
+    owner
+        .create(CreateLease::new("private/vm", 64 * MIB).persistent(true))
+        .unwrap();
+    let mut cmd = Command::new(bin_path("mb-holder"));
+    cmd.arg(broker.socket())
+        .args(["open", "shared/vm", "rw", "probe-dax"])
+        .uid(65534)
+        .gid(65534);
+    cmd.stderr(Stdio::piped());
+    let mut holder = Helper::spawn(cmd);
+    assert_eq!(
+        holder.line(),
+        "ok",
+        "uid 65534 maps the lease fd and reads the owner's bytes"
+    );
+    assert_eq!(
+        holder.line(),
+        "dax-opened none",
+        "uid 65534 cannot open any /dev/dax* itself"
+    );
+    assert_eq!(holder.line(), "map-past-end refused");
+    let mut cmd = Command::new(bin_path("mb-holder"));
+    cmd.arg(broker.socket())
+        .args(["open", "private/vm", "ro"])
+        .uid(65534)
+        .gid(65534);
+    let line = Helper::spawn(cmd).line();
+    assert!(line.contains("permission denied"), "{line}");
+    // Raw mmap past the device end is created by the kernel but faults: the client refuses it.
+    let raw = lease.map_range(0, 128 * MIB);
+    assert!(raw.is_err());
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "devdax"),
+    ignore = "boots the dax VM: run with --features devdax (scripts/test does)"
+)]
+fn released_memory_is_scrubbed_before_reuse() {
+    if !in_dax_vm("released_memory_is_scrubbed_before_reuse", &[]) {
+        return;
+    }
+    let broker = TestBroker::start(&["--pool", "devdax:dax:region0:2M"]);
+    let mut a = broker.client();
+    let lease = a
+        .create(CreateLease::new("tenant-a/ram", 64 * MIB))
+        .unwrap();
+    let first_extents = lease.info().extents.clone();
+    let map = lease.map().unwrap();
+    map.fill(0, map.len(), 0xa5).unwrap();
+    drop(map);
+    drop(lease);
+    a.release("tenant-a/ram").unwrap();
+    wait_scrubbed(&broker);
+    let mut b = broker.client();
+    let lease = b
+        .create(CreateLease::new("tenant-b/ram", 64 * MIB))
+        .unwrap();
+    assert_eq!(
+        lease.info().extents,
+        first_extents,
+        "same physical memory as tenant A had"
+    );
+    let map = lease.map().unwrap();
+    let mut buf = vec![0xffu8; map.len()];
+    map.read_at(0, &mut buf).unwrap();
+    assert!(
+        buf.iter().all(|&b| b == 0),
+        "tenant B reads tenant A's bytes"
+    );
+    assert!(broker.log().contains("scrubbed and destroyed"));
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "devdax"),
+    ignore = "boots the dax VM: run with --features devdax (scripts/test does)"
+)]
+fn poisoned_memory_is_quarantined_and_never_leased_again() {
+    if !in_dax_vm(
+        "poisoned_memory_is_quarantined_and_never_leased_again",
+        &["--dax-size", "256M"],
+    ) {
+        return;
+    }
+    let broker = TestBroker::start(&["--pool", "devdax:dax:region0:2M"]);
+    let mut client = broker.client();
+    let lease = client.create(CreateLease::new("vm/ram", 64 * MIB)).unwrap();
+    let map = lease.map().unwrap();
+    map.fill(0, map.len(), 1).unwrap();
+    let target = 10 * MIB as usize + 4096;
+    let bus = membroker_tests::sys::inject_hwpoison(unsafe_free_ptr(&map, target), 4096)
+        .expect("MADV_HWPOISON")
+        .expect("SIGBUS after MADV_HWPOISON");
+    assert_eq!(bus.code, 4, "BUS_MCEERR_AR");
+    let base = map.as_ptr() as usize;
+    let page = 1u64 << bus.lsb;
+    assert_eq!(page, 2 * MIB, "device-dax reports the 2 MiB page");
+    let offset = (bus.addr - base) as u64;
+    assert_eq!(offset, 10 * MIB);
+    client.report_poison("vm/ram", offset, page).unwrap();
+    let info = client.stat("vm/ram").unwrap();
+    assert_eq!(info.poison.len(), 1);
+    let bad = Extent {
+        start: info.extents[0].start + offset,
+        len: page,
+    };
+    assert_eq!(client.df().unwrap()[0].quarantined, 2 * MIB);
+    drop(map);
+    drop(lease);
+    client.release("vm/ram").unwrap();
+    wait_scrubbed(&broker);
+    let df = client.df().unwrap()[0].clone();
+    assert_eq!((df.free, df.quarantined), (254 * MIB, 2 * MIB));
+    // Take every byte that is left: none of it is the poisoned page.
+    let mut taken = Vec::new();
+    for i in 0.. {
+        match client.create(CreateLease::new(format!("fill/{i}"), 2 * MIB)) {
+            Ok(l) => taken.extend(l.info().extents.clone()),
+            Err(e) => {
+                assert_eq!(e.code(), Some(ErrorCode::NoSpace), "{e}");
+                break;
+            }
+        }
+    }
+    assert_eq!(taken.len(), 127);
+    assert!(
+        taken
+            .iter()
+            .all(|e| e.start + e.len <= bad.start || e.start >= bad.start + bad.len),
+        "the quarantined page {bad:?} was leased again"
+    );
+}
+
+/// The mapping's address at `offset`, for a syscall that names memory (not a Rust reference).
+fn unsafe_free_ptr(map: &membroker_client::Mapping, offset: usize) -> *mut u8 {
+    map.as_ptr().wrapping_add(offset)
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "devdax"),
+    ignore = "boots the dax VM: run with --features devdax (scripts/test does)"
+)]
+fn a_region_in_use_is_refused_and_left_alone() {
+    if !in_dax_vm("a_region_in_use_is_refused_and_left_alone", &[]) {
+        return;
+    }
+    // Someone else carved a device out of the region.
+    let run = |args: &[&str]| {
+        let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "sh",
+        "-c",
+        "echo dax0.0 > /sys/bus/dax/drivers/device_dax/unbind && echo 0 > /sys/bus/dax/devices/dax0.0/size",
+    ]);
+    run(&["daxctl", "create-device", "-r", "region0", "-s", "256M"]);
+    let before = devices_with_size();
+    assert_eq!(before.len(), 1);
+    let out = Command::new(bin_path("membroker"))
+        .args([
+            "--socket",
+            "/run/refused.sock",
+            "serve",
+            "--pool",
+            "devdax:dax:region0:2M",
+        ])
+        .output()
+        .unwrap();
+    let err = stderr_err(&out);
+    assert!(
+        err.contains(&format!(
+            "region0 is already in use by {} (256 MiB, device_dax)",
+            before[0]
+        )),
+        "{err}"
+    );
+    assert_eq!(devices_with_size(), before, "nothing changed");
+    assert_eq!(
+        sysfs(&format!("/sys/bus/dax/devices/{}/size", before[0])),
+        (256 * MIB).to_string()
+    );
+    let err = stderr_err(
+        &Command::new(bin_path("membroker"))
+            .args([
+                "--socket",
+                "/run/refused.sock",
+                "serve",
+                "--pool",
+                "devdax:dax:region7",
+            ])
+            .output()
+            .unwrap(),
+    );
+    assert!(err.contains("no dax region 7"), "{err}");
+}
