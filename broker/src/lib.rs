@@ -3,7 +3,10 @@
 #![deny(unsafe_code)]
 
 pub mod cli;
+pub mod handover;
+pub mod journal;
 pub mod namespace;
+pub mod notify;
 pub mod pool;
 pub mod server;
 mod sys;

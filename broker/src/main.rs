@@ -49,6 +49,9 @@ enum Command {
     Create(cli::CreateArgs),
     /// Remove a lease; its memory returns to the pool once no holder has it open.
     Rm { name: String },
+    /// Re-execute the running broker (the binary now on disk) in place, keeping every lease;
+    /// clients see at most a reconnect.
+    Upgrade,
     /// Show pools: size, used, free, scrubbing, quarantined.
     Df {
         /// Machine-readable output (a JSON array of pools).
@@ -71,6 +74,7 @@ fn main() -> ExitCode {
         Command::Create(create) => cli::create(&socket, create),
         Command::Rm { name } => cli::rm(&socket, &name),
         Command::Df { json } => cli::df(&socket, json),
+        Command::Upgrade => cli::upgrade(&socket),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

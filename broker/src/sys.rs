@@ -35,3 +35,28 @@ pub fn zero_shared(fd: BorrowedFd<'_>, len: u64) -> Result<(), Errno> {
     }
     Ok(())
 }
+
+/// Takes ownership of a file descriptor this process inherited across exec (the upgrade
+/// hand-over) or from systemd (`LISTEN_FDS`). Returns None if `raw` is not open.
+///
+/// Only call this at start, once per fd number named by the hand-over environment, before
+/// anything else in the process could own that number.
+pub fn take_inherited_fd(raw: i32) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::{BorrowedFd, FromRawFd};
+    if raw < 0 {
+        return None;
+    }
+    // SAFETY: only used for the validity probe below; `raw` is non-negative.
+    let probe = unsafe { BorrowedFd::borrow_raw(raw) };
+    rustix::io::fcntl_getfd(probe).ok()?;
+    // SAFETY: `raw` is open (probed above) and, by this function's contract, inherited and
+    // owned by nothing else in this process, so the OwnedFd is its only owner.
+    Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) })
+}
+
+/// Removes an environment variable. Only call this at start, before any thread is spawned.
+pub fn remove_env(var: &str) {
+    // SAFETY: by this function's contract no other thread exists that could read or write the
+    // environment concurrently.
+    unsafe { std::env::remove_var(var) };
+}

@@ -5,7 +5,7 @@
 //! carries one is [`Response::Lease`], with exactly one fd.
 
 use bincode::{Decode, Encode};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Oldest protocol version this build speaks.
 pub const PROTOCOL_MIN: u16 = 1;
@@ -13,7 +13,7 @@ pub const PROTOCOL_MIN: u16 = 1;
 pub const PROTOCOL_MAX: u16 = 1;
 
 /// Page size backing a lease.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Encode, Decode, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Encode, Decode, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PageSize {
     /// 4 KiB base pages (shmem).
@@ -101,6 +101,10 @@ pub enum Request {
     Df,
     /// A holder saw a memory error at `[offset, offset + len)` of a lease.
     ReportPoison { name: String, offset: u64, len: u64 },
+    /// Re-execute the broker binary in place, keeping every lease (root or admin group).
+    /// The broker answers `Ok`, then either closes the connection (the new broker took over)
+    /// or sends an `Error` (the exec failed; the old broker goes on serving).
+    Upgrade,
 }
 
 /// Parameters of [`Request::Create`].
@@ -154,6 +158,7 @@ impl Request {
             Request::List { .. } => 7,
             Request::Df => 8,
             Request::ReportPoison { .. } => 9,
+            Request::Upgrade => 10,
         }
     }
 }
@@ -218,14 +223,14 @@ pub struct HolderInfo {
 }
 
 /// A `[offset, offset + len)` range within a pool (physical for device-dax, logical for memfd).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
 pub struct Extent {
     pub start: u64,
     pub len: u64,
 }
 
 /// A reported memory error within a lease.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
 pub struct PoisonInfo {
     pub offset: u64,
     pub len: u64,

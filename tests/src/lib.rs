@@ -75,11 +75,15 @@ impl TestBroker {
             .append(true)
             .open(self.log_path())
             .expect("log file");
-        let child = Command::new(bin_path("membroker"))
-            .arg("serve")
+        let mut cmd = Command::new(bin_path("membroker"));
+        cmd.arg("serve")
             .arg("--socket")
             .arg(&self.socket)
-            .args(&self.args)
+            .args(&self.args);
+        if !self.args.iter().any(|a| a == "--state-dir") {
+            cmd.arg("--state-dir").arg(self.state_dir());
+        }
+        let child = cmd
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()),
@@ -116,6 +120,11 @@ impl TestBroker {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// The broker's state directory (journal), unless the arguments named another.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
     }
 
     /// The broker's log so far.

@@ -231,3 +231,46 @@ pub fn df(socket: &Path, as_json: bool) -> Result<(), String> {
     print!("{}", t.render());
     Ok(())
 }
+
+/// `membroker upgrade`: ask for the re-exec, then wait for the new broker to answer.
+pub fn upgrade(socket: &Path) -> Result<(), String> {
+    use membroker_client::proto::{Request, Response};
+    let started = std::time::Instant::now();
+    let mut client = connect(socket)?;
+    let before = client.server().to_string();
+    match client.call(&Request::Upgrade).map_err(|e| text(&e))? {
+        (Response::Ok, _) => {}
+        (other, _) => return Err(format!("unexpected reply to Upgrade: {other:?}")),
+    }
+    // The broker now either closes this connection (exec'd) or reports why it could not.
+    let mut buf = vec![0u8; membroker_client::codec::MAX_MSG_SIZE + 1];
+    if let Ok(got) = membroker_client::transport::recv(std::os::fd::AsFd::as_fd(&client), &mut buf)
+    {
+        if let Ok((_, Response::Error { message, .. })) =
+            membroker_client::codec::decode_response(&buf[..got.len])
+        {
+            return Err(message);
+        }
+    }
+    let deadline = started + std::time::Duration::from_secs(30);
+    loop {
+        if let Ok(mut again) = Client::connect(socket) {
+            if again.server() != before {
+                let leases = again.list("").map_err(|e| text(&e))?.len();
+                println!(
+                    "upgraded in {} ms: {} (was {before}); leases kept: {leases}",
+                    started.elapsed().as_millis(),
+                    again.server()
+                );
+                return Ok(());
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!(
+                "the broker at {} did not come back within 30 s after the upgrade",
+                socket.display()
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}

@@ -1,11 +1,14 @@
 //! `membroker serve`.
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use clap::Args;
 
-use crate::pool::{Pool, PoolSpec};
+use crate::journal::{Journal, ReplayedLease};
+use crate::pool::{OpenContext, Pool, PoolSpec};
 use crate::server::{self, Broker, Listener, error_chain};
 
 #[derive(Debug, Args)]
@@ -24,6 +27,34 @@ pub struct ServeArgs {
     /// Group (name or gid) that owns the socket (mode 0660): its members may connect.
     #[arg(long, value_name = "GROUP")]
     socket_group: Option<String>,
+    /// Where the journal lives [default: /var/lib/membroker for root, else
+    /// $XDG_STATE_HOME/membroker or ~/.local/state/membroker].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Do not fdatasync the journal before replies (benchmarks, throw-away brokers: a power
+    /// loss may then lose the last changes).
+    #[arg(long)]
+    no_sync: bool,
+    /// After a restart, how long a non-persistent lease waits for its holders to re-attach
+    /// before it is released.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    reattach_grace: u64,
+}
+
+/// The default state directory.
+pub fn default_state_dir() -> PathBuf {
+    if rustix::process::getuid().is_root() {
+        return PathBuf::from("/var/lib/membroker");
+    }
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    env("XDG_STATE_HOME")
+        .or_else(|| env("HOME").map(|h| h.join(".local/state")))
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("membroker")
 }
 
 /// Resolves a group name or number.
@@ -46,27 +77,112 @@ fn group_id(group: &str) -> Result<u32, String> {
 }
 
 pub fn run(socket: &Path, args: ServeArgs) -> Result<(), String> {
+    // First, before any thread exists: fds inherited from an upgrade or from systemd.
+    let inherited = crate::handover::take();
     init_tracing();
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let admin_gid = args.admin_group.as_deref().map(group_id).transpose()?;
     let socket_gid = args.socket_group.as_deref().map(group_id).transpose()?;
-    let listener = Listener::bind(socket, socket_gid).map_err(|e| error_chain(&e))?;
+    let started = Instant::now();
+    let listener = match (inherited.listener, inherited.lock) {
+        (Some(sock), Some(lock)) => Listener::adopt(sock, lock, socket),
+        _ => Listener::bind(socket, socket_gid).map_err(|e| error_chain(&e))?,
+    };
+    if !inherited.source.is_empty() {
+        tracing::info!(
+            from = inherited.source,
+            leases = inherited.leases.len(),
+            "took over inherited fds"
+        );
+    }
+    let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
+    let (journal, replayed) =
+        Journal::open(&state_dir, !args.no_sync).map_err(|e| error_chain(&e))?;
+    let journal = Arc::new(journal);
     let specs = if args.pools.is_empty() {
         vec![Pool::default_spec()]
     } else {
         args.pools
     };
-    let mut pools: Vec<Pool> = Vec::new();
-    for spec in &specs {
-        let pool = Pool::open(spec, args.scrub_workers).map_err(|e| error_chain(&e))?;
-        if pools.iter().any(|p| p.name == pool.name) {
-            return Err(format!("pool {} is configured twice", pool.name));
+    for l in replayed.leases.values() {
+        if !specs.iter().any(|s| s.name() == l.lease.pool) {
+            return Err(format!(
+                "the journal in {} has lease {} in pool {}, which is not configured; add the pool \
+                 again (leases are never dropped silently)",
+                state_dir.display(),
+                l.lease.name,
+                l.lease.pool
+            ));
         }
-        tracing::info!(pool = %pool.describe(), "pool ready");
+    }
+    let mut fds: HashMap<u64, std::os::fd::OwnedFd> = inherited.leases;
+    let (mut pools, mut memory, mut lost) = (Vec::new(), Vec::new(), Vec::new());
+    for spec in &specs {
+        if pools.iter().any(|p: &Pool| p.name == spec.name()) {
+            return Err(format!("pool {} is configured twice", spec.name()));
+        }
+        let ctx = OpenContext {
+            scrub_workers: args.scrub_workers,
+            journal: Some(journal.clone()),
+            leases: replayed
+                .leases
+                .values()
+                .filter(|l| l.lease.pool == spec.name())
+                .collect::<Vec<&ReplayedLease>>(),
+            quarantine: replayed
+                .quarantine
+                .iter()
+                .filter(|(p, _)| p == spec.name())
+                .map(|(_, e)| *e)
+                .collect(),
+            fds: &mut fds,
+        };
+        let (pool, restored) = Pool::open(spec, ctx).map_err(|e| error_chain(&e))?;
+        tracing::info!(pool = %pool.describe(), restored = restored.memory.len(), lost = restored.lost.len(), "pool ready");
+        memory.extend(restored.memory);
+        lost.extend(restored.lost);
         pools.push(pool);
     }
-    let broker = Arc::new(Broker::new(pools, admin_gid));
-    server::run(broker, listener).map_err(|e| error_chain(&e))
+    for id in fds.keys() {
+        tracing::warn!(
+            id,
+            "an inherited memfd belongs to no lease in the journal; closed"
+        );
+    }
+    drop(fds);
+    let broker = Arc::new(Broker::new(pools, admin_gid, Some(journal.clone())));
+    broker.restore(&replayed, memory, lost, &journal);
+    match listener.duplicate() {
+        Ok((sock, lock)) => broker.set_handover(sock, lock),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot keep hand-over fds; `membroker upgrade` will fail")
+        }
+    }
+    let leases = broker.lease_count();
+    tracing::info!(
+        leases,
+        state_dir = %state_dir.display(),
+        ms = started.elapsed().as_millis() as u64,
+        "state restored"
+    );
+    if leases > 0 {
+        let (broker, grace) = (broker.clone(), Duration::from_secs(args.reattach_grace));
+        std::thread::Builder::new()
+            .name("reattach-grace".into())
+            .spawn(move || {
+                std::thread::sleep(grace);
+                broker.expire_orphans();
+            })
+            .map_err(|e| format!("cannot start the grace timer: {e}"))?;
+    }
+    if let Some(n) = broker.notifier() {
+        n.ready(&format!("serving {leases} leases"));
+    }
+    let result = server::run(broker.clone(), listener).map_err(|e| error_chain(&e));
+    if let Some(n) = broker.notifier() {
+        n.stopping();
+    }
+    result
 }
 
 fn init_tracing() {

@@ -13,9 +13,11 @@ use std::sync::Arc;
 
 use membroker_client::PageSize;
 
+use crate::journal::{self, Journal, LeaseRecord, Record as JournalRecord, ReplayedLease};
 use crate::pool::Allocation;
 use membroker_client::proto::{
-    CreateLease, ErrorCode, HolderInfo, LeaseInfo, LeaseState, PoisonInfo, PoolInfo, PoolKind,
+    CreateLease, ErrorCode, Extent, HolderInfo, LeaseInfo, LeaseState, PoisonInfo, PoolInfo,
+    PoolKind,
 };
 use membroker_client::size::format_size;
 
@@ -51,6 +53,8 @@ pub enum NsError {
     },
     #[error("lease {0}: this connection does not hold it")]
     NotHeld(String),
+    #[error("lease {name}: the state journal refused the change, nothing was done: {problem}")]
+    Journal { name: String, problem: String },
 }
 
 impl NsError {
@@ -62,6 +66,7 @@ impl NsError {
             NsError::Denied { .. } => ErrorCode::PermissionDenied,
             NsError::Invalid(_) => ErrorCode::InvalidArgument,
             NsError::NoSpace { .. } => ErrorCode::NoSpace,
+            NsError::Journal { .. } => ErrorCode::Internal,
         }
     }
 }
@@ -109,11 +114,24 @@ struct Record {
     holders: BTreeMap<u64, HolderInfo>,
     poison: Vec<PoisonInfo>,
     removed: bool,
+    /// Restored after a broker restart without its holders: a non-persistent lease waits for
+    /// them to re-attach until [`Namespace::expire_orphans`].
+    orphan: bool,
 }
 
-/// Leases the namespace let go of, with their pool: give them back to the pool outside the
-/// lock (closing or scrubbing may take long).
-pub type Freed = Vec<(usize, Arc<Allocation>)>;
+/// A committed lease: its id, its description, its memory.
+pub type Committed = (u64, LeaseInfo, Arc<Allocation>);
+
+/// A lease the namespace let go of.
+#[derive(Debug)]
+pub struct FreedLease {
+    pub pool: usize,
+    pub id: u64,
+    pub memory: Arc<Allocation>,
+}
+
+/// Leases to give back to their pools outside the lock (closing or scrubbing may take long).
+pub type Freed = Vec<FreedLease>;
 
 /// All leases and pool accounting.
 #[derive(Debug)]
@@ -125,6 +143,9 @@ pub struct Namespace {
     pending: BTreeSet<String>,
     held: HashMap<u64, BTreeSet<u64>>,
     next_id: u64,
+    journal: Option<Arc<Journal>>,
+    /// Every quarantined range, per pool name (kept for journal compaction).
+    quarantine: Vec<(String, Extent)>,
 }
 
 impl Namespace {
@@ -138,7 +159,146 @@ impl Namespace {
             pending: BTreeSet::new(),
             held: HashMap::new(),
             next_id: 1,
+            journal: None,
+            quarantine: Vec::new(),
         }
+    }
+
+    /// Journals every change from now on in `journal`.
+    pub fn set_journal(&mut self, journal: Arc<Journal>) {
+        self.journal = Some(journal);
+    }
+
+    /// Appends a record whose loss the caller can tolerate (it is logged).
+    fn log(&self, record: &JournalRecord) {
+        if let Some(journal) = &self.journal {
+            if let Err(e) = journal.append(record) {
+                tracing::error!(error = %crate::server::error_chain(&e), ?record, "journal append failed");
+            }
+        }
+        self.maybe_compact();
+    }
+
+    fn maybe_compact(&self) {
+        let Some(journal) = &self.journal else { return };
+        let live = self.records.len() as u64 + self.quarantine.len() as u64;
+        if journal.records() > 2 * live + 4096 {
+            if let Err(e) = journal.compact(&self.snapshot()) {
+                tracing::error!(error = %crate::server::error_chain(&e), "journal compaction failed");
+            }
+        }
+    }
+
+    /// The journal records that rebuild the current state.
+    pub fn snapshot(&self) -> Vec<JournalRecord> {
+        let mut ids: Vec<&u64> = self.records.keys().collect();
+        ids.sort();
+        let leases: Vec<ReplayedLease> = ids
+            .into_iter()
+            .map(|id| {
+                let r = &self.records[id];
+                ReplayedLease {
+                    lease: self.lease_record(*id, r),
+                    named: !r.removed,
+                    poison: r.poison.clone(),
+                    scrubbing: false,
+                }
+            })
+            .collect();
+        journal::snapshot(leases.iter(), &self.quarantine)
+    }
+
+    fn lease_record(&self, id: u64, r: &Record) -> LeaseRecord {
+        LeaseRecord {
+            id,
+            name: r.name.clone(),
+            pool: self.pools[r.pool].name.clone(),
+            size: r.size,
+            page_size: r.page_size,
+            uid: r.uid,
+            gid: r.gid,
+            mode: r.mode,
+            persistent: r.persistent,
+            created: r.created,
+            extents: r.memory.extents.clone(),
+            device: r.memory.device.clone(),
+        }
+    }
+
+    /// Puts back a lease from the journal, with its memory, held by nobody.
+    pub fn restore(
+        &mut self,
+        replayed: &ReplayedLease,
+        memory: Allocation,
+    ) -> std::result::Result<(), String> {
+        let l = &replayed.lease;
+        let pool = self
+            .pools
+            .iter()
+            .position(|p| p.name == l.pool)
+            .ok_or_else(|| format!("pool {} is not configured", l.pool))?;
+        if replayed.named && self.names.contains_key(&l.name) {
+            return Err(format!("name {} is taken twice", l.name));
+        }
+        let record = Record {
+            name: l.name.clone(),
+            pool,
+            size: l.size,
+            page_size: l.page_size,
+            uid: l.uid,
+            gid: l.gid,
+            mode: l.mode,
+            persistent: l.persistent,
+            created: l.created,
+            memory: Arc::new(memory),
+            holders: BTreeMap::new(),
+            poison: replayed.poison.clone(),
+            removed: !replayed.named,
+            orphan: true,
+        };
+        self.pools[pool].used += l.size;
+        self.pools[pool].leases += 1;
+        if replayed.named {
+            self.names.insert(l.name.clone(), l.id);
+        }
+        self.records.insert(l.id, record);
+        self.next_id = self.next_id.max(l.id + 1);
+        Ok(())
+    }
+
+    /// Remembers quarantined ranges found in the journal.
+    pub fn restore_quarantine(&mut self, ranges: &[(String, Extent)]) {
+        self.quarantine.extend(ranges.iter().cloned());
+    }
+
+    /// Journals a new quarantined range of `pool`.
+    pub fn record_quarantine(&mut self, pool: usize, range: Extent) {
+        let name = self.pools[pool].name.clone();
+        self.log(&JournalRecord::Quarantine {
+            pool: name.clone(),
+            start: range.start,
+            len: range.len,
+        });
+        self.quarantine.push((name, range));
+    }
+
+    /// Ends the grace period after a restart: restored leases nobody re-attached to are
+    /// released unless persistent (and still named).
+    pub fn expire_orphans(&mut self) -> Freed {
+        let orphans: Vec<u64> = self
+            .records
+            .iter()
+            .filter(|(_, r)| r.orphan)
+            .map(|(id, _)| *id)
+            .collect();
+        let mut freed = Vec::new();
+        for id in orphans {
+            if let Some(r) = self.records.get_mut(&id) {
+                r.orphan = false;
+            }
+            freed.extend(self.free_if_unused(id));
+        }
+        freed
     }
 
     fn pool_names(&self) -> String {
@@ -272,10 +432,9 @@ impl Namespace {
         peer: &Peer,
         res: Reservation,
         memory: Allocation,
-    ) -> (LeaseInfo, Arc<Allocation>) {
+    ) -> std::result::Result<Committed, Box<(NsError, Allocation)>> {
         self.pending.remove(&res.name);
         let id = self.next_id;
-        self.next_id += 1;
         let created = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -293,17 +452,42 @@ impl Namespace {
             holders: BTreeMap::new(),
             poison: Vec::new(),
             removed: false,
+            orphan: false,
         };
+        // Durable before the reply that hands the lease out.
+        if let Some(journal) = &self.journal {
+            if let Err(e) = journal.append(&JournalRecord::Lease(self.lease_record(id, &record))) {
+                self.pools[res.pool].used -= res.size;
+                let memory = Arc::try_unwrap(record.memory).expect("not shared yet");
+                let problem = crate::server::error_chain(&e);
+                let error = NsError::Journal {
+                    name: res.name,
+                    problem,
+                };
+                return Err(Box::new((error, memory)));
+            }
+        }
+        self.maybe_compact();
+        self.next_id += 1;
         self.pools[res.pool].leases += 1;
         self.names.insert(res.name, id);
         self.records.insert(id, record);
         self.hold(peer, id);
         let record = &self.records[&id];
-        (self.info(record, true), record.memory.clone())
+        Ok((id, self.info(record, true), record.memory.clone()))
+    }
+
+    /// Every lease's id, pool and memory (for the upgrade hand-over).
+    pub fn memory(&self) -> Vec<(u64, usize, Arc<Allocation>)> {
+        self.records
+            .iter()
+            .map(|(id, r)| (*id, r.pool, r.memory.clone()))
+            .collect()
     }
 
     fn hold(&mut self, peer: &Peer, id: u64) {
         if let Some(record) = self.records.get_mut(&id) {
+            record.orphan = false;
             record.holders.insert(
                 peer.conn,
                 HolderInfo {
@@ -382,7 +566,11 @@ impl Namespace {
         self.names.remove(name);
         let record = self.records.get_mut(&id).expect("named record exists");
         record.removed = true;
-        Ok(self.free_if_unused(id).into_iter().collect())
+        let freed: Freed = self.free_if_unused(id).into_iter().collect();
+        if freed.is_empty() {
+            self.log(&JournalRecord::Unnamed { id });
+        }
+        Ok(freed)
     }
 
     /// A connection went away: it holds nothing any more.
@@ -393,14 +581,15 @@ impl Namespace {
             .collect()
     }
 
-    fn drop_holder(&mut self, conn: u64, id: u64) -> Option<(usize, Arc<Allocation>)> {
+    fn drop_holder(&mut self, conn: u64, id: u64) -> Option<FreedLease> {
         self.records.get_mut(&id)?.holders.remove(&conn);
         self.free_if_unused(id)
     }
 
-    fn free_if_unused(&mut self, id: u64) -> Option<(usize, Arc<Allocation>)> {
+    fn free_if_unused(&mut self, id: u64) -> Option<FreedLease> {
         let record = self.records.get(&id)?;
-        if !record.holders.is_empty() || (record.persistent && !record.removed) {
+        let kept = record.persistent || record.orphan;
+        if !record.holders.is_empty() || (kept && !record.removed) {
             return None;
         }
         let record = self.records.remove(&id)?;
@@ -410,7 +599,17 @@ impl Namespace {
         let pool = &mut self.pools[record.pool];
         pool.used -= record.size;
         pool.leases -= 1;
-        Some((record.pool, record.memory))
+        // A device lease is scrubbed first; its pool journals `Freed` when that is done.
+        let done = match pool.kind {
+            PoolKind::Memfd => JournalRecord::Freed { id },
+            PoolKind::Devdax => JournalRecord::Scrub { id },
+        };
+        self.log(&done);
+        Some(FreedLease {
+            pool: record.pool,
+            id,
+            memory: record.memory,
+        })
     }
 
     /// Records a memory error a holder or owner reported; returns the lease's pool and memory
@@ -443,11 +642,16 @@ impl Namespace {
         }
         let record = self.records.get_mut(&id).expect("named record exists");
         let report = PoisonInfo { offset, len };
-        if !record.poison.contains(&report) {
+        let new = !record.poison.contains(&report);
+        if new {
             record.poison.push(report);
             record.poison.sort_by_key(|p| p.offset);
         }
-        Ok((record.pool, record.memory.clone()))
+        let found = (record.pool, record.memory.clone());
+        if new {
+            self.log(&JournalRecord::Poison { id, offset, len });
+        }
+        Ok(found)
     }
 
     fn info(&self, record: &Record, writable: bool) -> LeaseInfo {

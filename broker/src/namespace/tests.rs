@@ -42,7 +42,7 @@ fn memory() -> Allocation {
 
 fn create(ns: &mut Namespace, peer: &Peer, req: CreateLease) -> Result<LeaseInfo> {
     let res = ns.reserve(peer, &req)?;
-    Ok(ns.commit(peer, res, memory()).0)
+    Ok(ns.commit(peer, res, memory()).map_err(|b| b.0)?.1)
 }
 
 fn used(ns: &Namespace, pool: usize) -> u64 {

@@ -80,6 +80,25 @@ impl MemfdPool {
     }
 }
 
+/// Checks a memfd handed over by the previous broker: at least `size` bytes and sealed.
+pub fn adopt(
+    fd: std::os::fd::OwnedFd,
+    size: u64,
+) -> std::result::Result<std::os::fd::OwnedFd, String> {
+    let st = rustix::fs::fstat(&fd).map_err(|e| format!("fstat of the handed-over fd: {e}"))?;
+    if (st.st_size as u64) < size {
+        return Err(format!(
+            "handed-over memfd is {} bytes, the lease {size}",
+            st.st_size
+        ));
+    }
+    match rustix::fs::fcntl_get_seals(&fd) {
+        Ok(seals) if seals.contains(LEASE_SEALS) => Ok(fd),
+        Ok(seals) => Err(format!("handed-over memfd is not sealed ({seals:?})")),
+        Err(e) => Err(format!("handed-over fd is not a memfd: {e}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,16 +5,19 @@
 
 mod devdax;
 pub mod extents;
-mod memfd;
+pub mod memfd;
 
+use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
+
+use crate::journal::{Journal, ReplayedLease};
 
 use membroker_client::PageSize;
 use membroker_client::proto::{Extent, PoolKind};
 use membroker_client::size::{format_size, parse_size};
 
-pub use devdax::{DaxError, DevdaxPool};
+pub use devdax::{DaxError, DevdaxPool, Restored};
 pub use memfd::MemfdPool;
 
 /// Why a pool could not be configured or could not make memory.
@@ -83,6 +86,19 @@ pub struct Usage {
     pub quarantined: u64,
 }
 
+/// What [`Pool::open`] needs beyond the spec.
+#[derive(Debug)]
+pub struct OpenContext<'a> {
+    pub scrub_workers: usize,
+    pub journal: Option<Arc<Journal>>,
+    /// The journal's leases of this pool.
+    pub leases: Vec<&'a ReplayedLease>,
+    /// The journal's quarantined ranges of this pool.
+    pub quarantine: Vec<Extent>,
+    /// Memfds handed over by the previous broker, by lease id (taken as used).
+    pub fds: &'a mut HashMap<u64, OwnedFd>,
+}
+
 /// A parsed `--pool` argument.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PoolSpec {
@@ -98,6 +114,15 @@ pub enum PoolSpec {
         region: u32,
         align: Option<PageSize>,
     },
+}
+
+impl PoolSpec {
+    /// The pool's name.
+    pub fn name(&self) -> &str {
+        match self {
+            PoolSpec::Memfd { name, .. } | PoolSpec::Devdax { name, .. } => name,
+        }
+    }
 }
 
 impl std::str::FromStr for PoolSpec {
@@ -188,39 +213,70 @@ enum Backend {
 }
 
 impl Pool {
-    /// Builds the pool a spec describes; device-dax pools scrub with `scrub_workers` threads.
-    pub fn open(spec: &PoolSpec, scrub_workers: usize) -> Result<Pool> {
+    /// Builds the pool a spec describes and takes back what the journal says it had: memfd
+    /// leases from inherited fds (`ctx.fds`, by lease id), device leases from sysfs.
+    pub fn open(spec: &PoolSpec, ctx: OpenContext<'_>) -> Result<(Pool, Restored)> {
         match spec {
             PoolSpec::Memfd {
                 name,
                 size,
                 page_size,
-            } => Ok(Pool {
-                name: name.clone(),
-                kind: PoolKind::Memfd,
-                page_size: *page_size,
-                size: *size,
-                backend: Backend::Memfd(MemfdPool::new(name, *page_size)),
-            }),
+            } => {
+                let pool = Pool {
+                    name: name.clone(),
+                    kind: PoolKind::Memfd,
+                    page_size: *page_size,
+                    size: *size,
+                    backend: Backend::Memfd(MemfdPool::new(name, *page_size)),
+                };
+                let mut restored = Restored::default();
+                for l in ctx.leases {
+                    match ctx.fds.remove(&l.lease.id) {
+                        Some(fd) => match memfd::adopt(fd, l.lease.size) {
+                            Ok(fd) => restored.memory.push((
+                                l.lease.id,
+                                Allocation {
+                                    fd,
+                                    extents: l.lease.extents.clone(),
+                                    device: None,
+                                },
+                            )),
+                            Err(why) => restored.lost.push((l.lease.id, why)),
+                        },
+                        None => restored.lost.push((
+                            l.lease.id,
+                            "its memfd did not survive the broker restart (no `membroker upgrade` \
+                             hand-over and no systemd fd store)"
+                                .into(),
+                        )),
+                    }
+                }
+                Ok((pool, restored))
+            }
             PoolSpec::Devdax {
                 name,
                 region,
                 align,
             } => {
+                let dax = |source| PoolError::Dax {
+                    pool: name.clone(),
+                    source,
+                };
+                let adopt = !ctx.leases.is_empty() || !ctx.quarantine.is_empty();
                 let pool =
-                    DevdaxPool::open(name, *region, *align, scrub_workers).map_err(|source| {
-                        PoolError::Dax {
-                            pool: name.clone(),
-                            source,
-                        }
-                    })?;
-                Ok(Pool {
-                    name: name.clone(),
-                    kind: PoolKind::Devdax,
-                    page_size: pool.align(),
-                    size: pool.size(),
-                    backend: Backend::Devdax(pool),
-                })
+                    DevdaxPool::open(name, *region, *align, ctx.scrub_workers, adopt, ctx.journal)
+                        .map_err(dax)?;
+                let restored = pool.restore(&ctx.leases, &ctx.quarantine);
+                Ok((
+                    Pool {
+                        name: name.clone(),
+                        kind: PoolKind::Devdax,
+                        page_size: pool.align(),
+                        size: pool.size(),
+                        backend: Backend::Devdax(pool),
+                    },
+                    restored,
+                ))
             }
         }
     }
@@ -254,19 +310,30 @@ impl Pool {
         }
     }
 
-    /// Takes back the memory of a lease nobody holds any more. A memfd is simply closed; a
-    /// device is scrubbed off the request path, then destroyed, then its extents are free.
-    pub fn release(&self, memory: Arc<Allocation>) {
+    /// Takes back the memory of lease `id`, which nobody holds any more. A memfd is simply
+    /// closed; a device is scrubbed off the request path, then destroyed, then its extents are
+    /// free (and journaled so).
+    pub fn release(&self, id: u64, memory: Arc<Allocation>) {
         match &self.backend {
             Backend::Memfd(_) => drop(memory),
-            Backend::Devdax(pool) => pool.release(memory),
+            Backend::Devdax(pool) => pool.release(id, memory),
         }
     }
 
-    /// Memory errors at `[offset, offset + len)` of a lease: quarantine the physical memory.
-    pub fn quarantine(&self, memory: &Allocation, offset: u64, len: u64) {
-        if let Backend::Devdax(pool) = &self.backend {
-            pool.quarantine(&memory.extents, offset, len);
+    /// Takes back memory made for a lease that was never delivered.
+    pub fn discard(&self, memory: Allocation) {
+        match &self.backend {
+            Backend::Memfd(_) => drop(memory),
+            Backend::Devdax(pool) => pool.discard(memory),
+        }
+    }
+
+    /// Memory errors at `[offset, offset + len)` of a lease: quarantine the physical memory;
+    /// returns the physical ranges quarantined.
+    pub fn quarantine(&self, memory: &Allocation, offset: u64, len: u64) -> Vec<Extent> {
+        match &self.backend {
+            Backend::Memfd(_) => Vec::new(),
+            Backend::Devdax(pool) => pool.quarantine(&memory.extents, offset, len),
         }
     }
 

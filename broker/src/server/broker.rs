@@ -1,6 +1,7 @@
 //! Request handling: the namespace, the pools, and the fds that go back to clients.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use membroker_client::codec::{MAX_PAYLOAD, encoded_len};
@@ -60,12 +61,24 @@ pub struct Broker {
     pools: Vec<Pool>,
     ns: Mutex<Namespace>,
     admin_gid: Option<u32>,
+    /// Requests hold it shared; an upgrade takes it exclusively so nothing is half done when
+    /// the process image is replaced.
+    ops: parking_lot::RwLock<()>,
+    notifier: Option<crate::notify::Notifier>,
+    /// Duplicates of the listening socket and the lock file, inherited by an upgrade.
+    handover: parking_lot::Mutex<Option<(OwnedFd, OwnedFd)>>,
+    /// This instance, for `Hello`: a restart or upgrade changes it.
+    instance: String,
 }
 
 impl Broker {
     /// A broker over `pools` (the first is the default); members of `admin_gid` (by primary
     /// group) and root may manage every lease.
-    pub fn new(pools: Vec<Pool>, admin_gid: Option<u32>) -> Broker {
+    pub fn new(
+        pools: Vec<Pool>,
+        admin_gid: Option<u32>,
+        journal: Option<Arc<crate::journal::Journal>>,
+    ) -> Broker {
         let accounts = pools
             .iter()
             .map(|p| PoolAccount {
@@ -77,11 +90,98 @@ impl Broker {
                 leases: 0,
             })
             .collect();
+        let mut ns = Namespace::new(accounts);
+        if let Some(journal) = journal {
+            ns.set_journal(journal);
+        }
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
         Broker {
             pools,
-            ns: Mutex::new(Namespace::new(accounts)),
+            ns: Mutex::new(ns),
             admin_gid,
+            ops: parking_lot::RwLock::new(()),
+            notifier: crate::notify::Notifier::from_env(),
+            handover: parking_lot::Mutex::new(None),
+            instance: format!(
+                "membroker {} (pid {}, started {}.{:03})",
+                env!("CARGO_PKG_VERSION"),
+                std::process::id(),
+                started.as_secs(),
+                started.subsec_millis()
+            ),
         }
+    }
+
+    /// Who is serving: version, pid, start time (changes with every restart or upgrade).
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// The systemd notifier, if started by systemd.
+    pub fn notifier(&self) -> Option<&crate::notify::Notifier> {
+        self.notifier.as_ref()
+    }
+
+    /// What an upgrade hands over besides the leases: the listening socket and lock file.
+    pub fn set_handover(&self, listener: OwnedFd, lock: OwnedFd) {
+        *self.handover.lock() = Some((listener, lock));
+    }
+
+    /// Re-executes `exe` with the same arguments, handing over the listening socket, the lock
+    /// file and every memfd lease. Waits for requests in flight first. Only returns on failure
+    /// (then nothing changed and this broker goes on serving).
+    pub fn upgrade(&self, peer: &Peer) -> Result<std::convert::Infallible, String> {
+        use std::os::unix::process::CommandExt;
+        if !peer.admin {
+            return Err(
+                "permission denied: only root and the admin group may upgrade the broker".into(),
+            );
+        }
+        let exe =
+            std::env::current_exe().map_err(|e| format!("cannot find the broker binary: {e}"))?;
+        let exe = PathBuf::from(exe.to_string_lossy().trim_end_matches(" (deleted)"));
+        if !exe.is_file() {
+            return Err(format!(
+                "the broker binary {} is gone; install it first",
+                exe.display()
+            ));
+        }
+        let _quiet = self.ops.write();
+        let handover = self.handover.lock();
+        let Some((listener, lock)) = handover.as_ref() else {
+            return Err("this broker has no hand-over state (started without a listener)".into());
+        };
+        let memory = self.ns.lock().memory();
+        let memfds: Vec<(u64, BorrowedFd<'_>)> = memory
+            .iter()
+            .filter(|(_, pool, _)| self.pools[*pool].kind == membroker_client::PoolKind::Memfd)
+            .map(|(id, _, m)| (*id, m.fd.as_fd()))
+            .collect();
+        let all = || {
+            [listener.as_fd(), lock.as_fd()]
+                .into_iter()
+                .chain(memfds.iter().map(|(_, fd)| *fd))
+        };
+        let spec = match crate::handover::prepare(listener.as_fd(), lock.as_fd(), &memfds) {
+            Ok(spec) => spec,
+            Err(e) => {
+                crate::handover::restore_cloexec(all());
+                return Err(format!("cannot prepare the hand-over: {e}"));
+            }
+        };
+        tracing::info!(exe = %exe.display(), leases = memory.len(), "upgrading: re-executing the broker");
+        let err = std::process::Command::new(&exe)
+            .args(std::env::args_os().skip(1))
+            .env(crate::handover::HANDOVER_ENV, spec)
+            .exec();
+        crate::handover::restore_cloexec(all());
+        tracing::error!(error = %err, "upgrade failed; still serving");
+        Err(format!(
+            "exec {} failed: {err}; the running broker goes on serving",
+            exe.display()
+        ))
     }
 
     /// The identity of a connection.
@@ -98,7 +198,11 @@ impl Broker {
 
     /// Handles one request (after the handshake) from `peer`.
     pub fn handle(&self, peer: &Peer, request: Request) -> Reply {
+        let _ops = self.ops.read();
         let result = match request {
+            Request::Upgrade => {
+                return Reply::error(ErrorCode::Protocol, "Upgrade is handled by the connection");
+            }
             Request::Hello { .. } => {
                 return Reply::error(ErrorCode::Protocol, "Hello may only be the first message");
             }
@@ -123,7 +227,9 @@ impl Broker {
                 let result = self.ns.lock().report_poison(peer, &name, offset, len);
                 result.map(|(pool, memory)| {
                     tracing::warn!(lease = %name, offset, len, "memory error reported");
-                    self.pools[pool].quarantine(&memory, offset, len);
+                    for range in self.pools[pool].quarantine(&memory, offset, len) {
+                        self.ns.lock().record_quarantine(pool, range);
+                    }
                     Reply::new(Response::Ok)
                 })
             }
@@ -140,11 +246,26 @@ impl Broker {
         let pool = &self.pools[reservation.pool];
         match pool.allocate(&reservation.name, reservation.size) {
             Ok(allocation) => {
-                let (info, fd) = self.ns.lock().commit(peer, reservation, allocation);
-                tracing::info!(lease = %info.name, size = info.size, pool = %info.pool, persistent = info.persistent, "created");
-                Reply {
-                    response: Response::Lease(info),
-                    fd: Some(ReplyFd::Shared(fd)),
+                let committed = self.ns.lock().commit(peer, reservation, allocation);
+                match committed {
+                    Ok((id, info, fd)) => {
+                        if let (Some(n), membroker_client::PoolKind::Memfd) =
+                            (&self.notifier, pool.kind)
+                        {
+                            n.store(id, fd.fd.as_fd());
+                        }
+                        tracing::info!(lease = %info.name, size = info.size, pool = %info.pool, persistent = info.persistent, "created");
+                        Reply {
+                            response: Response::Lease(info),
+                            fd: Some(ReplyFd::Shared(fd)),
+                        }
+                    }
+                    Err(failed) => {
+                        let (e, memory) = *failed;
+                        tracing::error!(error = %e, "create not journaled; memory given back");
+                        pool.discard(memory);
+                        e.into()
+                    }
                 }
             }
             Err(e) => {
@@ -208,8 +329,12 @@ impl Broker {
     /// Returns leases nobody holds to their pools, outside the namespace lock: closing the
     /// last fd of a memfd may free a lot of memory, a device gets scrubbed.
     fn give_back(&self, freed: Freed) {
-        for (pool, memory) in freed {
-            self.pools[pool].release(memory);
+        for lease in freed {
+            let pool = &self.pools[lease.pool];
+            if let (Some(n), membroker_client::PoolKind::Memfd) = (&self.notifier, pool.kind) {
+                n.remove(lease.id);
+            }
+            pool.release(lease.id, lease.memory);
         }
     }
 
@@ -236,6 +361,55 @@ impl Broker {
         };
         let (leases, more) = self.ns.lock().list(prefix, after, fits);
         Reply::new(Response::List { leases, more })
+    }
+
+    /// Puts the journal's leases back (after a restart), with the memory the pools recovered;
+    /// leases whose memory is gone are journaled as freed. Then compacts the journal.
+    pub fn restore(
+        &self,
+        replayed: &crate::journal::Replayed,
+        memory: Vec<(u64, Allocation)>,
+        lost: Vec<(u64, String)>,
+        journal: &crate::journal::Journal,
+    ) {
+        let mut ns = self.ns.lock();
+        ns.restore_quarantine(&replayed.quarantine);
+        for (id, memory) in memory {
+            let lease = &replayed.leases[&id];
+            if let Err(why) = ns.restore(lease, memory) {
+                tracing::error!(lease = %lease.lease.name, why, "cannot restore lease");
+            }
+        }
+        for (id, why) in lost {
+            let lease = &replayed.leases[&id];
+            tracing::error!(lease = %lease.lease.name, id, why, "lease lost across the restart");
+            if let Some(n) = &self.notifier {
+                n.remove(id);
+            }
+            if let Err(e) = journal.append(&crate::journal::Record::Freed { id }) {
+                tracing::error!(error = %error_chain(&e), "cannot journal a lost lease");
+            }
+        }
+        if let Err(e) = journal.compact(&ns.snapshot()) {
+            tracing::error!(error = %error_chain(&e), "journal compaction at start failed");
+        }
+    }
+
+    /// Ends the re-attach grace period after a restart.
+    pub fn expire_orphans(&self) {
+        let freed = self.ns.lock().expire_orphans();
+        if !freed.is_empty() {
+            tracing::info!(
+                leases = freed.len(),
+                "released leases nobody re-attached to after the restart"
+            );
+        }
+        self.give_back(freed);
+    }
+
+    /// Leases, for logs.
+    pub fn lease_count(&self) -> usize {
+        self.ns.lock().df().iter().map(|p| p.leases as usize).sum()
     }
 
     /// A connection closed: release everything it held.

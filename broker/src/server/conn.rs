@@ -95,7 +95,7 @@ fn run(broker: &Broker, sock: &OwnedFd, peer: &Peer, shutdown: BorrowedFd<'_>) -
                 Reply {
                     response: Response::Hello {
                         version: best,
-                        server: server_name(),
+                        server: broker.instance().to_string(),
                     },
                     fd: None,
                 }
@@ -107,6 +107,22 @@ fn run(broker: &Broker, sock: &OwnedFd, peer: &Peer, shutdown: BorrowedFd<'_>) -
                     ErrorCode::Protocol,
                     "the first message must be Hello".into(),
                 );
+            }
+            (Some(_), Request::Upgrade) if !peer.admin => Reply::error(
+                ErrorCode::PermissionDenied,
+                "permission denied: only root and the admin group may upgrade the broker",
+            ),
+            (Some(v), Request::Upgrade) => {
+                let ok = Reply {
+                    response: Response::Ok,
+                    fd: None,
+                };
+                if let Err(e) = send(sock, v, ok) {
+                    return End::Protocol(format!("reply not delivered: {e}"));
+                }
+                // Returns only if the exec failed: tell the requester, keep serving.
+                let Err(why) = broker.upgrade(peer);
+                Reply::error(ErrorCode::Internal, format!("upgrade failed: {why}"))
             }
             (Some(_), Request::Hello { .. }) => {
                 return refuse(
@@ -158,8 +174,4 @@ fn refuse(sock: &OwnedFd, version: Option<u16>, code: ErrorCode, message: String
 
 fn codec_text(e: &dyn std::error::Error) -> String {
     super::broker::error_chain(e)
-}
-
-fn server_name() -> String {
-    format!("membroker {}", env!("CARGO_PKG_VERSION"))
 }

@@ -133,8 +133,25 @@ impl Listener {
         Ok(listener)
     }
 
+    /// Takes over the listening socket and lock file an upgrade handed over.
+    pub fn adopt(sock: OwnedFd, lock: OwnedFd, path: &Path) -> Listener {
+        Listener {
+            sock,
+            path: path.to_path_buf(),
+            _lock: File::from(lock),
+        }
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Duplicates of the socket and lock file for a later upgrade hand-over.
+    pub fn duplicate(&self) -> std::io::Result<(OwnedFd, OwnedFd)> {
+        Ok((
+            self.sock.try_clone()?,
+            OwnedFd::from(self._lock.try_clone()?),
+        ))
     }
 }
 

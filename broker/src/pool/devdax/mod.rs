@@ -7,8 +7,11 @@
 //! unbinds, shrinks and deletes it; only then are its extents free again. A static region
 //! (pmem namespace) cannot be subdivided and serves whole-device leases only.
 
+mod restore;
 mod scrub;
 mod sysfs;
+
+pub use restore::Restored;
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
@@ -23,6 +26,7 @@ use rustix::fs::{Mode, OFlags};
 
 use super::extents::ExtentAllocator;
 use super::{Allocation, Usage};
+use crate::journal::Journal;
 use scrub::Scrubber;
 use sysfs::Region;
 
@@ -128,11 +132,16 @@ fn describe(devices: &[sysfs::DeviceState]) -> String {
 impl DevdaxPool {
     /// Takes region `id`: frees its seed device if that spans the whole region, refuses a
     /// region that has any other device, changes nothing on refusal.
+    ///
+    /// With `adopt` (the journal knows this pool from an earlier run) nothing is freed or
+    /// refused here: [`DevdaxPool::restore`] reconciles the devices with the journal.
     pub fn open(
         name: &str,
         id: u32,
         align: Option<PageSize>,
         scrub_workers: usize,
+        adopt: bool,
+        journal: Option<Arc<Journal>>,
     ) -> Result<DevdaxPool, DaxError> {
         let region = Region::find(id)?;
         let mut devices = Vec::new();
@@ -153,6 +162,7 @@ impl DevdaxPool {
                 extents.clone(),
                 sysfs_lock.clone(),
                 region.clone(),
+                journal.clone(),
             );
             tracing::info!(pool = name, device = %device.name, size = device.size, "static dax region: whole-device leases");
             return Ok(DevdaxPool {
@@ -181,22 +191,25 @@ impl DevdaxPool {
             })
             .cloned()
             .collect();
-        if !foreign.is_empty() {
+        if !adopt && !foreign.is_empty() {
             return Err(DaxError::InUse {
                 region: id,
                 devices: describe(&foreign),
             });
         }
-        for seed in &used {
-            sysfs::unbind(&seed.name)?;
-            sysfs::set_size_zero(&seed.name)?;
-            tracing::info!(pool = name, device = %seed.name, "freed the region's seed device");
+        if !adopt {
+            for seed in &used {
+                sysfs::unbind(&seed.name)?;
+                sysfs::set_size_zero(&seed.name)?;
+                tracing::info!(pool = name, device = %seed.name, "freed the region's seed device");
+            }
         }
         let scrubber = Scrubber::new(
             scrub_workers,
             extents.clone(),
             sysfs_lock.clone(),
             region.clone(),
+            journal,
         );
         Ok(DevdaxPool {
             region,
@@ -319,8 +332,8 @@ impl DevdaxPool {
         }
     }
 
-    /// A lease nobody holds: scrub it, then make its memory free.
-    pub fn release(&self, memory: Arc<Allocation>) {
+    /// A lease nobody holds: scrub it, then make its memory free (and journal `Freed{id}`).
+    pub fn release(&self, id: u64, memory: Arc<Allocation>) {
         match &self.whole {
             Some((_, _, leased)) => {
                 // Zeroed synchronously: a static region has one lease at a time.
@@ -329,16 +342,19 @@ impl DevdaxPool {
                     return;
                 }
                 leased.store(false, Ordering::Release);
+                self.scrubber.journal_freed(id);
             }
             // The extents stay leased (never allocatable) until the device is zeroed and gone.
-            None => self.scrubber.submit(memory),
+            None => self.scrubber.submit(id, memory),
         }
     }
 
-    /// Quarantines the physical memory behind `[offset, offset + len)` of a lease.
-    pub fn quarantine(&self, extents: &[Extent], offset: u64, len: u64) {
+    /// Quarantines the physical memory behind `[offset, offset + len)` of a lease; returns
+    /// the physical ranges.
+    pub fn quarantine(&self, extents: &[Extent], offset: u64, len: u64) -> Vec<Extent> {
+        let mut ranges = Vec::new();
         if self.whole.is_some() {
-            return; // static: no physical bookkeeping; the lease records the poison
+            return ranges; // static: no physical bookkeeping; the lease records the poison
         }
         let mut alloc = self.extents.lock();
         let (mut file_offset, end) = (0u64, offset.saturating_add(len));
@@ -351,14 +367,38 @@ impl DevdaxPool {
                     len = hi - lo,
                     "quarantined"
                 );
-                if let Err(e) = alloc.quarantine(Extent {
+                let range = Extent {
                     start,
                     len: hi - lo,
-                }) {
-                    tracing::error!(error = %e, "cannot quarantine");
+                };
+                match alloc.quarantine(range) {
+                    Ok(()) => ranges.push(range),
+                    Err(e) => tracing::error!(error = %e, "cannot quarantine"),
                 }
             }
             file_offset += extent.len;
+        }
+        ranges
+    }
+
+    /// Destroys a device made for a lease that was never delivered (no scrub needed: nobody
+    /// mapped it, and its extents were zero when it was made).
+    pub fn discard(&self, memory: Allocation) {
+        if let Some((_, _, leased)) = &self.whole {
+            leased.store(false, Ordering::Release);
+            return;
+        }
+        let Some(device) = &memory.device else { return };
+        drop(memory.fd);
+        let destroyed = {
+            let _sysfs = self.sysfs.lock();
+            scrub::destroy(&self.region, device)
+        };
+        match destroyed {
+            Ok(()) => give_back(&self.extents, &memory.extents),
+            Err(e) => {
+                tracing::error!(%device, error = %e, "cannot destroy an undelivered device; its extents stay reserved")
+            }
         }
     }
 

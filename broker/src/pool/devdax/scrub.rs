@@ -10,6 +10,7 @@ use parking_lot::Mutex;
 
 use super::sysfs::{self, Region};
 use super::{Allocation, DaxError};
+use crate::journal::{Journal, Record};
 use crate::pool::extents::ExtentAllocator;
 
 /// Zeroes the first `len` bytes of a device (large sequential clears through a mapping).
@@ -27,10 +28,11 @@ pub fn destroy(region: &Region, device: &str) -> Result<(), DaxError> {
 /// A pool of scrub workers fed through a channel.
 #[derive(Debug)]
 pub struct Scrubber {
-    jobs: Option<Sender<Arc<Allocation>>>,
+    jobs: Option<Sender<(u64, Arc<Allocation>)>>,
     workers: Vec<JoinHandle<()>>,
     /// Bytes queued or being zeroed.
     pending: Arc<AtomicU64>,
+    journal: Option<Arc<Journal>>,
 }
 
 impl Scrubber {
@@ -39,19 +41,22 @@ impl Scrubber {
         extents: Arc<Mutex<ExtentAllocator>>,
         sysfs: Arc<Mutex<()>>,
         region: Region,
+        journal: Option<Arc<Journal>>,
     ) -> Scrubber {
-        let (tx, rx) = unbounded::<Arc<Allocation>>();
+        let (tx, rx) = unbounded::<(u64, Arc<Allocation>)>();
         let pending = Arc::new(AtomicU64::new(0));
         let workers = (0..workers.max(1))
             .map(|i| {
                 let (rx, extents, sysfs, region) =
                     (rx.clone(), extents.clone(), sysfs.clone(), region.clone());
-                let pending = pending.clone();
+                let (pending, journal) = (pending.clone(), journal.clone());
                 std::thread::Builder::new()
                     .name(format!("scrub-{i}"))
                     .spawn(move || {
-                        for memory in rx {
-                            scrub_one(&memory, &extents, &sysfs, &region);
+                        for (id, memory) in rx {
+                            if scrub_one(&memory, &extents, &sysfs, &region) {
+                                freed(journal.as_deref(), id);
+                            }
                             pending.fetch_sub(lease_len(&memory), Ordering::Relaxed);
                         }
                     })
@@ -62,15 +67,21 @@ impl Scrubber {
             jobs: Some(tx),
             workers,
             pending,
+            journal,
         }
     }
 
+    /// Journals that lease `id`'s memory is free again.
+    pub fn journal_freed(&self, id: u64) {
+        freed(self.journal.as_deref(), id);
+    }
+
     /// Queues a released lease; its extents stay leased until it is zeroed and destroyed.
-    pub fn submit(&self, memory: Arc<Allocation>) {
+    pub fn submit(&self, id: u64, memory: Arc<Allocation>) {
         if let Some(jobs) = &self.jobs {
             self.pending
                 .fetch_add(lease_len(&memory), Ordering::Relaxed);
-            if jobs.send(memory).is_err() {
+            if jobs.send((id, memory)).is_err() {
                 tracing::error!("scrub workers are gone; the lease's memory stays out of use");
             }
         }
@@ -87,7 +98,7 @@ fn scrub_one(
     extents: &Mutex<ExtentAllocator>,
     sysfs: &Mutex<()>,
     region: &Region,
-) {
+) -> bool {
     let device = memory.device.as_deref().unwrap_or("?");
     let len = lease_len(memory);
     let started = std::time::Instant::now();
@@ -95,7 +106,7 @@ fn scrub_one(
     if let Err(e) = zero(&fd, len) {
         // Never hand out memory that was not zeroed: the extents stay dirty.
         tracing::error!(device, error = %e, "scrub failed; its extents stay out of use");
-        return;
+        return false;
     }
     let destroyed = {
         let _guard = sysfs.lock();
@@ -103,7 +114,7 @@ fn scrub_one(
     };
     if let Err(e) = destroyed {
         tracing::error!(device, error = %crate::server::error_chain(&e), "cannot destroy a scrubbed device; its extents stay out of use");
-        return;
+        return false;
     }
     super::give_back(extents, &memory.extents);
     tracing::info!(
@@ -112,6 +123,15 @@ fn scrub_one(
         ms = started.elapsed().as_millis() as u64,
         "scrubbed and destroyed"
     );
+    true
+}
+
+fn freed(journal: Option<&Journal>, id: u64) {
+    if let Some(journal) = journal {
+        if let Err(e) = journal.append(&Record::Freed { id }) {
+            tracing::error!(id, error = %crate::server::error_chain(&e), "cannot journal a scrubbed lease as free");
+        }
+    }
 }
 
 fn lease_len(memory: &Allocation) -> u64 {

@@ -221,3 +221,24 @@ pub fn wait_for_node(name: &str) -> Result<PathBuf, DaxError> {
     }
     Ok(node)
 }
+
+/// The device's ranges in file-offset order (`mappingN/{start,end}`).
+pub fn mappings(name: &str) -> Result<Vec<(u64, u64)>, DaxError> {
+    let dir = device_dir(name);
+    let mut out = Vec::new();
+    for i in 0.. {
+        let m = dir.join(format!("mapping{i}"));
+        if !m.exists() {
+            break;
+        }
+        let start = read_u64(&m.join("start"))?;
+        let end = read_u64(&m.join("end"))?;
+        out.push((start, end + 1 - start));
+    }
+    Ok(out)
+}
+
+/// Whether a device exists.
+pub fn exists(name: &str) -> bool {
+    device_dir(name).exists()
+}

@@ -1,0 +1,51 @@
+//! What the journal records: every change to the set of leases and to quarantine.
+
+use membroker_client::PageSize;
+use membroker_client::proto::{Extent, PoisonInfo};
+use serde::{Deserialize, Serialize};
+
+/// A lease as the journal keeps it: enough to rebuild it after a restart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    pub id: u64,
+    pub name: String,
+    pub pool: String,
+    pub size: u64,
+    pub page_size: PageSize,
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
+    pub persistent: bool,
+    pub created: u64,
+    pub extents: Vec<Extent>,
+    pub device: Option<String>,
+}
+
+/// One journal entry. Unknown fields are refused, so a record is never half-understood.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Record {
+    /// A lease exists.
+    Lease(LeaseRecord),
+    /// `rm` of a held lease: the name is free, the memory is still in use.
+    Unnamed { id: u64 },
+    /// A memory error reported at `[offset, offset + len)` of a lease.
+    Poison { id: u64, offset: u64, len: u64 },
+    /// A device lease nobody holds is being scrubbed; its extents are not free yet.
+    Scrub { id: u64 },
+    /// The lease's memory is back in its pool.
+    Freed { id: u64 },
+    /// Physical memory of a pool with memory errors: never leased again.
+    Quarantine { pool: String, start: u64, len: u64 },
+}
+
+/// A lease rebuilt from the journal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayedLease {
+    pub lease: LeaseRecord,
+    /// False after `rm` while held.
+    pub named: bool,
+    pub poison: Vec<PoisonInfo>,
+    /// Released and being scrubbed when the broker stopped.
+    pub scrubbing: bool,
+}

@@ -1,0 +1,226 @@
+use super::*;
+use membroker_client::PageSize;
+use proptest::prelude::*;
+
+fn lease(id: u64) -> Record {
+    Record::Lease(LeaseRecord {
+        id,
+        name: format!("vm{id}/ram0"),
+        pool: "default".into(),
+        size: 2 << 20,
+        page_size: PageSize::Huge2M,
+        uid: 1000,
+        gid: 1000,
+        mode: 0o600,
+        persistent: id % 2 == 0,
+        created: 1_700_000_000 + id,
+        extents: vec![Extent {
+            start: id << 30,
+            len: 2 << 20,
+        }],
+        device: Some(format!("dax0.{id}")),
+    })
+}
+
+fn write_all(dir: &Path, records: &[Record]) -> Vec<u8> {
+    let (journal, _) = Journal::open(dir, true).unwrap();
+    for r in records {
+        journal.append(r).unwrap();
+    }
+    std::fs::read(dir.join("journal")).unwrap()
+}
+
+#[test]
+fn round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    write_all(
+        dir.path(),
+        &[
+            lease(1),
+            lease(2),
+            Record::Poison {
+                id: 2,
+                offset: 0,
+                len: 2 << 20,
+            },
+            Record::Unnamed { id: 2 },
+            lease(3),
+            Record::Scrub { id: 3 },
+            Record::Quarantine {
+                pool: "dax".into(),
+                start: 0x1_0000_0000,
+                len: 2 << 20,
+            },
+            Record::Freed { id: 1 },
+        ],
+    );
+    let (_, state) = Journal::open(dir.path(), true).unwrap();
+    assert_eq!(state.leases.keys().copied().collect::<Vec<_>>(), [2, 3]);
+    assert!(!state.leases[&2].named);
+    assert_eq!(
+        state.leases[&2].poison,
+        vec![PoisonInfo {
+            offset: 0,
+            len: 2 << 20
+        }]
+    );
+    assert!(state.leases[&3].scrubbing);
+    assert_eq!(
+        state.quarantine,
+        vec![(
+            "dax".to_string(),
+            Extent {
+                start: 0x1_0000_0000,
+                len: 2 << 20
+            }
+        )]
+    );
+    assert_eq!(state.next_id, 4);
+    assert!(!state.dropped_tail);
+}
+
+#[test]
+fn torn_or_flipped_last_record_is_dropped_and_the_file_repaired() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_all(dir.path(), &[lease(1), lease(2)]);
+    let first_len = data.iter().position(|&b| b == b'\n').unwrap() + 1;
+    for damage in ["torn", "flipped"] {
+        let mut bad = data.clone();
+        match damage {
+            "torn" => bad.truncate(data.len() - 7),
+            _ => bad[first_len + 20] ^= 0x04,
+        }
+        std::fs::write(dir.path().join("journal"), &bad).unwrap();
+        let (journal, state) = Journal::open(dir.path(), true).unwrap();
+        assert!(state.dropped_tail, "{damage}");
+        assert_eq!(
+            state.leases.keys().copied().collect::<Vec<_>>(),
+            [1],
+            "{damage}"
+        );
+        assert_eq!(
+            std::fs::metadata(journal.path()).unwrap().len() as usize,
+            first_len,
+            "{damage}: file cut back"
+        );
+        journal.append(&lease(5)).unwrap();
+        drop(journal);
+        let (_, state) = Journal::open(dir.path(), true).unwrap();
+        assert_eq!(
+            state.leases.keys().copied().collect::<Vec<_>>(),
+            [1, 5],
+            "{damage}: appends after repair"
+        );
+        write_all(dir.path(), &[]);
+        std::fs::write(dir.path().join("journal"), &data).unwrap();
+    }
+}
+
+#[test]
+fn damage_in_the_middle_stops_the_start_with_instructions() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut data = write_all(dir.path(), &[lease(1), lease(2), lease(3)]);
+    data[30] ^= 0x01;
+    std::fs::write(dir.path().join("journal"), &data).unwrap();
+    let err = Journal::open(dir.path(), true).unwrap_err().to_string();
+    assert!(err.contains("is damaged at line 1 (byte 0) of 3"), "{err}");
+    assert!(
+        err.contains("restore the journal from a backup, or move it aside"),
+        "{err}"
+    );
+}
+
+#[test]
+fn contradictions_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    write_all(
+        dir.path(),
+        &[
+            lease(1),
+            Record::Poison {
+                id: 2,
+                offset: 0,
+                len: 1,
+            },
+        ],
+    );
+    let err = Journal::open(dir.path(), true).unwrap_err().to_string();
+    assert!(
+        err.contains("line 2 contradicts earlier records: lease 2 is not known"),
+        "{err}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    write_all(dir.path(), &[lease(1), lease(1)]);
+    let err = Journal::open(dir.path(), true).unwrap_err().to_string();
+    assert!(err.contains("lease 1 recorded twice"), "{err}");
+}
+
+#[test]
+fn compaction_keeps_the_state_and_shrinks_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut records = Vec::new();
+    for id in 1..200 {
+        records.push(lease(id));
+        if id % 3 != 0 {
+            records.push(Record::Freed { id });
+        }
+    }
+    records.push(Record::Poison {
+        id: 3,
+        offset: 4096,
+        len: 4096,
+    });
+    records.push(Record::Quarantine {
+        pool: "dax".into(),
+        start: 0,
+        len: 4096,
+    });
+    let before = write_all(dir.path(), &records).len();
+    let (journal, state) = Journal::open(dir.path(), true).unwrap();
+    journal
+        .compact(&snapshot(state.leases.values(), &state.quarantine))
+        .unwrap();
+    journal.append(&lease(500)).unwrap();
+    drop(journal);
+    let after = std::fs::metadata(dir.path().join("journal")).unwrap().len() as usize;
+    assert!(after < before / 2, "{after} vs {before}");
+    let (_, again) = Journal::open(dir.path(), true).unwrap();
+    let mut expected = state.leases.clone();
+    let Record::Lease(l) = lease(500) else {
+        unreachable!()
+    };
+    expected.insert(
+        500,
+        ReplayedLease {
+            lease: l,
+            named: true,
+            poison: vec![],
+            scrubbing: false,
+        },
+    );
+    assert_eq!(again.leases, expected);
+    assert_eq!(again.quarantine, state.quarantine);
+    assert!(!dir.path().join("journal.new").exists());
+}
+
+proptest! {
+    /// A crash at any byte of the journal recovers exactly the records written before it.
+    #[test]
+    fn crash_at_any_byte_recovers_a_prefix(n in 1usize..12, cut in any::<prop::sample::Index>()) {
+        let dir = tempfile::tempdir().unwrap();
+        let records: Vec<Record> = (1..=n as u64)
+            .flat_map(|id| if id % 2 == 0 { vec![lease(id), Record::Freed { id: id - 1 }] } else { vec![lease(id)] })
+            .collect();
+        let data = write_all(dir.path(), &records);
+        let cut = cut.index(data.len() + 1);
+        std::fs::write(dir.path().join("journal"), &data[..cut]).unwrap();
+        let whole_lines = data[..cut].iter().filter(|&&b| b == b'\n').count();
+        let (_, state) = Journal::open(dir.path(), true).unwrap();
+        let mut expected = Replayed { next_id: 1, ..Replayed::default() };
+        for r in &records[..whole_lines] {
+            apply(&mut expected, r.clone()).unwrap();
+        }
+        prop_assert_eq!(state.leases, expected.leases);
+        prop_assert_eq!(state.dropped_tail, cut > 0 && data[cut - 1] != b'\n');
+    }
+}
