@@ -479,3 +479,200 @@ fn a_region_in_use_is_refused_and_left_alone() {
     );
     assert!(err.contains("no dax region 7"), "{err}");
 }
+
+#[test]
+#[cfg_attr(
+    not(feature = "devdax"),
+    ignore = "boots the dax VM: run with --features devdax (scripts/test does)"
+)]
+fn device_leases_and_quarantine_survive_a_broker_kill_9() {
+    if !in_dax_vm(
+        "device_leases_and_quarantine_survive_a_broker_kill_9",
+        &["--dax-size", "512M"],
+    ) {
+        return;
+    }
+    let mut broker =
+        TestBroker::start(&["--pool", "devdax:dax:region0:2M", "--reattach-grace", "1"]);
+    let mut client = broker.client();
+    let keep = client
+        .create(
+            CreateLease::new("vm/keep", 64 * MIB)
+                .persistent(true)
+                .mode(0o640),
+        )
+        .unwrap();
+    let data: Vec<u8> = (0..keep.size() as usize)
+        .map(|i| membroker_tests::pattern(3, i))
+        .collect();
+    keep.map().unwrap().write_at(0, &data).unwrap();
+    let bad = client.create(CreateLease::new("vm/bad", 64 * MIB)).unwrap();
+    let map = bad.map().unwrap();
+    map.fill(0, map.len(), 1).unwrap();
+    let bus =
+        membroker_tests::sys::inject_hwpoison(map.as_ptr().wrapping_add(4 * MIB as usize), 4096)
+            .expect("MADV_HWPOISON")
+            .expect("SIGBUS");
+    let offset = (bus.addr - map.as_ptr() as usize) as u64;
+    client
+        .report_poison("vm/bad", offset, 1 << bus.lsb)
+        .unwrap();
+    let poisoned = Extent {
+        start: bad.info().extents[0].start + offset,
+        len: 1 << bus.lsb,
+    };
+    drop((map, bad));
+    client.release("vm/bad").unwrap();
+    wait_scrubbed(&broker);
+    let _temp = client
+        .create(CreateLease::new("vm/temp", 32 * MIB))
+        .unwrap();
+    let before = client.stat("vm/keep").unwrap();
+    let stable = |broker: &TestBroker| -> Vec<serde_json::Value> {
+        let out = broker.run_cli(&["ls", "--json"]);
+        let mut leases: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        for l in &mut leases {
+            let l = l.as_object_mut().unwrap();
+            l.remove("holders");
+            l.remove("state");
+        }
+        leases
+    };
+    let ls_before = stable(&broker);
+
+    broker.kill9();
+    // Meanwhile someone carves a device out of the region's last 32 MiB (free, and away from
+    // the quarantined page): reported, never destroyed.
+    let script = "R=$(readlink -f /sys/bus/dax/devices/dax0.0/..)/dax_region; echo 1 > $R/create; \
+                  N=$(cat $R/create); echo 2097152 > /sys/bus/dax/devices/$N/align; \
+                  echo 0x11e000000-0x11fffffff > /sys/bus/dax/devices/$N/mapping; \
+                  echo $N > /sys/bus/dax/drivers/device_dax/bind; echo $N";
+    let out = Command::new("sh").args(["-c", script]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let foreign = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    broker.restart();
+
+    let mut after = broker.client();
+    let again = after.stat("vm/keep").unwrap();
+    assert_eq!(
+        (&again.extents, &again.device, again.mode, again.uid),
+        (&before.extents, &before.device, 0o640, 0)
+    );
+    check_device(&again, 2 * MIB);
+    let lease = after.open("vm/keep", false).unwrap();
+    let mut back = vec![0u8; data.len()];
+    lease.map().unwrap().read_at(0, &mut back).unwrap();
+    assert!(back == data, "contents changed across the restart");
+    assert_eq!(
+        stable(&broker),
+        ls_before,
+        "ls after the restart: same leases, owners, modes, extents"
+    );
+    assert!(
+        broker.log().contains("not in the journal"),
+        "unknown device reported"
+    );
+    assert_eq!(
+        sysfs(&format!("/sys/bus/dax/devices/{foreign}/size")),
+        (32 * MIB).to_string(),
+        "unknown device left alone"
+    );
+    // The non-persistent lease nobody re-attached to goes after the grace period.
+    wait_until(
+        Duration::from_secs(30),
+        "vm/temp released after the grace period",
+        || after.stat("vm/temp").is_err(),
+    );
+    wait_scrubbed(&broker);
+    let df = after.df().unwrap()[0].clone();
+    assert_eq!(df.quarantined, 2 * MIB, "quarantine survived the restart");
+    assert_eq!(df.free, 512 * MIB - 64 * MIB - 32 * MIB - 2 * MIB);
+    let mut taken = Vec::new();
+    while let Ok(l) = after.create(CreateLease::new(format!("fill/{}", taken.len()), 2 * MIB)) {
+        taken.extend(l.info().extents.clone());
+    }
+    assert!(
+        taken
+            .iter()
+            .all(|e| e.start + e.len <= poisoned.start || e.start >= poisoned.start + poisoned.len),
+        "the quarantined page {poisoned:?} was leased again after the restart"
+    );
+    assert!(taken.iter().all(|e| {
+        !before
+            .extents
+            .iter()
+            .any(|k| e.start < k.start + k.len && k.start < e.start + e.len)
+    }));
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "devdax"),
+    ignore = "boots the dax VM: run with --features devdax (scripts/test does)"
+)]
+fn a_static_region_serves_whole_device_leases_only() {
+    if !in_dax_vm(
+        "a_static_region_serves_whole_device_leases_only",
+        &["--pmem", "--dax-size", "256M"],
+    ) {
+        return;
+    }
+    let out = Command::new("ndctl")
+        .args([
+            "create-namespace",
+            "-f",
+            "-e",
+            "namespace0.0",
+            "-m",
+            "devdax",
+            "-a",
+            "2M",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ndctl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let whole: u64 = sysfs("/sys/bus/dax/devices/dax0.0/size").parse().unwrap();
+    let broker = TestBroker::start(&["--pool", "devdax:pmem:region0"]);
+    let mut client = broker.client();
+    let err = client
+        .create(CreateLease::new("part", 64 * MIB))
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::InvalidArgument));
+    assert!(
+        err.to_string()
+            .contains("static (a pmem namespace): it serves only whole-device leases"),
+        "{err}"
+    );
+    let lease = client.create(CreateLease::new("whole", whole)).unwrap();
+    let map = lease.map().unwrap();
+    map.fill(0, map.len(), 0x77).unwrap();
+    drop(map);
+    drop(lease);
+    let err = broker
+        .client()
+        .create(CreateLease::new("second", whole))
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NoSpace), "{err}");
+    client.release("whole").unwrap();
+    let again = client.create(CreateLease::new("next", whole)).unwrap();
+    let map = again.map().unwrap();
+    let mut buf = vec![1u8; map.len()];
+    map.read_at(0, &mut buf).unwrap();
+    assert!(
+        buf.iter().all(|&b| b == 0),
+        "the next tenant reads the previous one's bytes"
+    );
+    assert_eq!(
+        devices_with_size(),
+        vec!["dax0.0".to_string()],
+        "the static device is never deleted"
+    );
+}
