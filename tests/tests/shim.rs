@@ -855,6 +855,73 @@ mod qemu {
         broker.client().remove("live/vm/ram0").unwrap();
     }
 
+    /// `membroker upgrade` while a guest keeps writing and checking memory: the guest sees no
+    /// error, QEMU's lease stays (and QEMU holds it again), new leases can be made after.
+    #[test]
+    #[cfg_attr(
+        not(feature = "qemu"),
+        ignore = "boots QEMU: run with --features qemu (scripts/test does)"
+    )]
+    fn qemu_runs_through_broker_upgrades() {
+        let broker = TestBroker::start(&["--pool", "memfd:t:1G"]);
+        let dir = tempfile::tempdir().unwrap();
+        let socket = broker.socket().to_str().unwrap();
+        let env = [
+            ("MEMBROKER_SOCKET", socket),
+            ("MEMBROKER_LEASE_PREFIX", "up/vm"),
+            ("MEMBROKER_PERSIST", "1"),
+        ];
+        // The guest writes a counter into reserved RAM at 200 MiB, reads it back, and says so.
+        let body = "i=0\n\
+             while [ $i -lt 100000 ]; do\n\
+               echo \"C$i\" | /bin/busybox dd of=/dev/mem bs=4096 seek=51200 conv=notrunc 2>/dev/null\n\
+               got=$(/bin/busybox dd if=/dev/mem bs=4096 skip=51200 count=1 2>/dev/null | /bin/busybox head -n 1)\n\
+               [ \"$got\" = \"C$i\" ] || echo \"GUEST-MEMORY-ERROR $i $got\"\n\
+               [ $((i % 10)) = 0 ] && echo \"TICK $i\"\n\
+               i=$((i + 1))\n\
+             done";
+        let initrd = initramfs(dir.path(), body);
+        let mut qemu = Qemu::start_with(&initrd, "256M", "memmap=4M$200M", &[], &env, true);
+        qemu.wait_for("TICK 10", BOOT_TIMEOUT);
+        let before = lease(&broker, "up/vm/ram0");
+        for round in 0..2 {
+            let out = broker.run_cli(&["upgrade"]);
+            let text = membroker_tests::stdout_ok(&out);
+            assert!(text.starts_with("upgraded in "), "round {round}: {text}");
+            let seen = qemu.seen.len();
+            qemu.wait_for(&format!("TICK {}", 30 + 20 * round), BOOT_TIMEOUT);
+            assert!(qemu.seen.len() > seen, "the guest kept running");
+        }
+        assert!(
+            !qemu.seen.iter().any(|l| l.contains("GUEST-MEMORY-ERROR")),
+            "the guest saw its memory change:\n{}",
+            qemu.seen.join("\n")
+        );
+        let after = lease(&broker, "up/vm/ram0");
+        assert_eq!(
+            (after.created, after.size, after.extents.clone()),
+            (before.created, before.size, before.extents.clone())
+        );
+        // The counter the guest writes is in the lease the broker still describes.
+        let lease_now = broker.client().open("up/vm/ram0", false).unwrap();
+        let mut line = [0u8; 16];
+        lease_now
+            .map()
+            .unwrap()
+            .read_at(200 << 20, &mut line)
+            .unwrap();
+        assert_eq!(
+            line[0], b'C',
+            "guest counter not found in the lease: {line:?}"
+        );
+        broker
+            .client()
+            .create(membroker_client::CreateLease::new("up/after", 4 << 20))
+            .unwrap();
+        qemu.kill();
+        broker.client().remove("up/vm/ram0").unwrap();
+    }
+
     /// QEMU discards virtio-mem memory with MADV_DONTNEED (at realize and on every reset),
     /// believing it private anonymous memory: the shim must turn that into freed, zeroed
     /// lease memory (shared/facts/qemu-guest-ram.md §3).
