@@ -1,16 +1,20 @@
 //! A connection to the broker.
 
+use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+use rustix::io::{DupFlags, Errno};
+use rustix::net::{AddressFamily, RecvFlags, SocketAddrUnix, SocketFlags, SocketType};
 
 use crate::codec::{self, MAX_MSG_SIZE};
 use crate::error::{Error, Result};
 use crate::lease::Lease;
 use crate::proto::{
-    CreateLease, LeaseInfo, PROTOCOL_MAX, PROTOCOL_MIN, PoolInfo, Request, Response,
+    CreateLease, ErrorCode, LeaseInfo, PROTOCOL_MAX, PROTOCOL_MIN, PoolInfo, Request, Response,
 };
+use crate::reconnect::{DEFAULT_RECONNECT_TIMEOUT, GaveUp, RealClock, Step, retry_until};
 use crate::transport;
 
 /// Environment variable naming the broker socket.
@@ -33,54 +37,223 @@ pub fn default_socket_path() -> PathBuf {
     runtime.join("membroker/broker.sock")
 }
 
+/// A lease the client held but could not re-attach to after the broker restarted (see
+/// [`Client::lost_leases`]). Its fd and mappings stay valid, but the broker no longer counts
+/// this client as a holder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LostLease {
+    pub name: String,
+    /// Whether the client held it writable.
+    pub writable: bool,
+    /// The broker's error code for the refused re-open (`NotFound` when the lease is gone).
+    pub code: ErrorCode,
+    /// Why, for a person.
+    pub reason: String,
+}
+
+/// A failed exchange, and whether the request reached the socket (so the broker may have
+/// applied it).
+struct CallError {
+    err: Error,
+    sent: bool,
+}
+
+impl From<Error> for CallError {
+    fn from(err: Error) -> CallError {
+        CallError { err, sent: false }
+    }
+}
+
 /// One connection to the broker. Leases received on it are held until released or until
 /// the connection closes (non-persistent leases then go back to the pool).
+///
+/// When the broker goes away (crash, restart, `membroker upgrade`), the next call notices the
+/// broken connection and reconnects by itself: it retries the socket with a short backoff for
+/// at most [`Client::reconnect_timeout`], negotiates again, re-opens every lease this client
+/// holds (so that it is a holder again; the fds that come back are closed, the client's own
+/// fds and mappings are never touched), then retries the failed request once. A lease that
+/// cannot be re-opened is listed in [`Client::lost_leases`]. If no broker answers in time the
+/// call fails with [`Error::Unavailable`]. The socket's fd number stays the same across
+/// reconnects (the new connection is `dup3`'d over the old one).
 #[derive(Debug)]
 pub struct Client {
     sock: OwnedFd,
+    path: PathBuf,
     version: u16,
     server: String,
     buf: Vec<u8>,
+    /// Leases this connection holds: name → writable.
+    held: BTreeMap<String, bool>,
+    lost: Vec<LostLease>,
+    reconnect_timeout: Duration,
+    reconnects: u64,
+}
+
+/// Opens a connected socket to `path`; with `timeout`, connect and every later send and receive
+/// on it give up after that long (`EAGAIN`).
+fn open_socket(path: &Path, timeout: Option<Duration>) -> Result<OwnedFd> {
+    let connect_err = |source| Error::Connect {
+        path: path.to_path_buf(),
+        source,
+    };
+    let addr = SocketAddrUnix::new(path).map_err(connect_err)?;
+    let sock = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )
+    .map_err(connect_err)?;
+    if let Some(timeout) = timeout {
+        set_timeouts(&sock, Some(timeout)).map_err(connect_err)?;
+    }
+    rustix::net::connect(&sock, &addr).map_err(connect_err)?;
+    Ok(sock)
+}
+
+/// Sets (or with `None` clears) the send and receive timeouts of `sock`; for a Unix socket
+/// the send timeout also bounds `connect` on a full backlog.
+fn set_timeouts(sock: &OwnedFd, timeout: Option<Duration>) -> rustix::io::Result<()> {
+    use rustix::net::sockopt::{Timeout, set_socket_timeout};
+    set_socket_timeout(sock, Timeout::Send, timeout)?;
+    set_socket_timeout(sock, Timeout::Recv, timeout)
+}
+
+/// Sends one request on `sock` and waits for its reply and fds.
+fn exchange(
+    sock: &OwnedFd,
+    version: u16,
+    buf: &mut [u8],
+    req: &Request,
+) -> std::result::Result<(Response, Vec<OwnedFd>), CallError> {
+    let msg = codec::encode_request(version, req).map_err(Error::from)?;
+    transport::send(sock.as_fd(), &msg, &[]).map_err(Error::from)?;
+    let sent = |err: Error| CallError { err, sent: true };
+    let received = transport::recv(sock, buf).map_err(|e| sent(e.into()))?;
+    let (_, resp) = codec::decode_response(&buf[..received.len]).map_err(|e| sent(e.into()))?;
+    if received.fds.len() != resp.fd_count() {
+        return Err(sent(Error::Protocol(format!(
+            "reply carries {} fds, expected {}",
+            received.fds.len(),
+            resp.fd_count()
+        ))));
+    }
+    if let Response::Error { code, message } = resp {
+        return Err(sent(Error::Broker { code, message }));
+    }
+    Ok((resp, received.fds))
+}
+
+/// Negotiates the protocol version on a fresh connection.
+fn hello(sock: &OwnedFd, buf: &mut [u8]) -> Result<(u16, String)> {
+    let hello = Request::Hello {
+        min_version: PROTOCOL_MIN,
+        max_version: PROTOCOL_MAX,
+        client: format!("membroker-client {}", env!("CARGO_PKG_VERSION")),
+    };
+    match exchange(sock, PROTOCOL_MIN, buf, &hello).map_err(|e| e.err)? {
+        (Response::Hello { version, server }, _)
+            if (PROTOCOL_MIN..=PROTOCOL_MAX).contains(&version) =>
+        {
+            Ok((version, server))
+        }
+        (other, _) => Err(unexpected(&other)),
+    }
+}
+
+/// Whether an error met while reconnecting may pass by trying again (nobody listens yet, the
+/// connection broke again, the broker did not answer in time).
+fn retryable(err: &Error) -> bool {
+    matches!(err, Error::Connect { .. } | Error::Transport(_))
+}
+
+/// A new connection that has said Hello and re-opened `held`.
+struct Fresh {
+    sock: OwnedFd,
+    version: u16,
+    server: String,
+    lost: Vec<LostLease>,
+}
+
+/// One reconnect attempt: connect, Hello, re-open every lease in `held` (closing the fds that
+/// come back). Every blocking step is bounded by `left`.
+fn attempt_reconnect(
+    path: &Path,
+    buf: &mut [u8],
+    held: &BTreeMap<String, bool>,
+    skip: Option<&str>,
+    left: Duration,
+) -> Step<Fresh, Error> {
+    let step = |err: Error| {
+        if retryable(&err) {
+            Step::Retry(err)
+        } else {
+            Step::Fail(err)
+        }
+    };
+    let sock = match open_socket(path, Some(left)) {
+        Ok(sock) => sock,
+        Err(e) => return step(e),
+    };
+    let (version, server) = match hello(&sock, buf) {
+        Ok(v) => v,
+        Err(e) => return step(e),
+    };
+    let mut lost = Vec::new();
+    for (name, &writable) in held.iter().filter(|(n, _)| Some(n.as_str()) != skip) {
+        let open = Request::Open {
+            name: name.clone(),
+            writable,
+        };
+        match exchange(&sock, version, buf, &open) {
+            // The client keeps using its own fd; this one only made it a holder again.
+            Ok((Response::Lease(_), fds)) => drop(fds),
+            Ok((other, _)) => return Step::Fail(unexpected(&other)),
+            Err(CallError {
+                err: Error::Broker { code, message },
+                ..
+            }) => lost.push(LostLease {
+                name: name.clone(),
+                writable,
+                code,
+                reason: message,
+            }),
+            Err(e) => return step(e.err),
+        }
+    }
+    if let Err(source) = set_timeouts(&sock, None) {
+        return Step::Retry(Error::Connect {
+            path: path.to_path_buf(),
+            source,
+        });
+    }
+    Step::Done(Fresh {
+        sock,
+        version,
+        server,
+        lost,
+    })
 }
 
 impl Client {
-    /// Connects to the socket at `path` and negotiates the protocol version.
+    /// Connects to the socket at `path` and negotiates the protocol version. Fails at once if
+    /// nobody listens there (only a broken connection is retried, see [`Client`]).
     pub fn connect(path: impl AsRef<Path>) -> Result<Client> {
         let path = path.as_ref();
-        let connect_err = |source| Error::Connect {
-            path: path.to_path_buf(),
-            source,
-        };
-        let addr = SocketAddrUnix::new(path).map_err(connect_err)?;
-        let sock = rustix::net::socket_with(
-            AddressFamily::UNIX,
-            SocketType::SEQPACKET,
-            SocketFlags::CLOEXEC,
-            None,
-        )
-        .map_err(connect_err)?;
-        rustix::net::connect(&sock, &addr).map_err(connect_err)?;
-        let mut client = Client {
+        let sock = open_socket(path, None)?;
+        let mut buf = vec![0; MAX_MSG_SIZE + 1];
+        let (version, server) = hello(&sock, &mut buf)?;
+        Ok(Client {
             sock,
-            version: PROTOCOL_MIN,
-            server: String::new(),
-            buf: vec![0; MAX_MSG_SIZE + 1],
-        };
-        let hello = Request::Hello {
-            min_version: PROTOCOL_MIN,
-            max_version: PROTOCOL_MAX,
-            client: format!("membroker-client {}", env!("CARGO_PKG_VERSION")),
-        };
-        match client.call(&hello)? {
-            (Response::Hello { version, server }, _)
-                if (PROTOCOL_MIN..=PROTOCOL_MAX).contains(&version) =>
-            {
-                client.version = version;
-                client.server = server;
-                Ok(client)
-            }
-            (other, _) => Err(unexpected(&other)),
-        }
+            path: path.to_path_buf(),
+            version,
+            server,
+            buf,
+            held: BTreeMap::new(),
+            lost: Vec::new(),
+            reconnect_timeout: DEFAULT_RECONNECT_TIMEOUT,
+            reconnects: 0,
+        })
     }
 
     /// Connects to [`default_socket_path`].
@@ -98,23 +271,218 @@ impl Client {
         &self.server
     }
 
-    /// Sends one request and waits for its reply and fds.
+    /// The socket this client connects to.
+    pub fn socket_path(&self) -> &Path {
+        &self.path
+    }
+
+    /// How long a call waits for the broker to come back after the connection broke
+    /// ([`DEFAULT_RECONNECT_TIMEOUT`] unless set).
+    pub fn reconnect_timeout(&self) -> Duration {
+        self.reconnect_timeout
+    }
+
+    /// Sets how long a call waits for the broker after the connection broke;
+    /// `Duration::ZERO` turns transparent reconnection off (a broken connection then fails
+    /// the call with the transport error, and [`Client::reconnect`] tries exactly once).
+    pub fn set_reconnect_timeout(&mut self, timeout: Duration) {
+        self.reconnect_timeout = timeout;
+    }
+
+    /// How many times this client has reconnected.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects
+    }
+
+    /// The leases this connection holds (and re-opens after a reconnect): name and whether
+    /// writable, in name order.
+    pub fn held_leases(&self) -> impl Iterator<Item = (&str, bool)> {
+        self.held.iter().map(|(n, &w)| (n.as_str(), w))
+    }
+
+    /// Leases that could not be re-opened after a reconnect (removed meanwhile, refused), in
+    /// the order they were lost. The library logs nothing: look here after a call.
+    pub fn lost_leases(&self) -> &[LostLease] {
+        &self.lost
+    }
+
+    /// Returns and clears [`Client::lost_leases`].
+    pub fn take_lost_leases(&mut self) -> Vec<LostLease> {
+        std::mem::take(&mut self.lost)
+    }
+
+    /// Stops tracking a lease without telling the broker: it is no longer re-opened after a
+    /// reconnect. For a holder that drops a lease while the broker is away (its holder status
+    /// went with the old connection anyway). Returns whether it was tracked.
+    pub fn forget_lease(&mut self, name: &str) -> bool {
+        self.held.remove(name).is_some()
+    }
+
+    /// Whether the broker has closed this connection (without blocking; a reply or message
+    /// waiting to be read counts as open).
+    pub fn is_closed(&self) -> bool {
+        let mut byte = [0u8; 1];
+        match rustix::net::recv(
+            &self.sock,
+            &mut byte[..],
+            RecvFlags::PEEK | RecvFlags::DONTWAIT,
+        ) {
+            Ok((0, _)) => true,
+            Ok(_) => false,
+            Err(Errno::AGAIN | Errno::INTR) => false,
+            Err(_) => true,
+        }
+    }
+
+    /// Reconnects if the broker has closed the connection (see [`Client::is_closed`]);
+    /// returns whether it did. For a holder that polls the client's fd in its event loop:
+    /// readable without a call in flight means the broker went away, and reconnecting at
+    /// once re-attaches the held leases before the broker's grace period ends.
+    pub fn reconnect_if_closed(&mut self) -> Result<bool> {
+        if !self.is_closed() {
+            return Ok(false);
+        }
+        self.reconnect()?;
+        Ok(true)
+    }
+
+    /// Replaces the connection with a new one now: waits for the broker (at most
+    /// [`Client::reconnect_timeout`], one attempt if zero), says Hello and re-opens every held
+    /// lease. Mappings and lease fds are not touched.
+    pub fn reconnect(&mut self) -> Result<()> {
+        self.reconnect_skipping(None)
+    }
+
+    /// [`Client::reconnect`], not re-opening `skip` (a lease being released).
+    fn reconnect_skipping(&mut self, skip: Option<&str>) -> Result<()> {
+        let timeout = self.reconnect_timeout;
+        let Client {
+            path, buf, held, ..
+        } = self;
+        let outcome = retry_until(timeout, &mut RealClock, |left| {
+            attempt_reconnect(path, buf, held, skip, left)
+        });
+        let fresh = match outcome {
+            Ok(fresh) => fresh,
+            Err(GaveUp::Failed(err)) => return Err(err),
+            Err(GaveUp::TimedOut { waited, last }) => {
+                return Err(Error::Unavailable {
+                    path: self.path.clone(),
+                    waited,
+                    last: last.map(Box::new),
+                });
+            }
+        };
+        // Keep the fd number: whoever holds it (a signal handler that sends on it, a poll
+        // set) now talks to the new broker. Only if that fails take the new number.
+        if rustix::io::dup3(&fresh.sock, &mut self.sock, DupFlags::CLOEXEC).is_err() {
+            self.sock = fresh.sock;
+        }
+        self.version = fresh.version;
+        self.server = fresh.server;
+        if let Some(name) = skip {
+            self.held.remove(name);
+        }
+        for lost in fresh.lost {
+            self.held.remove(&lost.name);
+            self.lost.push(lost);
+        }
+        self.reconnects += 1;
+        Ok(())
+    }
+
+    /// Sends one request and waits for its reply and fds. If the connection turns out to be
+    /// broken, reconnects (see [`Client`]) and retries the request once; a `Create` whose
+    /// reply was lost and that then fails with `Exists` is retried as an `Open` of the same
+    /// name (it was applied), a `Remove` that then fails with `NotFound` succeeds, and a
+    /// `Release` of a held lease succeeds without a retry (the broker dropped this client as
+    /// a holder with the old connection). `Hello` and `Upgrade` are never retried (an
+    /// upgrade ends with the broker closing the connection; the next call reconnects).
     pub fn call(&mut self, req: &Request) -> Result<(Response, Vec<OwnedFd>)> {
-        let msg = codec::encode_request(self.version, req)?;
-        transport::send(self.sock.as_fd(), &msg, &[])?;
-        let received = transport::recv(&self.sock, &mut self.buf)?;
-        let (_, resp) = codec::decode_response(&self.buf[..received.len])?;
-        if received.fds.len() != resp.fd_count() {
-            return Err(Error::Protocol(format!(
-                "reply carries {} fds, expected {}",
-                received.fds.len(),
-                resp.fd_count()
-            )));
+        let result = match exchange(&self.sock, self.version, &mut self.buf, req) {
+            Err(CallError { err, sent })
+                if err.is_connection_lost()
+                    && !self.reconnect_timeout.is_zero()
+                    && !matches!(req, Request::Hello { .. } | Request::Upgrade) =>
+            {
+                self.recover(req, sent)
+            }
+            other => other.map_err(|e| e.err),
+        };
+        if let Ok((resp, _)) = &result {
+            self.track(req, resp);
         }
-        if let Response::Error { code, message } = resp {
-            return Err(Error::Broker { code, message });
+        result
+    }
+
+    /// Reconnects after `req` met a broken connection, then retries it once.
+    fn recover(&mut self, req: &Request, sent: bool) -> Result<(Response, Vec<OwnedFd>)> {
+        let releasing = match req {
+            Request::Release { name } if self.held.contains_key(name) => Some(name.as_str()),
+            _ => None,
+        };
+        self.reconnect_skipping(releasing)?;
+        if releasing.is_some() {
+            return Ok((Response::Ok, Vec::new()));
         }
-        Ok((resp, received.fds))
+        let retried = exchange(&self.sock, self.version, &mut self.buf, req).map_err(|e| e.err);
+        if !sent {
+            return retried;
+        }
+        // The broker may have applied the first attempt before it went away.
+        match (req, retried) {
+            (Request::Create(create), Err(err)) if err.code() == Some(ErrorCode::Exists) => {
+                self.adopt_created(create, err)
+            }
+            (Request::Remove { .. }, Err(err)) if err.code() == Some(ErrorCode::NotFound) => {
+                Ok((Response::Ok, Vec::new()))
+            }
+            (_, retried) => retried,
+        }
+    }
+
+    /// A `Create` whose reply was lost found the name taken on retry: most likely its own
+    /// lease, so open it; if what is there does not match the request, report `exists`.
+    fn adopt_created(
+        &mut self,
+        create: &CreateLease,
+        exists: Error,
+    ) -> Result<(Response, Vec<OwnedFd>)> {
+        let open = Request::Open {
+            name: create.name.clone(),
+            writable: true,
+        };
+        match exchange(&self.sock, self.version, &mut self.buf, &open) {
+            Ok((Response::Lease(info), fds))
+                if info.size == create.size
+                    && create.page_size.is_none_or(|p| p == info.page_size)
+                    && create.pool.as_ref().is_none_or(|p| *p == info.pool)
+                    && info.persistent == create.persistent =>
+            {
+                Ok((Response::Lease(info), fds))
+            }
+            Ok((Response::Lease(_), _)) => {
+                let release = Request::Release {
+                    name: create.name.clone(),
+                };
+                let _ = exchange(&self.sock, self.version, &mut self.buf, &release);
+                Err(exists)
+            }
+            _ => Err(exists),
+        }
+    }
+
+    /// Keeps the held set in step with what the broker said.
+    fn track(&mut self, req: &Request, resp: &Response) {
+        match (req, resp) {
+            (Request::Create(_) | Request::Open { .. }, Response::Lease(info)) => {
+                *self.held.entry(info.name.clone()).or_insert(false) |= info.writable;
+            }
+            (Request::Release { name } | Request::Remove { name }, Response::Ok) => {
+                self.held.remove(name);
+            }
+            _ => {}
+        }
     }
 
     fn lease_call(&mut self, req: &Request) -> Result<Lease> {

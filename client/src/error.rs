@@ -1,6 +1,7 @@
 //! Errors of the client library.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use rustix::io::Errno;
 
@@ -26,6 +27,19 @@ pub enum Error {
     Broker { code: ErrorCode, message: String },
     #[error("broker broke the protocol: {0}")]
     Protocol(String),
+    /// The connection to the broker broke and no broker answered at `path` again within the
+    /// client's reconnect timeout; `last` is what the last attempt ran into.
+    #[error(
+        "the broker at {} has been unreachable for {:.1} s (gave up reconnecting)",
+        path.display(),
+        waited.as_secs_f64()
+    )]
+    Unavailable {
+        path: PathBuf,
+        waited: Duration,
+        #[source]
+        last: Option<Box<Error>>,
+    },
     #[error("lease {name}: {problem}")]
     Lease { name: String, problem: String },
     #[error("lease {name}: {op} failed")]
@@ -44,6 +58,20 @@ impl Error {
             Error::Broker { code, .. } => Some(*code),
             _ => None,
         }
+    }
+
+    /// Whether the error means the connection to the broker is gone (the broker closed it,
+    /// exited or restarted), so that a new connection may succeed.
+    pub fn is_connection_lost(&self) -> bool {
+        matches!(
+            self,
+            Error::Transport(
+                TransportError::Closed
+                    | TransportError::Io(
+                        Errno::NOTCONN | Errno::CONNRESET | Errno::PIPE | Errno::CONNREFUSED
+                    )
+            )
+        )
     }
 }
 

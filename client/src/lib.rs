@@ -19,15 +19,17 @@ mod error;
 mod lease;
 mod mapping;
 pub mod proto;
+pub mod reconnect;
 pub mod size;
 mod sys;
 pub mod transport;
 
-pub use client::{Client, SOCKET_ENV, default_socket_path};
+pub use client::{Client, LostLease, SOCKET_ENV, default_socket_path};
 pub use error::{Error, Result};
 pub use lease::{Backing, LEASE_SEALS, Lease};
 pub use mapping::Mapping;
 pub use proto::{CreateLease, ErrorCode, LeaseInfo, LeaseState, PageSize, PoolInfo, PoolKind};
+pub use reconnect::DEFAULT_RECONNECT_TIMEOUT;
 
 impl CreateLease {
     /// A request for a private (0600), non-persistent lease of `size` bytes from the default

@@ -3,14 +3,36 @@
 //! Runs on QEMU's main thread (activation) or RCU thread (free), never in a signal handler,
 //! so it may allocate and take the one mutex that serialises it. Hooks enter it with the
 //! re-entry guard set, so anything it maps goes straight to the kernel.
+//!
+//! # Broker restarts
+//!
+//! The main connection is a [`Client`], which reconnects by itself when a call finds it
+//! broken and re-opens every lease it holds, so the broker counts this process as a holder
+//! again; the guest's mappings and the lease fds in the block table are never touched. So
+//! that this happens even when QEMU makes no call (a running guest changes no RAM block, and
+//! the broker releases an unheld non-persistent lease once its grace period after the restart
+//! ends), a watcher thread, started with the first connection and with every signal
+//! blocked, waits for either socket to be closed by the broker and then reconnects at once
+//! (waiting for the broker without holding the state lock, so hooks never wait behind it).
+//!
+//! The poison-report connection is used from the SIGBUS handler, which must stay
+//! async-signal-safe: it never reconnects. While that socket is dead (from the moment the
+//! broker goes away until the watcher, or the next redirected mmap or munmap, re-arms it) a
+//! report's `send` fails and **the report is lost**; QEMU's own handler still runs and the
+//! guest still sees the memory error. Re-arming keeps the socket's fd number (the new
+//! connection is `dup3`'d over the old one), so the handler never sends on a stale fd.
 
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, IntoRawFd, OwnedFd};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
 
-use membroker_client::{Client, CreateLease, ErrorCode};
+use membroker_client::reconnect::Backoff;
+use membroker_client::{Client, CreateLease, ErrorCode, LostLease};
+use rustix::event::{PollFd, PollFlags};
 
+use crate::classify::Guard;
 use crate::config::{Config, ConfigError, Fallback};
 use crate::table::{Backing, SLOTS, TABLE};
 
@@ -56,6 +78,7 @@ impl ShimError {
             ShimError::Client(membroker_client::Error::Connect { source, .. }) => {
                 source.raw_os_error()
             }
+            ShimError::Client(membroker_client::Error::Unavailable { .. }) => libc::ETIMEDOUT,
             ShimError::Client(e) => match e.code() {
                 Some(ErrorCode::PermissionDenied) => libc::EACCES,
                 Some(ErrorCode::InvalidArgument) => libc::EINVAL,
@@ -102,6 +125,12 @@ static CONFIG: OnceLock<Result<Config, ConfigError>> = OnceLock::new();
 /// The raw fd of the pre-connected poison-report socket, or -1.
 pub static POISON_FD: AtomicI32 = AtomicI32::new(-1);
 
+/// The process whose watcher thread runs (a forked child starts its own), or 0.
+static WATCHER: AtomicU32 = AtomicU32::new(0);
+
+/// How long re-arming the poison-report socket from a hook may wait for the broker.
+const POISON_RECONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Reads the environment; called from the library constructor.
 pub fn load_config() -> Option<&'static Config> {
     CONFIG.get_or_init(Config::from_env).as_ref().ok()
@@ -122,13 +151,133 @@ fn state() -> MutexGuard<'static, State> {
 
 fn connect(cfg: &Config) -> Result<Conn, ShimError> {
     let client = Client::connect(&cfg.socket).map_err(ShimError::Client)?;
-    let poison = Client::connect(&cfg.socket).map_err(ShimError::Client)?;
+    let mut poison = Client::connect(&cfg.socket).map_err(ShimError::Client)?;
+    poison.set_reconnect_timeout(POISON_RECONNECT_TIMEOUT);
     POISON_FD.store(poison.as_fd().as_raw_fd(), Ordering::Release);
     Ok(Conn {
         pid: std::process::id(),
         client,
         poison,
     })
+}
+
+/// Drops the broker's replies to poison reports and, if the broker closed the poison-report
+/// connection, connects it again under the same fd number (see the module docs).
+fn rearm_poison(conn: &mut Conn) {
+    drain(&conn.poison);
+    if conn.poison.is_closed() {
+        // A handler that loads -1 skips its report, which the dead socket would lose anyway.
+        POISON_FD.store(-1, Ordering::Release);
+        let _ = conn.poison.reconnect();
+        POISON_FD.store(conn.poison.as_fd().as_raw_fd(), Ordering::Release);
+    }
+}
+
+/// Says on stderr which leases the main connection could not re-attach after a reconnect.
+fn report_lost(client: &mut Client) {
+    for LostLease { name, reason, .. } in client.take_lost_leases() {
+        let line = format!(
+            "membroker-preload: lease {name} was not re-attached after the broker restarted ({reason}); the guest keeps its memory, but the broker no longer counts this process as its holder\n"
+        );
+        let _ = std::io::stderr().write_all(line.as_bytes());
+    }
+}
+
+/// Starts the watcher thread of this process, once.
+fn start_watcher(socket: &'static std::path::Path) {
+    let pid = std::process::id();
+    if WATCHER.swap(pid, Ordering::AcqRel) == pid {
+        return;
+    }
+    if let Err(e) = crate::sys::spawn_blocking_signals("membroker-watch", move || watch(socket)) {
+        WATCHER.store(0, Ordering::Release);
+        let line = format!(
+            "membroker-preload: cannot start the broker watcher thread ({e}); after a broker restart, leases are re-attached only at the next RAM block change\n"
+        );
+        let _ = std::io::stderr().write_all(line.as_bytes());
+    }
+}
+
+/// The watcher thread: waits until the broker closes the main or the poison-report
+/// connection (or sends a reply to a poison report), then reconnects and re-arms.
+fn watch(socket: &std::path::Path) {
+    // Whatever this thread maps goes straight to the kernel.
+    let _guard = Guard::enter();
+    let pid = std::process::id();
+    let mut complained = false;
+    loop {
+        // Wait on copies of the sockets, so the state lock is free meanwhile. A copy of a
+        // socket replaced by a reconnect elsewhere is dead and wakes the poll at once.
+        let copies = {
+            let st = state();
+            match st.conn.as_ref() {
+                Some(c) if c.pid == pid => (
+                    c.client.as_fd().try_clone_to_owned(),
+                    c.poison.as_fd().try_clone_to_owned(),
+                ),
+                _ => return,
+            }
+        };
+        let (Ok(main), Ok(poison)) = copies else {
+            std::thread::sleep(Duration::from_secs(1));
+            continue;
+        };
+        // Replies on the main connection belong to calls in flight: only its hang-up counts.
+        let mut fds = [
+            PollFd::new(&main, PollFlags::RDHUP),
+            PollFd::new(&poison, PollFlags::IN | PollFlags::RDHUP),
+        ];
+        if rustix::event::poll(&mut fds, None).is_err() {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        // Either socket hung up: the broker went away. Wait for it here, without the lock,
+        // so that hooks never wait behind the watcher.
+        let hangup = PollFlags::HUP | PollFlags::RDHUP | PollFlags::ERR | PollFlags::NVAL;
+        let down = fds.iter().any(|f| f.revents().intersects(hangup));
+        drop((main, poison));
+        if down {
+            wait_for_broker(socket);
+        }
+        let failed = {
+            let mut st = state();
+            let Some(conn) = st.conn.as_mut().filter(|c| c.pid == pid) else {
+                return;
+            };
+            // Poison reports first: once the broker counts this process as a holder again,
+            // its memory-error reports reach the broker too.
+            rearm_poison(conn);
+            let result = if conn.client.is_closed() {
+                conn.client.reconnect()
+            } else {
+                Ok(())
+            };
+            report_lost(&mut conn.client);
+            result.err()
+        };
+        match failed {
+            None => complained = false,
+            Some(e) => {
+                if !complained {
+                    complained = true;
+                    let line = format!(
+                        "membroker-preload: reconnecting to the broker failed: {e}; retrying\n"
+                    );
+                    let _ = std::io::stderr().write_all(line.as_bytes());
+                }
+                // The connection stays dead and wakes the poll at once: pace the retries.
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// Returns once a broker answers at `socket` (connect and Hello), retrying with backoff.
+fn wait_for_broker(socket: &std::path::Path) {
+    let mut backoff = Backoff::new();
+    while Client::connect(socket).is_err() {
+        std::thread::sleep(backoff.next_delay());
+    }
 }
 
 /// Gets a lease for the next RAM block of `len` bytes: re-attaches to `PREFIX/ramN` when it
@@ -146,12 +295,12 @@ pub fn acquire(len: u64) -> Result<Acquired, ShimError> {
     }
     if st.conn.is_none() {
         st.conn = Some(connect(cfg)?);
+        start_watcher(&cfg.socket);
     }
     let index = st.next_index;
     st.next_index += 1;
     let name = cfg.lease_name(index, pid);
     let conn = st.conn.as_mut().expect("connected above");
-    drain(&conn.poison);
     let existing = if cfg.prefix.is_some() {
         match conn.client.open(&name, true) {
             Ok(lease) => Some(lease),
@@ -174,6 +323,8 @@ pub fn acquire(len: u64) -> Result<Acquired, ShimError> {
             conn.client.create(req).map_err(ShimError::Client)?
         }
     };
+    report_lost(&mut conn.client);
+    rearm_poison(conn);
     let release = |conn: &mut Conn| {
         let _ = conn.client.release(&name);
     };
@@ -246,8 +397,15 @@ pub fn forget(slot: usize) {
     let name = st.names[slot].take();
     if let (Some(name), Some(conn)) = (name, st.conn.as_mut()) {
         if conn.pid == std::process::id() {
-            let _ = conn.client.release(&name);
-            drain(&conn.poison);
+            if conn.client.is_closed() {
+                // The broker went away and took this holder with the old connection: just
+                // do not re-attach on reconnect, rather than wait for the broker here.
+                conn.client.forget_lease(&name);
+            } else {
+                let _ = conn.client.release(&name);
+                report_lost(&mut conn.client);
+                rearm_poison(conn);
+            }
         }
     }
 }

@@ -180,3 +180,28 @@ pub(crate) fn close_table_fd(fd: i32) {
         drop(unsafe { OwnedFd::from_raw_fd(fd) });
     }
 }
+
+/// Starts a background thread of the shim with every signal blocked, so that QEMU's
+/// process-directed signals (SIGTERM, SIGINT, SIGBUS action-optional reports, its own IPIs)
+/// are never delivered on a thread QEMU does not know about. The mask is set on the creating
+/// thread around the spawn (a new thread inherits it), so no signal reaches the new thread
+/// before it could block them itself.
+pub(crate) fn spawn_blocking_signals(
+    name: &str,
+    body: impl FnOnce() + Send + 'static,
+) -> std::io::Result<()> {
+    // SAFETY: sigset_t is plain data; sigfillset initialises it fully.
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; zeroed is a valid starting point for sigfillset.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `all` is a valid sigset_t.
+    unsafe { libc::sigfillset(&mut all) };
+    // SAFETY: valid sigset pointers; changes only this thread's mask, restored below.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old) };
+    let spawned = std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(body);
+    // SAFETY: restores the mask saved above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    spawned.map(drop)
+}
