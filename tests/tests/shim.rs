@@ -897,6 +897,17 @@ mod qemu {
             "the guest saw its memory change:\n{}",
             qemu.seen.join("\n")
         );
+        let pid = qemu.pid();
+        wait_until(
+            Duration::from_secs(20),
+            "QEMU to hold its lease again",
+            || {
+                lease(&broker, "up/vm/ram0")
+                    .holders
+                    .iter()
+                    .any(|h| h.pid == pid)
+            },
+        );
         let after = lease(&broker, "up/vm/ram0");
         assert_eq!(
             (after.created, after.size, after.extents.clone()),
