@@ -60,3 +60,45 @@ pub fn remove_env(var: &str) {
     // environment concurrently.
     unsafe { std::env::remove_var(var) };
 }
+
+/// Replaces the process image with `path` (execve(2), no PATH search and, unlike glibc's
+/// execvp behind `Command::exec`, no `/bin/sh` retry of a file the kernel refuses), with
+/// `args` and the current environment plus `extra`. Returns only on failure.
+pub fn execve(
+    path: &std::path::Path,
+    args: &[std::ffi::OsString],
+    extra: (&str, &str),
+) -> std::io::Error {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let cstr = |b: &[u8]| {
+        CString::new(b).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+    };
+    let build = || -> std::io::Result<(CString, Vec<CString>, Vec<CString>)> {
+        let path = cstr(path.as_os_str().as_bytes())?;
+        let argv = args
+            .iter()
+            .map(|a| cstr(a.as_bytes()))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let mut envp = Vec::new();
+        for (k, v) in std::env::vars_os() {
+            if k.as_bytes() != extra.0.as_bytes() {
+                envp.push(cstr(&[k.as_bytes(), b"=", v.as_bytes()].concat())?);
+            }
+        }
+        envp.push(cstr(format!("{}={}", extra.0, extra.1).as_bytes())?);
+        Ok((path, argv, envp))
+    };
+    let (path, argv, envp) = match build() {
+        Ok(built) => built,
+        Err(e) => return e,
+    };
+    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_ptrs.push(std::ptr::null());
+    let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|e| e.as_ptr()).collect();
+    envp_ptrs.push(std::ptr::null());
+    // SAFETY: every pointer is to a NUL-terminated string kept alive by `path`, `argv` and
+    // `envp` for the duration of the call, and both arrays end with a null pointer.
+    unsafe { libc::execve(path.as_ptr(), argv_ptrs.as_ptr(), envp_ptrs.as_ptr()) };
+    std::io::Error::last_os_error()
+}

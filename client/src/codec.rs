@@ -19,11 +19,16 @@ pub const MAX_MSG_SIZE: usize = 64 << 10;
 /// Largest payload.
 pub const MAX_PAYLOAD: usize = MAX_MSG_SIZE - HEADER_LEN;
 
+/// What decoding one message may allocate. bincode counts decoded (in-memory) sizes, which
+/// run a few times larger than the wire bytes (a `LeaseInfo` is ~3×): 16× the largest payload
+/// still stops a small message from claiming a huge allocation (e.g. a 2^60-byte string).
+pub const MAX_DECODED: usize = 16 * MAX_PAYLOAD;
+
 const CONFIG: bincode::config::Configuration<
     bincode::config::LittleEndian,
     bincode::config::Varint,
-    bincode::config::Limit<MAX_PAYLOAD>,
-> = bincode::config::standard().with_limit::<MAX_PAYLOAD>();
+    bincode::config::Limit<MAX_DECODED>,
+> = bincode::config::standard().with_limit::<MAX_DECODED>();
 
 /// Why a message was refused.
 #[derive(Debug, thiserror::Error)]
@@ -247,6 +252,54 @@ mod tests {
         }
         .write(msg.first_chunk_mut().unwrap());
         assert!(matches!(decode_request(&msg), Err(CodecError::Decode(_))));
+    }
+
+    #[test]
+    fn a_full_list_page_decodes() {
+        use crate::proto::{Extent, HolderInfo, LeaseInfo, LeaseState};
+        let lease = |i: usize| LeaseInfo {
+            name: format!("tenant-{i:04}/vm-{i:04}/ram0"),
+            size: 1 << 30,
+            page_size: PageSize::Huge2M,
+            pool: "default".into(),
+            uid: 1000,
+            gid: 1000,
+            mode: 0o600,
+            persistent: true,
+            state: LeaseState::Held,
+            created: 1_795_000_000,
+            extents: vec![Extent {
+                start: 0x1_0000_0000 + (i as u64) * (1 << 30),
+                len: 1 << 30,
+            }],
+            holders: vec![HolderInfo {
+                pid: 4242,
+                uid: 1000,
+            }],
+            poison: vec![],
+            writable: false,
+            device: Some(format!("dax0.{i}")),
+        };
+        // As many as fit the wire budget, like the broker's pages.
+        let mut leases = Vec::new();
+        while encoded_len(&Response::List {
+            leases: leases.clone(),
+            more: true,
+        }) < MAX_PAYLOAD - 1024
+        {
+            leases.push(lease(leases.len()));
+        }
+        leases.pop();
+        let msg = encode_response(
+            1,
+            &Response::List {
+                leases: leases.clone(),
+                more: true,
+            },
+        )
+        .unwrap();
+        let (_, back) = decode_response(&msg).unwrap();
+        assert_eq!(back, Response::List { leases, more: true });
     }
 
     #[test]

@@ -143,14 +143,25 @@ pub fn run(socket: &Path, args: ServeArgs) -> Result<(), String> {
         lost.extend(restored.lost);
         pools.push(pool);
     }
+    // Memfds that belong to no lease (freed just before a crash, or a dropped torn record):
+    // close them, and drop them from systemd's fd store so their memory is really freed.
+    let notifier = crate::notify::Notifier::from_env();
     for id in fds.keys() {
         tracing::warn!(
             id,
             "an inherited memfd belongs to no lease in the journal; closed"
         );
+        if let Some(n) = &notifier {
+            n.remove(*id);
+        }
     }
     drop(fds);
-    let broker = Arc::new(Broker::new(pools, admin_gid, Some(journal.clone())));
+    let broker = Arc::new(Broker::new(
+        pools,
+        admin_gid,
+        Some(journal.clone()),
+        notifier,
+    ));
     broker.restore(&replayed, memory, lost, &journal);
     match listener.duplicate() {
         Ok((sock, lock)) => broker.set_handover(sock, lock),

@@ -119,6 +119,9 @@ struct Record {
     orphan: bool,
 }
 
+/// Where leases removed while held are kept after a restart (see [`Namespace::restore`]).
+pub const REMOVED_PREFIX: &str = ".removed/";
+
 /// A committed lease: its id, its description, its memory.
 pub type Committed = (u64, LeaseInfo, Arc<Allocation>);
 
@@ -237,30 +240,44 @@ impl Namespace {
             .iter()
             .position(|p| p.name == l.pool)
             .ok_or_else(|| format!("pool {} is not configured", l.pool))?;
-        if replayed.named && self.names.contains_key(&l.name) {
-            return Err(format!("name {} is taken twice", l.name));
+        // A lease removed while held: its holder cannot re-attach by name, yet may still map it
+        // (a running guest), so it is never released behind its back. It is kept, persistent,
+        // under a reserved name until an operator removes it.
+        let name = if replayed.named {
+            l.name.clone()
+        } else {
+            format!("{REMOVED_PREFIX}{}", l.id)
+        };
+        if self.names.contains_key(&name) {
+            return Err(format!("name {name} is taken twice"));
+        }
+        if !replayed.named {
+            tracing::warn!(
+                lease = %l.name,
+                kept_as = %name,
+                "a lease removed while held survived the restart; its holder may still use it: \
+                 kept until `membroker rm {name}`"
+            );
         }
         let record = Record {
-            name: l.name.clone(),
+            name: name.clone(),
             pool,
             size: l.size,
             page_size: l.page_size,
             uid: l.uid,
             gid: l.gid,
             mode: l.mode,
-            persistent: l.persistent,
+            persistent: l.persistent || !replayed.named,
             created: l.created,
             memory: Arc::new(memory),
             holders: BTreeMap::new(),
             poison: replayed.poison.clone(),
-            removed: !replayed.named,
+            removed: false,
             orphan: true,
         };
         self.pools[pool].used += l.size;
         self.pools[pool].leases += 1;
-        if replayed.named {
-            self.names.insert(l.name.clone(), l.id);
-        }
+        self.names.insert(name, l.id);
         self.records.insert(l.id, record);
         self.next_id = self.next_id.max(l.id + 1);
         Ok(())
@@ -372,6 +389,12 @@ impl Namespace {
     /// Checks a create request and charges its pool.
     pub fn reserve(&mut self, peer: &Peer, req: &CreateLease) -> Result<Reservation> {
         check_name(&req.name).map_err(NsError::Invalid)?;
+        if is_under(&req.name, REMOVED_PREFIX) {
+            return Err(NsError::Invalid(format!(
+                "lease {}: names under {REMOVED_PREFIX} are reserved for leases removed while held",
+                req.name
+            )));
+        }
         if req.mode & !0o777 != 0 {
             return Err(NsError::Invalid(format!(
                 "lease {}: mode {:o} has bits beyond 0777",

@@ -78,6 +78,7 @@ impl Broker {
         pools: Vec<Pool>,
         admin_gid: Option<u32>,
         journal: Option<Arc<crate::journal::Journal>>,
+        notifier: Option<crate::notify::Notifier>,
     ) -> Broker {
         let accounts = pools
             .iter()
@@ -102,7 +103,7 @@ impl Broker {
             ns: Mutex::new(ns),
             admin_gid,
             ops: parking_lot::RwLock::new(()),
-            notifier: crate::notify::Notifier::from_env(),
+            notifier,
             handover: parking_lot::Mutex::new(None),
             instance: format!(
                 "membroker {} (pid {}, started {}.{:03})",
@@ -133,7 +134,6 @@ impl Broker {
     /// file and every memfd lease. Waits for requests in flight first. Only returns on failure
     /// (then nothing changed and this broker goes on serving).
     pub fn upgrade(&self, peer: &Peer) -> Result<std::convert::Infallible, String> {
-        use std::os::unix::process::CommandExt;
         if !peer.admin {
             return Err(
                 "permission denied: only root and the admin group may upgrade the broker".into(),
@@ -164,19 +164,20 @@ impl Broker {
                 .into_iter()
                 .chain(memfds.iter().map(|(_, fd)| *fd))
         };
-        let spec = match crate::handover::prepare(listener.as_fd(), lock.as_fd(), &memfds) {
-            Ok(spec) => spec,
+        let prepared = match crate::handover::prepare(listener.as_fd(), lock.as_fd(), &memfds) {
+            Ok(prepared) => prepared,
             Err(e) => {
                 crate::handover::restore_cloexec(all());
                 return Err(format!("cannot prepare the hand-over: {e}"));
             }
         };
         tracing::info!(exe = %exe.display(), leases = memory.len(), "upgrading: re-executing the broker");
-        let err = std::process::Command::new(&exe)
-            .args(std::env::args_os().skip(1))
-            .env(crate::handover::HANDOVER_ENV, spec)
-            .exec();
+        // execve itself: a file the kernel refuses (truncated, not a program) fails here and
+        // this broker goes on, instead of glibc retrying it with /bin/sh.
+        let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+        let err = crate::sys::execve(&exe, &args, (crate::handover::HANDOVER_ENV, &prepared.env));
         crate::handover::restore_cloexec(all());
+        prepared.discard();
         tracing::error!(error = %err, "upgrade failed; still serving");
         Err(format!(
             "exec {} failed: {err}; the running broker goes on serving",
@@ -353,11 +354,15 @@ impl Broker {
     }
 
     fn list(&self, prefix: &str, after: Option<&str>) -> Reply {
+        // Both the wire size and the count are bounded, so a page always decodes within the
+        // client's allocation budget (codec::MAX_DECODED).
+        const MAX_PAGE: usize = 256;
         let budget = MAX_PAYLOAD - 1024;
-        let mut used = 0usize;
+        let (mut used, mut count) = (0usize, 0usize);
         let fits = |info: &LeaseInfo| {
             used = used.saturating_add(encoded_len(info));
-            used <= budget
+            count += 1;
+            used <= budget && count <= MAX_PAGE
         };
         let (leases, more) = self.ns.lock().list(prefix, after, fits);
         Reply::new(Response::List { leases, more })
@@ -380,18 +385,31 @@ impl Broker {
                 tracing::error!(lease = %lease.lease.name, why, "cannot restore lease");
             }
         }
-        for (id, why) in lost {
-            let lease = &replayed.leases[&id];
-            tracing::error!(lease = %lease.lease.name, id, why, "lease lost across the restart");
-            if let Some(n) = &self.notifier {
-                n.remove(id);
+        const NAMED: usize = 20;
+        for (i, (id, why)) in lost.iter().enumerate() {
+            if i < NAMED {
+                let lease = &replayed.leases[id];
+                tracing::error!(lease = %lease.lease.name, id, why, "lease lost across the restart");
             }
-            if let Err(e) = journal.append(&crate::journal::Record::Freed { id }) {
-                tracing::error!(error = %error_chain(&e), "cannot journal a lost lease");
+            if let Some(n) = &self.notifier {
+                n.remove(*id);
             }
         }
+        if lost.len() > NAMED {
+            tracing::error!(
+                more = lost.len() - NAMED,
+                "more leases lost across the restart"
+            );
+        }
+        // The compacted journal no longer lists lost leases; only if compaction fails are they
+        // journaled as freed one by one.
         if let Err(e) = journal.compact(&ns.snapshot()) {
             tracing::error!(error = %error_chain(&e), "journal compaction at start failed");
+            for (id, _) in &lost {
+                if let Err(e) = journal.append(&crate::journal::Record::Freed { id: *id }) {
+                    tracing::error!(error = %error_chain(&e), "cannot journal a lost lease");
+                }
+            }
         }
     }
 
