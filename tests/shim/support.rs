@@ -195,8 +195,9 @@ pub struct Qemu {
     lines: mpsc::Receiver<String>,
     /// Console lines so far.
     pub seen: Vec<String>,
-    /// Everything QEMU wrote on stderr (complete once it exited).
+    /// Everything QEMU wrote on stderr (complete once it exited and `kill`/`wait_exit` returned).
     pub stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    stderr_reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Qemu {
@@ -265,7 +266,7 @@ impl Qemu {
         let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         let mut err_pipe = child.stderr.take().unwrap();
         let sink = stderr.clone();
-        std::thread::spawn(move || {
+        let stderr_reader = std::thread::spawn(move || {
             let mut s = String::new();
             let _ = std::io::Read::read_to_string(&mut err_pipe, &mut s);
             sink.lock().unwrap().push_str(&s);
@@ -275,6 +276,7 @@ impl Qemu {
             lines,
             seen: Vec::new(),
             stderr,
+            stderr_reader: Some(stderr_reader),
         }
     }
 
@@ -314,7 +316,7 @@ impl Qemu {
         let start = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                std::thread::sleep(Duration::from_millis(100));
+                self.join_stderr();
                 return (status.success(), self.stderr.lock().unwrap().clone());
             }
             assert!(
@@ -328,6 +330,15 @@ impl Qemu {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.join_stderr();
+    }
+
+    /// Waits until everything QEMU wrote on stderr is in `self.stderr` (QEMU has exited, so the
+    /// pipe is at end of file).
+    fn join_stderr(&mut self) {
+        if let Some(reader) = self.stderr_reader.take() {
+            let _ = reader.join();
+        }
     }
 }
 

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use membroker_client::Client;
 
 pub mod sys;
+pub mod systemd;
 
 /// Path of a binary built by this workspace (`membroker`, `mb-holder`, …).
 pub fn bin_path(name: &str) -> PathBuf {
@@ -361,7 +362,21 @@ pub fn in_dax_vm(test: &str, vm_args: &[&str]) -> bool {
     }
     let runner = Path::new(env!("CARGO_MANIFEST_DIR")).join("vm/run-in-vm");
     let exe = std::env::current_exe().expect("current_exe");
+    // The VM shares the host root read-only but has its own /tmp, and shares the current
+    // directory at the same path: run from the workspace so that target/ (wherever the
+    // workspace is, /tmp included) is visible inside.
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root");
+    assert!(
+        exe.starts_with(workspace) || !exe.starts_with("/tmp"),
+        "the test binary {} is under /tmp but outside the workspace {}: the dax VM cannot see it \
+         (use a CARGO_TARGET_DIR inside the workspace)",
+        exe.display(),
+        workspace.display()
+    );
     let status = Command::new(&runner)
+        .current_dir(workspace)
         .args(vm_args)
         .args([
             "--env",

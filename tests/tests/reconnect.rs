@@ -427,8 +427,8 @@ fn broker_that_accepts_late_is_waited_for() {
 //
 // For memfd pools a lease survives `membroker upgrade` (the fds are handed across exec) and,
 // under systemd, a kill -9 (the fds wait in the service's fd store). Without a fd store a
-// kill -9 loses memfd leases by design, so the kill -9 variants need a harness that plays
-// systemd's fd store and are ignored until `TestBroker` offers one.
+// kill -9 loses memfd leases by design, so the kill -9 variants run the broker under the
+// harness that plays systemd's side (tests/src/systemd.rs).
 
 /// How a test restarts the broker.
 #[derive(Debug, Clone, Copy)]
@@ -439,9 +439,47 @@ enum Restart {
     Kill9,
 }
 
-fn restart(broker: &mut TestBroker, how: Restart) {
-    match how {
-        Restart::Upgrade => {
+/// A broker for a restart test: plain for upgrades, under the systemd harness (its fd store
+/// keeps the memfds) for kill -9.
+enum AnyBroker {
+    Plain(TestBroker),
+    Systemd(membroker_tests::systemd::Service),
+}
+
+impl AnyBroker {
+    fn new(how: Restart) -> AnyBroker {
+        let args = ["--pool", "memfd:t:128M"];
+        match how {
+            Restart::Upgrade => AnyBroker::Plain(TestBroker::start(&args)),
+            Restart::Kill9 => AnyBroker::Systemd(membroker_tests::systemd::Service::start(&args)),
+        }
+    }
+
+    fn client(&self) -> membroker_client::Client {
+        match self {
+            AnyBroker::Plain(b) => b.client(),
+            AnyBroker::Systemd(s) => s.client(),
+        }
+    }
+
+    fn socket(&self) -> &std::path::Path {
+        match self {
+            AnyBroker::Plain(b) => b.socket(),
+            AnyBroker::Systemd(s) => s.socket(),
+        }
+    }
+
+    fn log(&self) -> String {
+        match self {
+            AnyBroker::Plain(b) => b.log(),
+            AnyBroker::Systemd(s) => s.log(),
+        }
+    }
+}
+
+fn restart(broker: &mut AnyBroker, how: Restart) {
+    match (how, broker) {
+        (Restart::Upgrade, AnyBroker::Plain(broker)) => {
             let out = broker.run_cli(&["upgrade"]);
             assert!(
                 out.status.success(),
@@ -450,11 +488,12 @@ fn restart(broker: &mut TestBroker, how: Restart) {
                 broker.log()
             );
         }
-        Restart::Kill9 => {
-            broker.kill9();
+        (Restart::Kill9, AnyBroker::Systemd(service)) => {
+            service.kill9();
             std::thread::sleep(Duration::from_millis(300));
-            broker.restart();
+            service.restart();
         }
+        _ => unreachable!("AnyBroker::new picks the broker for the restart"),
     }
 }
 
@@ -462,7 +501,7 @@ fn restart(broker: &mut TestBroker, how: Restart) {
 /// restarts; afterwards the same `Client` works without the caller reconnecting, is a holder
 /// again, and the broker's lease holds exactly what was written.
 fn holder_keeps_writing_through(how: Restart) {
-    let mut broker = memfd_broker();
+    let mut broker = AnyBroker::new(how);
     let mut client = broker.client();
     let name = "tenant/vm1/ram0";
     let lease = client
@@ -533,7 +572,6 @@ fn holder_keeps_writing_through_an_upgrade() {
 }
 
 #[test]
-#[ignore = "memfd leases survive kill -9 only through systemd's fd store: needs a TestBroker that plays it"]
 fn holder_keeps_writing_through_kill9_and_restart() {
     holder_keeps_writing_through(Restart::Kill9);
 }
@@ -541,7 +579,7 @@ fn holder_keeps_writing_through_kill9_and_restart() {
 /// A non-persistent lease is kept for the re-attach grace period after a restart, and the
 /// holder's next call re-attaches it.
 fn non_persistent_lease_is_reattached(how: Restart) {
-    let mut broker = memfd_broker();
+    let mut broker = AnyBroker::new(how);
     let mut client = broker.client();
     let lease = client.create(CreateLease::new("np", 4 * MIB)).unwrap();
     let map = lease.map().unwrap();
@@ -570,7 +608,6 @@ fn non_persistent_lease_is_reattached_after_an_upgrade() {
 }
 
 #[test]
-#[ignore = "memfd leases survive kill -9 only through systemd's fd store: needs a TestBroker that plays it"]
 fn non_persistent_lease_is_reattached_after_kill9_and_restart() {
     non_persistent_lease_is_reattached(Restart::Kill9);
 }
@@ -618,7 +655,7 @@ fn calls_during_an_upgrade_all_succeed() {
 /// The shim's watcher thread re-attaches QEMU's leases and re-arms the poison-report socket
 /// after a broker restart, without any hook call from the application.
 fn shim_reattaches_and_rearms_poison_reports(how: Restart) {
-    let mut broker = memfd_broker();
+    let mut broker = AnyBroker::new(how);
     let mut cmd = Command::new(bin_path("mb-shim-helper"));
     cmd.env("LD_PRELOAD", support::shim_path())
         .env("MEMBROKER_SOCKET", broker.socket())
@@ -678,7 +715,6 @@ fn shim_reattaches_and_rearms_poison_reports_after_an_upgrade() {
 }
 
 #[test]
-#[ignore = "memfd leases survive kill -9 only through systemd's fd store: needs a TestBroker that plays it"]
 fn shim_reattaches_and_rearms_poison_reports_after_kill9_and_restart() {
     shim_reattaches_and_rearms_poison_reports(Restart::Kill9);
 }
