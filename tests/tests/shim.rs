@@ -260,6 +260,66 @@ fn reattach_by_prefix_finds_the_same_memory() {
     assert!(err.contains("live/vm7/ram0 is 67108864 bytes"), "{err}");
 }
 
+/// On a device-dax lease there is no hole to punch: the shim zeroes discarded ranges itself.
+/// Runs inside the dax VM.
+#[test]
+#[cfg_attr(
+    not(feature = "devdax"),
+    ignore = "boots the dax VM: run with --features devdax (scripts/test does)"
+)]
+fn discard_on_a_device_lease_reads_zero() {
+    if !membroker_tests::in_dax_vm(
+        "discard_on_a_device_lease_reads_zero",
+        &["--dax-size", "512M"],
+    ) {
+        return;
+    }
+    let broker = TestBroker::start(&["--pool", "devdax:dax:region0:2M"]);
+    let mut h = shim_helper(
+        broker.socket(),
+        &[
+            ("MEMBROKER_LEASE_PREFIX", "dd/vm"),
+            ("MEMBROKER_PERSIST", "1"),
+        ],
+    );
+    let (i, _) = h.alloc(64 * MIB);
+    assert!(
+        lease(&broker, "dd/vm/ram0").device.is_some(),
+        "the RAM is a device lease"
+    );
+    h.ok(&format!("fill {i} 0 {} 171", 64 * MIB));
+    for (n, advice) in ["dontneed", "remove", "free"].iter().enumerate() {
+        let off = (4 + 8 * n as u64) * MIB;
+        assert_eq!(
+            h.ok(&format!("madvise {i} {off} {} {advice}", 8 * MIB)),
+            vec!["0", "0"],
+            "{advice}"
+        );
+    }
+    for n in 0..3u64 {
+        let off = (4 + 8 * n) * MIB;
+        assert_eq!(
+            h.ok(&format!("sum {i} {off} {}", 8 * MIB)),
+            vec!["0"],
+            "piece {n}"
+        );
+        assert_eq!(
+            sum_through_broker(&broker, "dd/vm/ram0", off as usize, 8 * MIB as usize),
+            0,
+            "piece {n}"
+        );
+    }
+    assert_eq!(
+        h.ok(&format!("sum {i} 0 {}", 4 * MIB)),
+        vec![(171 * 4 * MIB).to_string()]
+    );
+    assert_eq!(
+        sum_through_broker(&broker, "dd/vm/ram0", 28 * MIB as usize, MIB as usize),
+        171 * MIB
+    );
+    h.finish();
+}
+
 #[test]
 fn discard_punches_the_lease_and_reads_zero() {
     let broker = TestBroker::start(&["--pool", "memfd:t:256M"]);
