@@ -51,6 +51,9 @@ pub enum JournalError {
     },
 }
 
+/// Lease ids stay below this (2^62): far beyond any real history, and `id + 1` never overflows.
+pub const MAX_ID: u64 = 1 << 62;
+
 /// Result alias of this module.
 pub type Result<T> = std::result::Result<T, JournalError>;
 
@@ -253,6 +256,10 @@ fn apply(state: &mut Replayed, record: Record) -> std::result::Result<(), String
     match record {
         Record::Lease(l) => {
             let id = l.id;
+            // Ids count up from 1; anything near the top of u64 is damage, not history.
+            if id == 0 || id >= MAX_ID {
+                return Err(format!("lease id {id} is out of range"));
+            }
             state.next_id = state.next_id.max(id + 1);
             let replayed = ReplayedLease {
                 lease: l,

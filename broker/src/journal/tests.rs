@@ -150,6 +150,19 @@ fn contradictions_are_refused() {
         "{err}"
     );
     let dir = tempfile::tempdir().unwrap();
+    let Record::Lease(mut huge) = lease(1) else {
+        unreachable!()
+    };
+    huge.id = u64::MAX;
+    write_all(dir.path(), &[Record::Lease(huge)]);
+    let err = Journal::open(dir.path(), true).unwrap_err().to_string();
+    assert!(
+        err.contains(
+            "line 1 contradicts earlier records: lease id 18446744073709551615 is out of range"
+        ),
+        "{err}"
+    );
+    let dir = tempfile::tempdir().unwrap();
     write_all(dir.path(), &[lease(1), lease(1)]);
     let err = Journal::open(dir.path(), true).unwrap_err().to_string();
     assert!(err.contains("lease 1 recorded twice"), "{err}");

@@ -276,7 +276,11 @@ impl Broker {
                     PoolError::NoHugePages { .. } | PoolError::NoMemory { .. } => {
                         ErrorCode::OutOfMemory
                     }
-                    PoolError::NoSpace { .. } => ErrorCode::NoSpace,
+                    PoolError::NoSpace { .. }
+                    | PoolError::Dax {
+                        source: crate::pool::DaxError::StaticBusy { .. },
+                        ..
+                    } => ErrorCode::NoSpace,
                     PoolError::Dax {
                         source: crate::pool::DaxError::StaticWholeOnly { .. },
                         ..

@@ -70,7 +70,10 @@ pub enum DaxError {
         size: String,
         asked: String,
     },
-    #[error("region{region} is static and its only device {device} is already leased")]
+    #[error(
+        "region{region} is static and its only device {device} is leased or still being \
+         scrubbed; try again once `membroker df` shows nothing scrubbing"
+    )]
     StaticBusy { region: u32, device: String },
     #[error("region{region} has no usable device")]
     StaticEmpty { region: u32 },
@@ -108,7 +111,7 @@ pub struct DevdaxPool {
     /// Extents of a dynamic region (free, leased, dirty, quarantined).
     extents: Arc<Mutex<ExtentAllocator>>,
     /// The one device of a static region, and whether it is leased.
-    whole: Option<(String, u64, AtomicBool)>,
+    whole: Option<(String, u64, Arc<AtomicBool>)>,
     /// Serialises device create/configure/delete: `create` reads back the newest device.
     sysfs: Arc<Mutex<()>>,
     scrubber: Scrubber,
@@ -166,7 +169,11 @@ impl DevdaxPool {
             );
             tracing::info!(pool = name, device = %device.name, size = device.size, "static dax region: whole-device leases");
             return Ok(DevdaxPool {
-                whole: Some((device.name.clone(), device.size, AtomicBool::new(false))),
+                whole: Some((
+                    device.name.clone(),
+                    device.size,
+                    Arc::new(AtomicBool::new(false)),
+                )),
                 region,
                 align,
                 extents,
@@ -335,15 +342,8 @@ impl DevdaxPool {
     /// A lease nobody holds: scrub it, then make its memory free (and journal `Freed{id}`).
     pub fn release(&self, id: u64, memory: Arc<Allocation>) {
         match &self.whole {
-            Some((_, _, leased)) => {
-                // Zeroed synchronously: a static region has one lease at a time.
-                if let Err(e) = scrub::zero(&memory.fd, memory.extents[0].len) {
-                    tracing::error!(error = %e, "scrubbing the static device failed; it stays leased");
-                    return;
-                }
-                leased.store(false, Ordering::Release);
-                self.scrubber.journal_freed(id);
-            }
+            // Zeroed off the request path too; the device stays leased until it is done.
+            Some((_, _, leased)) => self.scrubber.submit_whole(id, memory, leased.clone()),
             // The extents stay leased (never allocatable) until the device is zeroed and gone.
             None => self.scrubber.submit(id, memory),
         }
@@ -411,7 +411,7 @@ impl DevdaxPool {
             };
             return Usage {
                 free,
-                scrubbing: 0,
+                scrubbing: self.scrubber.pending_bytes(),
                 quarantined: 0,
             };
         }

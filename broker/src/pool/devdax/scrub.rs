@@ -2,7 +2,7 @@
 
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Sender, unbounded};
@@ -28,7 +28,7 @@ pub fn destroy(region: &Region, device: &str) -> Result<(), DaxError> {
 /// A pool of scrub workers fed through a channel.
 #[derive(Debug)]
 pub struct Scrubber {
-    jobs: Option<Sender<(u64, Arc<Allocation>)>>,
+    jobs: Option<Sender<Job>>,
     workers: Vec<JoinHandle<()>>,
     /// Bytes queued or being zeroed.
     pending: Arc<AtomicU64>,
@@ -43,7 +43,7 @@ impl Scrubber {
         region: Region,
         journal: Option<Arc<Journal>>,
     ) -> Scrubber {
-        let (tx, rx) = unbounded::<(u64, Arc<Allocation>)>();
+        let (tx, rx) = unbounded::<Job>();
         let pending = Arc::new(AtomicU64::new(0));
         let workers = (0..workers.max(1))
             .map(|i| {
@@ -53,11 +53,15 @@ impl Scrubber {
                 std::thread::Builder::new()
                     .name(format!("scrub-{i}"))
                     .spawn(move || {
-                        for (id, memory) in rx {
-                            if scrub_one(&memory, &extents, &sysfs, &region) {
-                                freed(journal.as_deref(), id);
+                        for job in rx {
+                            let done = match &job.whole {
+                                Some(leased) => scrub_whole(&job.memory, leased),
+                                None => scrub_one(&job.memory, &extents, &sysfs, &region),
+                            };
+                            if done {
+                                freed(journal.as_deref(), job.id);
                             }
-                            pending.fetch_sub(lease_len(&memory), Ordering::Relaxed);
+                            pending.fetch_sub(lease_len(&job.memory), Ordering::Relaxed);
                         }
                     })
                     .expect("spawn a scrub worker")
@@ -78,10 +82,28 @@ impl Scrubber {
 
     /// Queues a released lease; its extents stay leased until it is zeroed and destroyed.
     pub fn submit(&self, id: u64, memory: Arc<Allocation>) {
+        self.send(Job {
+            id,
+            memory,
+            whole: None,
+        });
+    }
+
+    /// Queues the released lease of a static region's only device: zeroed, never destroyed;
+    /// `leased` is cleared when it is done.
+    pub fn submit_whole(&self, id: u64, memory: Arc<Allocation>, leased: Arc<AtomicBool>) {
+        self.send(Job {
+            id,
+            memory,
+            whole: Some(leased),
+        });
+    }
+
+    fn send(&self, job: Job) {
         if let Some(jobs) = &self.jobs {
             self.pending
-                .fetch_add(lease_len(&memory), Ordering::Relaxed);
-            if jobs.send((id, memory)).is_err() {
+                .fetch_add(lease_len(&job.memory), Ordering::Relaxed);
+            if jobs.send(job).is_err() {
                 tracing::error!("scrub workers are gone; the lease's memory stays out of use");
             }
         }
@@ -91,6 +113,26 @@ impl Scrubber {
     pub fn pending_bytes(&self) -> u64 {
         self.pending.load(Ordering::Relaxed)
     }
+}
+
+/// A released lease to scrub.
+#[derive(Debug)]
+struct Job {
+    id: u64,
+    memory: Arc<Allocation>,
+    /// For a static region's device: its `leased` flag.
+    whole: Option<Arc<AtomicBool>>,
+}
+
+fn scrub_whole(memory: &Allocation, leased: &AtomicBool) -> bool {
+    let len = lease_len(memory);
+    if let Err(e) = zero(&memory.fd, len) {
+        tracing::error!(error = %e, "scrubbing the static device failed; it stays out of use");
+        return false;
+    }
+    leased.store(false, Ordering::Release);
+    tracing::info!(bytes = len, "static device scrubbed");
+    true
 }
 
 fn scrub_one(
