@@ -662,6 +662,7 @@ fn a_static_region_serves_whole_device_leases_only() {
         .unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::NoSpace), "{err}");
     client.release("whole").unwrap();
+    wait_scrubbed(&broker);
     let again = client.create(CreateLease::new("next", whole)).unwrap();
     let map = again.map().unwrap();
     let mut buf = vec![1u8; map.len()];
