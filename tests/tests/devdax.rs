@@ -531,6 +531,9 @@ fn device_leases_and_quarantine_survive_a_broker_kill_9() {
     let stable = |broker: &TestBroker| -> Vec<serde_json::Value> {
         let out = broker.run_cli(&["ls", "--json"]);
         let mut leases: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        // The non-persistent vm/temp may already be past its (1 s) re-attach grace period on a
+        // slow machine; its release is checked below.
+        leases.retain(|l| l["persistent"] == true);
         for l in &mut leases {
             let l = l.as_object_mut().unwrap();
             l.remove("holders");
