@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use membroker_client::{Client, CreateLease, LeaseInfo};
 use membroker_tests::systemd::{Service, inode_of};
-use membroker_tests::{TestBroker, bin_path, pattern, stderr_err, stdout_ok};
+use membroker_tests::{Rng, TestBroker, bin_path, pattern, stderr_err, stdout_ok};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -839,23 +839,6 @@ fn journal_of_a_pool_no_longer_configured_is_refused() {
 }
 
 // ---- crash torture ------------------------------------------------------------------------
-
-/// splitmix64.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 /// `RESTART_SEED`, else a fresh one.
 fn seed() -> u64 {

@@ -23,6 +23,7 @@
 //! ```
 //! CK is FNV-1a 64 over the lease's bytes, as read back through the mapping.
 
+use membroker_tests::Rng;
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 use std::os::fd::AsFd;
@@ -43,23 +44,6 @@ fn checksum(data: &[u8]) -> u64 {
     data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     })
-}
-
-/// splitmix64: small, seedable, good enough for choosing steps.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
 }
 
 struct Mine {
@@ -229,7 +213,7 @@ impl Storm {
     }
 
     fn write(&mut self, name: &str) {
-        let seed = self.rng.next();
+        let seed = self.rng.next_u64();
         let Some((_, map)) = self.mine[name].held.as_ref() else {
             return;
         };
