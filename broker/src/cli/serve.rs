@@ -135,6 +135,12 @@ pub fn run(socket: &Path, args: ServeArgs) -> Result<(), String> {
                 .filter(|(p, _)| p == spec.name())
                 .map(|(_, e)| *e)
                 .collect(),
+            creating: replayed
+                .creating
+                .iter()
+                .filter(|(p, _)| p == spec.name())
+                .map(|(_, e)| e.clone())
+                .collect(),
             fds: &mut fds,
         };
         let (pool, restored) = Pool::open(spec, ctx).map_err(|e| error_chain(&e))?;

@@ -68,6 +68,8 @@ pub struct Replayed {
     pub records: u64,
     /// A torn or corrupt last record was dropped.
     pub dropped_tail: bool,
+    /// Device creations that started and were never resolved (pool, extents).
+    pub creating: Vec<(String, Vec<Extent>)>,
 }
 
 /// The open journal.
@@ -83,6 +85,35 @@ pub struct Journal {
 struct Inner {
     file: File,
     records: u64,
+    /// Scrubs started and not finished: the lease records they need after a crash. Carried
+    /// over by compaction, which only sees the namespace's live leases.
+    scrubbing: BTreeMap<u64, LeaseRecord>,
+    /// Device creations started and not resolved, also carried over by compaction.
+    creating: Vec<(String, Vec<Extent>)>,
+}
+
+impl Inner {
+    /// Keeps the in-flight sets in step with a record being written.
+    fn track(&mut self, record: &Record) {
+        match record {
+            Record::Freed { id } => {
+                self.scrubbing.remove(id);
+            }
+            Record::Creating { pool, extents } => {
+                self.creating.push((pool.clone(), extents.clone()))
+            }
+            Record::Abandoned { pool, extents } => resolve(&mut self.creating, pool, extents),
+            Record::Lease(l) => resolve(&mut self.creating, &l.pool, &l.extents),
+            _ => {}
+        }
+    }
+}
+
+/// Drops the creation of `extents` in `pool` from `creating`.
+fn resolve(creating: &mut Vec<(String, Vec<Extent>)>, pool: &str, extents: &[Extent]) {
+    if let Some(i) = creating.iter().position(|(p, e)| p == pool && e == extents) {
+        creating.remove(i);
+    }
 }
 
 fn encode(record: &Record) -> Vec<u8> {
@@ -145,6 +176,13 @@ impl Journal {
             inner: Mutex::new(Inner {
                 file,
                 records: replayed.records,
+                scrubbing: replayed
+                    .leases
+                    .values()
+                    .filter(|l| l.scrubbing)
+                    .map(|l| (l.lease.id, l.lease.clone()))
+                    .collect(),
+                creating: replayed.creating.clone(),
             }),
             path,
         };
@@ -171,6 +209,15 @@ impl Journal {
             inner.file.sync_data().map_err(io("cannot sync"))?;
         }
         inner.records += 1;
+        inner.track(record);
+        Ok(())
+    }
+
+    /// Journals that a device lease nobody holds is being scrubbed, keeping its record until
+    /// the scrub's `Freed` (so that a compaction meanwhile does not forget the device).
+    pub fn begin_scrub(&self, lease: &LeaseRecord) -> Result<()> {
+        self.append(&Record::Scrub { id: lease.id })?;
+        self.inner.lock().scrubbing.insert(lease.id, lease.clone());
         Ok(())
     }
 
@@ -198,6 +245,21 @@ impl Journal {
         for record in snapshot {
             buf.extend_from_slice(&encode(record));
         }
+        // What is in flight outside the namespace: scrubs and device creations.
+        let mut extra = 0;
+        for lease in inner.scrubbing.values() {
+            buf.extend_from_slice(&encode(&Record::Lease(lease.clone())));
+            buf.extend_from_slice(&encode(&Record::Scrub { id: lease.id }));
+            extra += 2;
+        }
+        for (pool, extents) in &inner.creating {
+            let record = Record::Creating {
+                pool: pool.clone(),
+                extents: extents.clone(),
+            };
+            buf.extend_from_slice(&encode(&record));
+            extra += 1;
+        }
         out.write_all(&buf).map_err(io("cannot write"))?;
         out.sync_all().map_err(io("cannot sync"))?;
         std::fs::rename(&new, &self.path).map_err(io("cannot rename over the journal"))?;
@@ -206,7 +268,7 @@ impl Journal {
             .append(true)
             .open(&self.path)
             .map_err(io("cannot reopen"))?;
-        inner.records = snapshot.len() as u64;
+        inner.records = snapshot.len() as u64 + extra;
         Ok(())
     }
 }
@@ -261,6 +323,7 @@ fn apply(state: &mut Replayed, record: Record) -> std::result::Result<(), String
                 return Err(format!("lease id {id} is out of range"));
             }
             state.next_id = state.next_id.max(id + 1);
+            resolve(&mut state.creating, &l.pool, &l.extents);
             let replayed = ReplayedLease {
                 lease: l,
                 named: true,
@@ -284,6 +347,8 @@ fn apply(state: &mut Replayed, record: Record) -> std::result::Result<(), String
         Record::Quarantine { pool, start, len } => {
             state.quarantine.push((pool, Extent { start, len }))
         }
+        Record::Creating { pool, extents } => state.creating.push((pool, extents)),
+        Record::Abandoned { pool, extents } => resolve(&mut state.creating, &pool, &extents),
     }
     Ok(())
 }

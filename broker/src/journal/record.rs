@@ -37,6 +37,12 @@ pub enum Record {
     Freed { id: u64 },
     /// Physical memory of a pool with memory errors: never leased again.
     Quarantine { pool: String, start: u64, len: u64 },
+    /// A device is about to be made on these extents (before any sysfs write). Resolved by the
+    /// `Lease` with the same pool and extents, or by `Abandoned`; an unresolved one after a
+    /// crash names a half-made device the broker may destroy (it was never delivered).
+    Creating { pool: String, extents: Vec<Extent> },
+    /// A `Creating` whose device was not delivered and is gone again.
+    Abandoned { pool: String, extents: Vec<Extent> },
 }
 
 /// A lease rebuilt from the journal.

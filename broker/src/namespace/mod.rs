@@ -623,11 +623,17 @@ impl Namespace {
         pool.used -= record.size;
         pool.leases -= 1;
         // A device lease is scrubbed first; its pool journals `Freed` when that is done.
-        let done = match pool.kind {
-            PoolKind::Memfd => JournalRecord::Freed { id },
-            PoolKind::Devdax => JournalRecord::Scrub { id },
-        };
-        self.log(&done);
+        match pool.kind {
+            PoolKind::Memfd => self.log(&JournalRecord::Freed { id }),
+            PoolKind::Devdax => {
+                let lease = self.lease_record(id, &record);
+                if let Some(journal) = &self.journal {
+                    if let Err(e) = journal.begin_scrub(&lease) {
+                        tracing::error!(error = %crate::server::error_chain(&e), id, "journal append failed");
+                    }
+                }
+            }
+        }
         Some(FreedLease {
             pool: record.pool,
             id,

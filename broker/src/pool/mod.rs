@@ -95,6 +95,8 @@ pub struct OpenContext<'a> {
     pub leases: Vec<&'a ReplayedLease>,
     /// The journal's quarantined ranges of this pool.
     pub quarantine: Vec<Extent>,
+    /// Device creations of this pool the journal saw start and never resolved.
+    pub creating: Vec<Vec<Extent>>,
     /// Memfds handed over by the previous broker, by lease id (taken as used).
     pub fds: &'a mut HashMap<u64, OwnedFd>,
 }
@@ -262,11 +264,13 @@ impl Pool {
                     pool: name.clone(),
                     source,
                 };
-                let adopt = !ctx.leases.is_empty() || !ctx.quarantine.is_empty();
+                let adopt = !ctx.leases.is_empty()
+                    || !ctx.quarantine.is_empty()
+                    || !ctx.creating.is_empty();
                 let pool =
                     DevdaxPool::open(name, *region, *align, ctx.scrub_workers, adopt, ctx.journal)
                         .map_err(dax)?;
-                let restored = pool.restore(&ctx.leases, &ctx.quarantine);
+                let restored = pool.restore(&ctx.leases, &ctx.quarantine, &ctx.creating);
                 Ok((
                     Pool {
                         name: name.clone(),

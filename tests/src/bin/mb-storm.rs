@@ -3,8 +3,10 @@
 //! broker kills by reconnecting and re-attaching what it holds.
 //!
 //! ```text
-//! mb-storm SOCKET PREFIX SEED
+//! mb-storm SOCKET PREFIX SEED [PAGE]
 //! ```
+//! Lease sizes are 1..=32 pages of 4 KiB, or 1..=8 pages of PAGE bytes when given (a device-dax
+//! pool wants multiples of 2 MiB).
 //! stdin, one command a line: `pause` (finish the current step, make sure the broker is
 //! reachable and every held lease re-attached, print `paused`, wait), `resume`, `stop`.
 //!
@@ -58,6 +60,8 @@ struct Storm {
     prefix: String,
     client: Client,
     rng: Rng,
+    /// Lease sizes are multiples of this.
+    page: u64,
     mine: BTreeMap<String, Mine>,
     next: u64,
 }
@@ -153,7 +157,11 @@ impl Storm {
     fn create(&mut self) {
         self.next += 1;
         let name = format!("{}/{}", self.prefix, self.next);
-        let size = (1 + self.rng.below(MAX_PAGES)) * 4096;
+        let size = if self.page == 4096 {
+            (1 + self.rng.below(MAX_PAGES)) * 4096
+        } else {
+            (1 + self.rng.below(8)) * self.page
+        };
         let persistent = self.rng.below(5) != 0;
         let mode = if self.rng.below(2) == 0 { 0o600 } else { 0o640 };
         say(&format!(
@@ -337,9 +345,15 @@ impl Storm {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let [_, socket, prefix, seed] = &args[..] else {
-        eprintln!("usage: mb-storm SOCKET PREFIX SEED");
-        std::process::exit(2);
+    let (socket, prefix, seed, page) = match &args[..] {
+        [_, socket, prefix, seed] => (socket, prefix, seed, 4096),
+        [_, socket, prefix, seed, page] => {
+            (socket, prefix, seed, page.parse().expect("PAGE in bytes"))
+        }
+        _ => {
+            eprintln!("usage: mb-storm SOCKET PREFIX SEED [PAGE]");
+            std::process::exit(2);
+        }
     };
     let seed: u64 = seed.parse().expect("seed");
     let (tx, rx) = mpsc::channel::<String>();
@@ -357,6 +371,7 @@ fn main() {
         socket: socket.clone(),
         prefix: prefix.clone(),
         rng: Rng(seed),
+        page,
         mine: BTreeMap::new(),
         next: 0,
     };

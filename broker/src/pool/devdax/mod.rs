@@ -26,7 +26,7 @@ use rustix::fs::{Mode, OFlags};
 
 use super::extents::ExtentAllocator;
 use super::{Allocation, Usage};
-use crate::journal::Journal;
+use crate::journal::{Journal, Record};
 use scrub::Scrubber;
 use sysfs::Region;
 
@@ -83,6 +83,8 @@ pub enum DaxError {
         align: PageSize,
         region_align: u64,
     },
+    #[error("the state journal refused the change: {0}")]
+    Journal(String),
     #[error("no space: {free} bytes free in aligned extents")]
     NoSpace { free: u64 },
     #[error("device node {} did not appear", .0.display())]
@@ -106,6 +108,8 @@ pub enum DaxError {
 /// A device-dax region owned by the broker.
 #[derive(Debug)]
 pub struct DevdaxPool {
+    name: String,
+    journal: Option<Arc<Journal>>,
     region: Region,
     align: PageSize,
     /// Extents of a dynamic region (free, leased, dirty, quarantined).
@@ -174,6 +178,8 @@ impl DevdaxPool {
                     device.size,
                     Arc::new(AtomicBool::new(false)),
                 )),
+                name: name.to_string(),
+                journal: None,
                 region,
                 align,
                 extents,
@@ -211,6 +217,7 @@ impl DevdaxPool {
                 tracing::info!(pool = name, device = %seed.name, "freed the region's seed device");
             }
         }
+        let journal_for_pool = journal.clone();
         let scrubber = Scrubber::new(
             scrub_workers,
             extents.clone(),
@@ -219,6 +226,8 @@ impl DevdaxPool {
             journal,
         );
         Ok(DevdaxPool {
+            name: name.to_string(),
+            journal: journal_for_pool,
             region,
             align,
             extents,
@@ -251,11 +260,19 @@ impl DevdaxPool {
                 free: alloc.free_bytes(),
             })?
         };
+        // Before any sysfs write: after a crash, the journal names the half-made device.
+        if let Err(e) = self.log(&Record::Creating {
+            pool: self.name.clone(),
+            extents: extents.clone(),
+        }) {
+            give_back(&self.extents, &extents);
+            return Err(e);
+        }
         let _sysfs = self.sysfs.lock();
         let device = match self.region.create_device() {
             Ok(device) => device,
             Err(e) => {
-                give_back(&self.extents, &extents);
+                self.abandon(&extents);
                 return Err(e);
             }
         };
@@ -270,9 +287,35 @@ impl DevdaxPool {
                     tracing::error!(%device, error = %undo, "cannot destroy a half-made device; its extents stay reserved");
                     return Err(e);
                 }
-                give_back(&self.extents, &extents);
+                self.abandon(&extents);
                 Err(e)
             }
+        }
+    }
+
+    fn log(&self, record: &Record) -> Result<(), DaxError> {
+        match &self.journal {
+            Some(journal) => journal
+                .append(record)
+                .map_err(|e| DaxError::Journal(crate::server::error_chain(&e))),
+            None => Ok(()),
+        }
+    }
+
+    /// A creation that delivered nothing: extents free again, journaled as such.
+    fn abandon(&self, extents: &[Extent]) {
+        give_back(&self.extents, extents);
+        self.abandon_journal(extents);
+    }
+
+    /// Journals that the creation of `extents` is over without a lease.
+    pub(super) fn abandon_journal(&self, extents: &[Extent]) {
+        let record = Record::Abandoned {
+            pool: self.name.clone(),
+            extents: extents.to_vec(),
+        };
+        if let Err(e) = self.log(&record) {
+            tracing::error!(error = %e, "cannot journal an abandoned device creation");
         }
     }
 
@@ -395,7 +438,7 @@ impl DevdaxPool {
             scrub::destroy(&self.region, device)
         };
         match destroyed {
-            Ok(()) => give_back(&self.extents, &memory.extents),
+            Ok(()) => self.abandon(&memory.extents),
             Err(e) => {
                 tracing::error!(%device, error = %e, "cannot destroy an undelivered device; its extents stay reserved")
             }

@@ -39,7 +39,14 @@ fn open_device(device: &str) -> Result<std::os::fd::OwnedFd, DaxError> {
 
 impl DevdaxPool {
     /// Takes back the journal's leases of this pool and its quarantine.
-    pub fn restore(&self, leases: &[&ReplayedLease], quarantine: &[Extent]) -> Restored {
+    /// `creating`: device creations the journal saw start and never resolved; a device with
+    /// exactly those ranges was never delivered, and is destroyed.
+    pub fn restore(
+        &self,
+        leases: &[&ReplayedLease],
+        quarantine: &[Extent],
+        creating: &[Vec<Extent>],
+    ) -> Restored {
         let mut out = Restored::default();
         if let Some((device, size, leased)) = &self.whole {
             for l in leases {
@@ -108,7 +115,9 @@ impl DevdaxPool {
                 Err(why) => out.lost.push((l.lease.id, why)),
             }
         }
-        // Devices nobody recorded: never destroyed, kept out of use, reported.
+        // Devices nobody recorded: never destroyed, kept out of use, reported; unless the
+        // journal shows a creation of exactly those ranges that never finished (never delivered).
+        let mut creating: Vec<&Vec<Extent>> = creating.iter().collect();
         if let Ok(devices) = sysfs::region_devices(self.region.id) {
             for device in devices {
                 let Ok(state) = sysfs::device_state(&device) else {
@@ -122,12 +131,33 @@ impl DevdaxPool {
                     .into_iter()
                     .map(|(start, len)| Extent { start, len })
                     .collect();
+                if let Some(i) = creating.iter().position(|c| **c == ranges) {
+                    creating.remove(i);
+                    let destroyed = {
+                        let _sysfs = self.sysfs.lock();
+                        super::scrub::destroy(&self.region, &device)
+                    };
+                    match destroyed {
+                        Ok(()) => {
+                            tracing::info!(%device, "destroyed a half-made device of an interrupted create (never delivered)");
+                            self.abandon_journal(&ranges);
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::error!(%device, error = %crate::server::error_chain(&e), "cannot destroy a half-made device")
+                        }
+                    }
+                }
                 if let Err(e) = self.extents.lock().claim(&ranges) {
                     tracing::error!(%device, error = %e, "unknown device overlaps memory the journal assigns");
                 }
                 tracing::warn!(%device, size = state.size, "device-dax device not in the journal: left alone, its memory kept out of use");
                 out.unknown.push(device);
             }
+        }
+        // Creations that had not made a device yet: nothing to undo.
+        for extents in creating {
+            self.abandon_journal(extents);
         }
         let mut alloc = self.extents.lock();
         for range in quarantine {
