@@ -64,15 +64,8 @@ fn group_id(group: &str) -> Result<u32, String> {
     }
     let groups = std::fs::read_to_string("/etc/group")
         .map_err(|e| format!("cannot read /etc/group: {e}"))?;
-    groups
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split(':');
-            let name = fields.next()?;
-            let gid = fields.nth(1)?.parse().ok()?;
-            (name == group).then_some(gid)
-        })
-        .next()
+    super::table::id_entries(&groups)
+        .find_map(|(name, gid)| (name == group).then_some(gid))
         .ok_or_else(|| format!("no group named {group:?} in /etc/group"))
 }
 

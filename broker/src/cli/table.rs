@@ -65,15 +65,9 @@ pub struct Names {
 impl Names {
     pub fn load() -> Names {
         let read = |path: &str| {
-            std::fs::read_to_string(path)
-                .unwrap_or_default()
-                .lines()
-                .filter_map(|line| {
-                    let mut fields = line.split(':');
-                    let name = fields.next()?.to_string();
-                    let id = fields.nth(1)?.parse().ok()?;
-                    Some((id, name))
-                })
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            id_entries(&text)
+                .map(|(name, id)| (id, name.to_string()))
                 .collect()
         };
         Names {
@@ -95,6 +89,16 @@ impl Names {
             .cloned()
             .unwrap_or_else(|| gid.to_string())
     }
+}
+
+/// `(name, id)` of each entry of an /etc/passwd- or /etc/group-style file.
+pub fn id_entries(text: &str) -> impl Iterator<Item = (&str, u32)> {
+    text.lines().filter_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        let id = fields.nth(1)?.parse().ok()?;
+        Some((name, id))
+    })
 }
 
 /// `-rw-r-----` from mode bits.

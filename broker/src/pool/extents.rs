@@ -304,24 +304,23 @@ impl ExtentAllocator {
     /// A lease's extents come back: they become dirty, and their poisoned parts quarantined.
     /// Err, changing nothing, if any part is not leased.
     pub fn release(&mut self, extents: &[Extent]) -> Result<()> {
-        self.check(extents, "release", "leased", RangeState::is_leased)?;
-        for e in extents {
-            self.apply(e.start, e.start + e.len, |s| match s {
-                RangeState::LeasedPoisoned => RangeState::Quarantined,
-                _ => RangeState::Dirty,
-            });
-        }
-        Ok(())
+        self.give_back(extents, RangeState::Dirty)
     }
 
     /// Leased straight back to free, no scrub (a create that failed before anyone mapped it);
     /// poisoned parts are quarantined. Err, changing nothing, if any part is not leased.
     pub fn release_clean(&mut self, extents: &[Extent]) -> Result<()> {
+        self.give_back(extents, RangeState::Free)
+    }
+
+    /// Leased extents become `to`, their poisoned parts quarantined; nothing changes unless
+    /// every part is leased.
+    fn give_back(&mut self, extents: &[Extent], to: RangeState) -> Result<()> {
         self.check(extents, "release", "leased", RangeState::is_leased)?;
         for e in extents {
             self.apply(e.start, e.start + e.len, |s| match s {
                 RangeState::LeasedPoisoned => RangeState::Quarantined,
-                _ => RangeState::Free,
+                _ => to,
             });
         }
         Ok(())

@@ -163,7 +163,7 @@ impl DevdaxPool {
                 return Err(DaxError::StaticEmpty { region: id });
             };
             let align =
-                PageSize::from_bytes(sysfs_align(&device.name)?).unwrap_or(PageSize::Huge2M);
+                PageSize::from_bytes(sysfs::align(&device.name)?).unwrap_or(PageSize::Huge2M);
             let scrubber = Scrubber::new(
                 scrub_workers,
                 extents.clone(),
@@ -472,17 +472,4 @@ pub(super) fn give_back(extents: &Mutex<ExtentAllocator>, ranges: &[Extent]) {
     if let Err(e) = extents.lock().release_clean(ranges) {
         tracing::error!(error = %e, "extent bookkeeping refused a release");
     }
-}
-
-fn sysfs_align(device: &str) -> Result<u64, DaxError> {
-    let path = PathBuf::from("/sys/bus/dax/devices")
-        .join(device)
-        .join("align");
-    let text = std::fs::read_to_string(&path).map_err(|source| DaxError::Read {
-        path: path.clone(),
-        source,
-    })?;
-    text.trim()
-        .parse()
-        .map_err(|_| DaxError::Parse { path, text })
 }

@@ -193,6 +193,11 @@ pub fn set_size_zero(name: &str) -> Result<(), DaxError> {
     write(&device_dir(name).join("size"), "0")
 }
 
+/// A device's mapping alignment in bytes.
+pub fn align(name: &str) -> Result<u64, DaxError> {
+    read_u64(&device_dir(name).join("align"))
+}
+
 pub fn size(name: &str) -> Result<u64, DaxError> {
     read_u64(&device_dir(name).join("size"))
 }
