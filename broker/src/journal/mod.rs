@@ -245,14 +245,30 @@ impl Journal {
         for record in snapshot {
             buf.extend_from_slice(&encode(record));
         }
-        // What is in flight outside the namespace: scrubs and device creations.
+        // What is in flight outside the namespace: scrubs and device creations, unless the
+        // snapshot already has them (a lease recorded twice would stop the next start).
         let mut extra = 0;
-        for lease in inner.scrubbing.values() {
+        let mut listed = std::collections::BTreeSet::new();
+        let mut creating_listed = Vec::new();
+        for record in snapshot {
+            match record {
+                Record::Lease(l) => {
+                    listed.insert(l.id);
+                }
+                Record::Creating { pool, extents } => creating_listed.push((pool, extents)),
+                _ => {}
+            }
+        }
+        for lease in inner.scrubbing.values().filter(|l| !listed.contains(&l.id)) {
             buf.extend_from_slice(&encode(&Record::Lease(lease.clone())));
             buf.extend_from_slice(&encode(&Record::Scrub { id: lease.id }));
             extra += 2;
         }
-        for (pool, extents) in &inner.creating {
+        for (pool, extents) in inner
+            .creating
+            .iter()
+            .filter(|(p, e)| !creating_listed.contains(&(p, e)))
+        {
             let record = Record::Creating {
                 pool: pool.clone(),
                 extents: extents.clone(),

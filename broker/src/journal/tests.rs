@@ -216,6 +216,50 @@ fn compaction_keeps_the_state_and_shrinks_the_file() {
     assert!(!dir.path().join("journal.new").exists());
 }
 
+#[test]
+fn compaction_keeps_work_in_flight_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let creating = Record::Creating {
+        pool: "default".into(),
+        extents: vec![Extent {
+            start: 0,
+            len: 2 << 20,
+        }],
+    };
+    write_all(
+        dir.path(),
+        &[
+            lease(1),
+            lease(2),
+            Record::Scrub { id: 2 },
+            creating.clone(),
+        ],
+    );
+    let (journal, state) = Journal::open(dir.path(), true).unwrap();
+    assert!(state.leases[&2].scrubbing);
+    assert_eq!(state.creating.len(), 1);
+    // A snapshot that lists the scrubbing lease itself, and one that does not (the namespace's).
+    for snap in [
+        snapshot(state.leases.values(), &[]),
+        snapshot(state.leases.values().filter(|l| !l.scrubbing), &[]),
+    ] {
+        journal.compact(&snap).unwrap();
+        let (_, again) = Journal::open(dir.path(), true).expect("reopens: nothing recorded twice");
+        assert_eq!(again.leases, state.leases);
+        assert_eq!(again.creating, state.creating);
+    }
+    // The scrub finishes: its lease is no longer carried over.
+    journal.append(&Record::Freed { id: 2 }).unwrap();
+    journal
+        .compact(&snapshot(
+            state.leases.values().filter(|l| !l.scrubbing),
+            &[],
+        ))
+        .unwrap();
+    let (_, done) = Journal::open(dir.path(), true).unwrap();
+    assert_eq!(done.leases.keys().copied().collect::<Vec<_>>(), [1]);
+}
+
 proptest! {
     /// A crash at any byte of the journal recovers exactly the records written before it.
     #[test]
