@@ -3,10 +3,12 @@
 #![deny(unsafe_code)]
 
 pub mod cli;
+pub mod error;
 pub mod handover;
 pub mod journal;
 pub mod namespace;
 pub mod notify;
 pub mod pool;
+pub mod restore;
 pub mod server;
 mod sys;

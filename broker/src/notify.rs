@@ -69,10 +69,6 @@ impl Notifier {
         self.send(&format!("READY=1\nSTATUS={status}"), &[]);
     }
 
-    pub fn status(&self, status: &str) {
-        self.send(&format!("STATUS={status}"), &[]);
-    }
-
     pub fn stopping(&self) {
         self.send("STOPPING=1\nSTATUS=stopping", &[]);
     }

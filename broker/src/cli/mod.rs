@@ -24,7 +24,7 @@ fn connect(socket: &Path) -> Result<Client, String> {
 }
 
 fn text(e: &Error) -> String {
-    crate::server::error_chain(e)
+    crate::error::error_chain(e)
 }
 
 fn json<T: serde::Serialize>(value: &T) -> Result<(), String> {

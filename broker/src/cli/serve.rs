@@ -1,15 +1,16 @@
 //! `membroker serve`.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
 
-use crate::journal::{Journal, ReplayedLease};
-use crate::pool::{OpenContext, Pool, PoolSpec};
-use crate::server::{self, Broker, Listener, error_chain};
+use crate::error::error_chain;
+use crate::journal::Journal;
+use crate::pool::{Pool, PoolSpec};
+use crate::restore;
+use crate::server::{self, Broker, Listener};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -97,71 +98,22 @@ pub fn run(socket: &Path, args: ServeArgs) -> Result<(), String> {
     } else {
         args.pools
     };
-    for l in replayed.leases.values() {
-        if !specs.iter().any(|s| s.name() == l.lease.pool) {
-            return Err(format!(
-                "the journal in {} has lease {} in pool {}, which is not configured; add the pool \
-                 again (leases are never dropped silently)",
-                state_dir.display(),
-                l.lease.name,
-                l.lease.pool
-            ));
-        }
-    }
-    let mut fds: HashMap<u64, std::os::fd::OwnedFd> = inherited.leases;
-    let (mut pools, mut memory, mut lost) = (Vec::new(), Vec::new(), Vec::new());
-    for spec in &specs {
-        if pools.iter().any(|p: &Pool| p.name == spec.name()) {
-            return Err(format!("pool {} is configured twice", spec.name()));
-        }
-        let ctx = OpenContext {
-            scrub_workers: args.scrub_workers,
-            journal: Some(journal.clone()),
-            leases: replayed
-                .leases
-                .values()
-                .filter(|l| l.lease.pool == spec.name())
-                .collect::<Vec<&ReplayedLease>>(),
-            quarantine: replayed
-                .quarantine
-                .iter()
-                .filter(|(p, _)| p == spec.name())
-                .map(|(_, e)| *e)
-                .collect(),
-            creating: replayed
-                .creating
-                .iter()
-                .filter(|(p, _)| p == spec.name())
-                .map(|(_, e)| e.clone())
-                .collect(),
-            fds: &mut fds,
-        };
-        let (pool, restored) = Pool::open(spec, ctx).map_err(|e| error_chain(&e))?;
-        tracing::info!(pool = %pool.describe(), restored = restored.memory.len(), lost = restored.lost.len(), "pool ready");
-        memory.extend(restored.memory);
-        lost.extend(restored.lost);
-        pools.push(pool);
-    }
-    // Memfds that belong to no lease (freed just before a crash, or a dropped torn record):
-    // close them, and drop them from systemd's fd store so their memory is really freed.
     let notifier = crate::notify::Notifier::from_env();
-    for id in fds.keys() {
-        tracing::warn!(
-            id,
-            "an inherited memfd belongs to no lease in the journal; closed"
-        );
-        if let Some(n) = &notifier {
-            n.remove(*id);
-        }
-    }
-    drop(fds);
+    let (pools, namespace) = restore::restore(
+        &specs,
+        &replayed,
+        inherited.leases,
+        &journal,
+        args.scrub_workers,
+        notifier.as_ref(),
+    )?;
     let broker = Arc::new(Broker::new(
         pools,
+        namespace,
         admin_gid,
-        Some(journal.clone()),
+        Some(journal),
         notifier,
     ));
-    broker.restore(&replayed, memory, lost, &journal);
     match listener.duplicate() {
         Ok((sock, lock)) => broker.set_handover(sock, lock),
         Err(e) => {

@@ -1,23 +1,77 @@
-//! The state journal: append-only, checksummed records in `--state-dir`.
+//! The state journal: the one writer of `--state-dir/journal`.
+//!
+//! Every change the broker must remember across a restart reaches the disk here and nowhere
+//! else: the other layers hand [`Journal::append_all`] the [`Record`]s of what they did, and
+//! this module writes, syncs, tracks and compacts them.
+//!
+//! # Format
 //!
 //! One record per line: `CRC32 JSON\n`, the CRC (hex) over the JSON bytes. Every record that a
-//! reply depends on is on disk (fdatasync) before the reply. At start the journal is replayed;
-//! a torn or corrupt *last* record (a crash mid-write) is dropped with a warning, damage
-//! followed by intact records stops the start with instructions. Compaction writes the live
-//! state to `journal.new`, syncs it and renames it over `journal`.
+//! reply depends on is on disk (fdatasync, unless `--no-sync`) before the reply. At start the
+//! journal is replayed; a torn or corrupt *last* record (a crash mid-write) is dropped with a
+//! warning, damage followed by intact records stops the start with instructions.
+//!
+//! # Who writes which record
+//!
+//! | record | written when | handed over by |
+//! |---|---|---|
+//! | `Lease` | a create is committed, before the reply carries the fd | the server, for the namespace |
+//! | `Unnamed` | `rm` of a lease somebody still holds | the namespace |
+//! | `Poison` | a new memory-error report on a lease | the namespace |
+//! | `Freed` (memfd) | the last holder of a memfd lease let go (release, disconnect, `rm`, grace expiry) | the namespace |
+//! | `Scrub` | the last holder of a device lease let go: its scrub starts | the namespace |
+//! | `Freed` (device-dax) | the scrub zeroed and destroyed the device; its extents are free | the device-dax scrubber |
+//! | `Quarantine` | a reported memory error's physical range leaves a device-dax pool | the device-dax pool |
+//! | `Creating` | a device is about to be made, before the first sysfs write | the device-dax pool |
+//! | `Abandoned` | a `Creating` that delivered nothing is undone | the device-dax pool, the restore |
+//! | `Freed` (lost) | at start, a lease whose memory did not survive the restart | the restore |
+//!
+//! The namespace's records are appended while the namespace lock is held, so the journal's
+//! order is the namespace's order (the server's `Broker::change` sees to it).
+//!
+//! # Why this order is crash-safe
+//!
+//! - **`Lease` before the reply.** No client ever holds memory the journal does not know. A
+//!   crash between the record and the reply leaves a lease nobody received: it is restored as
+//!   an orphan, kept if persistent (the client re-attaches by name) and released after the
+//!   re-attach grace otherwise.
+//! - **`Freed` and `Unnamed` under the namespace lock.** A name freed and taken again appears
+//!   as the old lease's `Freed`/`Unnamed` before the new lease's `Lease`, so replay never sees
+//!   one name twice.
+//! - **`Scrub` before zeroing, device-dax `Freed` only after the device is gone.** Extents are
+//!   never free in the journal before their memory is zeroed. A crash mid-scrub finds `Scrub`
+//!   without `Freed` and scrubs again; a crash after the device was destroyed but before
+//!   `Freed` finds the device gone and journals `Freed` then.
+//! - **`Creating` before any sysfs write.** A crash mid-create leaves a device whose ranges
+//!   match an unresolved `Creating`: it was never delivered, so the restart destroys it
+//!   (`Abandoned`). A `Lease` with the same pool and extents resolves the `Creating`.
+//! - **Compaction** writes the live state to `journal.new`, syncs it, renames it over
+//!   `journal` and syncs the directory: a crash sees the old file or the new one, whole.
+//!
+//! # The live model and compaction
+//!
+//! The journal keeps the state its records amount to ([`Replayed`]), updated by the same
+//! `apply` that replays a file, so a record that contradicts the journal (a bug elsewhere) is
+//! refused before it is written, and compaction needs nobody else's view of the world: it
+//! writes [`Replayed::snapshot`]. It runs by itself once the file has grown to twice its size
+//! after the last compaction (plus 4096 records), whatever the records are.
 
 mod record;
+mod replay;
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use membroker_client::proto::{Extent, PoisonInfo};
 use parking_lot::Mutex;
 
 pub use record::{LeaseRecord, Record, ReplayedLease};
+pub use replay::Replayed;
+
+#[cfg(test)]
+use replay::apply;
 
 /// Journal failures.
 #[derive(Debug, thiserror::Error)]
@@ -49,28 +103,18 @@ pub enum JournalError {
         line: usize,
         problem: String,
     },
+    #[error("journal {}: refused a record that contradicts it (a broker bug; nothing was written): {problem}", path.display())]
+    Refused { path: PathBuf, problem: String },
 }
 
 /// Lease ids stay below this (2^62): far beyond any real history, and `id + 1` never overflows.
 pub const MAX_ID: u64 = 1 << 62;
 
+/// Records beyond twice the compacted size before the journal compacts itself.
+const COMPACT_SLACK: u64 = 4096;
+
 /// Result alias of this module.
 pub type Result<T> = std::result::Result<T, JournalError>;
-
-/// What replaying the journal found.
-#[derive(Debug, Default)]
-pub struct Replayed {
-    pub leases: BTreeMap<u64, ReplayedLease>,
-    /// Per pool name, the quarantined physical ranges.
-    pub quarantine: Vec<(String, Extent)>,
-    pub next_id: u64,
-    /// Records read.
-    pub records: u64,
-    /// A torn or corrupt last record was dropped.
-    pub dropped_tail: bool,
-    /// Device creations that started and were never resolved (pool, extents).
-    pub creating: Vec<(String, Vec<Extent>)>,
-}
 
 /// The open journal.
 #[derive(Debug)]
@@ -84,56 +128,14 @@ pub struct Journal {
 #[derive(Debug)]
 struct Inner {
     file: File,
+    /// Bytes of whole records in the file: a failed append is cut back to this.
+    len: u64,
+    /// Records in the file.
     records: u64,
-    /// Scrubs started and not finished: the lease records they need after a crash. Carried
-    /// over by compaction, which only sees the namespace's live leases.
-    scrubbing: BTreeMap<u64, LeaseRecord>,
-    /// Device creations started and not resolved, also carried over by compaction.
-    creating: Vec<(String, Vec<Extent>)>,
-}
-
-impl Inner {
-    /// Keeps the in-flight sets in step with a record being written.
-    fn track(&mut self, record: &Record) {
-        match record {
-            Record::Freed { id } => {
-                self.scrubbing.remove(id);
-            }
-            Record::Creating { pool, extents } => {
-                self.creating.push((pool.clone(), extents.clone()))
-            }
-            Record::Abandoned { pool, extents } => resolve(&mut self.creating, pool, extents),
-            Record::Lease(l) => resolve(&mut self.creating, &l.pool, &l.extents),
-            _ => {}
-        }
-    }
-}
-
-/// Drops the creation of `extents` in `pool` from `creating`.
-fn resolve(creating: &mut Vec<(String, Vec<Extent>)>, pool: &str, extents: &[Extent]) {
-    if let Some(i) = creating.iter().position(|(p, e)| p == pool && e == extents) {
-        creating.remove(i);
-    }
-}
-
-fn encode(record: &Record) -> Vec<u8> {
-    let json = serde_json::to_vec(record).expect("journal records always serialize");
-    let mut line = format!("{:08x} ", crc32fast::hash(&json)).into_bytes();
-    line.extend_from_slice(&json);
-    line.push(b'\n');
-    line
-}
-
-fn decode(line: &[u8]) -> Option<Record> {
-    let (crc, json) = (line.get(..8)?, line.get(9..)?);
-    if line.get(8) != Some(&b' ') {
-        return None;
-    }
-    let crc = u32::from_str_radix(std::str::from_utf8(crc).ok()?, 16).ok()?;
-    if crc32fast::hash(json) != crc {
-        return None;
-    }
-    serde_json::from_slice(json).ok()
+    /// Records in the file right after the last compaction (or the start).
+    compacted: u64,
+    /// What the records amount to.
+    state: Replayed,
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
@@ -158,7 +160,7 @@ impl Journal {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(io("cannot read")(e)),
         };
-        let (replayed, good_len) = replay(&path, &data)?;
+        let (replayed, good_len) = replay::replay(&path, &data)?;
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -175,14 +177,10 @@ impl Journal {
             sync,
             inner: Mutex::new(Inner {
                 file,
+                len: good_len as u64,
                 records: replayed.records,
-                scrubbing: replayed
-                    .leases
-                    .values()
-                    .filter(|l| l.scrubbing)
-                    .map(|l| (l.lease.id, l.lease.clone()))
-                    .collect(),
-                creating: replayed.creating.clone(),
+                compacted: replayed.records,
+                state: replayed.clone(),
             }),
             path,
         };
@@ -193,31 +191,61 @@ impl Journal {
         &self.path
     }
 
-    /// Appends one record; on return it is on disk (unless syncing is off).
-    pub fn append(&self, record: &Record) -> Result<()> {
-        let line = encode(record);
-        let mut inner = self.inner.lock();
-        let io = |what| {
-            move |source| JournalError::Io {
-                path: self.path.clone(),
-                what,
-                source,
-            }
-        };
-        inner.file.write_all(&line).map_err(io("cannot append"))?;
-        if self.sync {
-            inner.file.sync_data().map_err(io("cannot sync"))?;
+    fn io(&self, what: &'static str) -> impl FnOnce(std::io::Error) -> JournalError + '_ {
+        move |source| JournalError::Io {
+            path: self.path.clone(),
+            what,
+            source,
         }
-        inner.records += 1;
-        inner.track(record);
-        Ok(())
     }
 
-    /// Journals that a device lease nobody holds is being scrubbed, keeping its record until
-    /// the scrub's `Freed` (so that a compaction meanwhile does not forget the device).
-    pub fn begin_scrub(&self, lease: &LeaseRecord) -> Result<()> {
-        self.append(&Record::Scrub { id: lease.id })?;
-        self.inner.lock().scrubbing.insert(lease.id, lease.clone());
+    /// Appends one record; on return it is on disk (unless syncing is off).
+    pub fn append(&self, record: &Record) -> Result<()> {
+        self.append_all(std::slice::from_ref(record))
+    }
+
+    /// Appends records in order with one sync; on return they are on disk (unless syncing is
+    /// off). All or none: a record that contradicts the journal refuses the whole batch before
+    /// anything is written, and a failed write is cut back to the last whole record.
+    pub fn append_all(&self, records: &[Record]) -> Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut inner = self.inner.lock();
+        let mut batch = BTreeSet::new();
+        let mut bytes = Vec::new();
+        for record in records {
+            replay::check(&inner.state, &batch, record).map_err(|problem| {
+                JournalError::Refused {
+                    path: self.path.clone(),
+                    problem,
+                }
+            })?;
+            if let Record::Lease(l) = record {
+                batch.insert(l.id);
+            }
+            bytes.extend_from_slice(&replay::encode(record));
+        }
+        if let Err(e) = inner.file.write_all(&bytes) {
+            // Never leave half a record behind a later, acknowledged one.
+            let _ = inner.file.set_len(inner.len);
+            return Err(self.io("cannot append")(e));
+        }
+        if self.sync {
+            inner.file.sync_data().map_err(self.io("cannot sync"))?;
+        }
+        inner.len += bytes.len() as u64;
+        inner.records += records.len() as u64;
+        for record in records {
+            replay::apply(&mut inner.state, record.clone()).expect("checked before writing");
+        }
+        if inner.records > 2 * inner.compacted + COMPACT_SLACK {
+            if let Err(e) = self.compact_locked(&mut inner) {
+                // Not again before the file has grown as much once more.
+                inner.compacted = inner.records;
+                tracing::error!(error = %crate::error::error_chain(&e), "journal compaction failed");
+            }
+        }
         Ok(())
     }
 
@@ -226,14 +254,24 @@ impl Journal {
         self.inner.lock().records
     }
 
-    /// Replaces the journal by `snapshot` (the live state): write-new, sync, rename, sync dir.
-    pub fn compact(&self, snapshot: &[Record]) -> Result<()> {
+    /// Rewrites the journal as the records of its live state: write-new, sync, rename, sync
+    /// the directory.
+    pub fn compact(&self) -> Result<()> {
         let mut inner = self.inner.lock();
+        self.compact_locked(&mut inner)
+    }
+
+    fn compact_locked(&self, inner: &mut Inner) -> Result<()> {
         let new = self.dir.join("journal.new");
         let io = |what| {
             let path = new.clone();
             move |source| JournalError::Io { path, what, source }
         };
+        let snapshot = inner.state.snapshot();
+        let mut buf = Vec::new();
+        for record in &snapshot {
+            buf.extend_from_slice(&replay::encode(record));
+        }
         let mut out = OpenOptions::new()
             .create(true)
             .write(true)
@@ -241,41 +279,6 @@ impl Journal {
             .mode(0o600)
             .open(&new)
             .map_err(io("cannot create"))?;
-        let mut buf = Vec::new();
-        for record in snapshot {
-            buf.extend_from_slice(&encode(record));
-        }
-        // What is in flight outside the namespace: scrubs and device creations, unless the
-        // snapshot already has them (a lease recorded twice would stop the next start).
-        let mut extra = 0;
-        let mut listed = std::collections::BTreeSet::new();
-        let mut creating_listed = Vec::new();
-        for record in snapshot {
-            match record {
-                Record::Lease(l) => {
-                    listed.insert(l.id);
-                }
-                Record::Creating { pool, extents } => creating_listed.push((pool, extents)),
-                _ => {}
-            }
-        }
-        for lease in inner.scrubbing.values().filter(|l| !listed.contains(&l.id)) {
-            buf.extend_from_slice(&encode(&Record::Lease(lease.clone())));
-            buf.extend_from_slice(&encode(&Record::Scrub { id: lease.id }));
-            extra += 2;
-        }
-        for (pool, extents) in inner
-            .creating
-            .iter()
-            .filter(|(p, e)| !creating_listed.contains(&(p, e)))
-        {
-            let record = Record::Creating {
-                pool: pool.clone(),
-                extents: extents.clone(),
-            };
-            buf.extend_from_slice(&encode(&record));
-            extra += 1;
-        }
         out.write_all(&buf).map_err(io("cannot write"))?;
         out.sync_all().map_err(io("cannot sync"))?;
         std::fs::rename(&new, &self.path).map_err(io("cannot rename over the journal"))?;
@@ -284,122 +287,11 @@ impl Journal {
             .append(true)
             .open(&self.path)
             .map_err(io("cannot reopen"))?;
-        inner.records = snapshot.len() as u64 + extra;
+        inner.len = buf.len() as u64;
+        inner.records = snapshot.len() as u64;
+        inner.compacted = inner.records;
         Ok(())
     }
-}
-
-/// Replays `data`; returns the state and the length of the intact prefix.
-fn replay(path: &Path, data: &[u8]) -> Result<(Replayed, usize)> {
-    let mut state = Replayed {
-        next_id: 1,
-        ..Replayed::default()
-    };
-    let lines = data.split_inclusive(|&b| b == b'\n').count();
-    let mut offset = 0;
-    for (i, line) in data.split_inclusive(|&b| b == b'\n').enumerate() {
-        let last = offset + line.len() == data.len();
-        let record = line.strip_suffix(b"\n").and_then(decode);
-        let Some(record) = record else {
-            if last {
-                tracing::warn!(journal = %path.display(), line = i + 1, offset, "dropping a torn or corrupt last record (a crash mid-write)");
-                state.dropped_tail = true;
-                return Ok((state, offset));
-            }
-            return Err(JournalError::Damaged {
-                path: path.to_path_buf(),
-                line: i + 1,
-                offset,
-                lines,
-            });
-        };
-        apply(&mut state, record).map_err(|problem| JournalError::Inconsistent {
-            path: path.to_path_buf(),
-            line: i + 1,
-            problem,
-        })?;
-        state.records += 1;
-        offset += line.len();
-    }
-    Ok((state, offset))
-}
-
-fn apply(state: &mut Replayed, record: Record) -> std::result::Result<(), String> {
-    fn lease(state: &mut Replayed, id: u64) -> std::result::Result<&mut ReplayedLease, String> {
-        state
-            .leases
-            .get_mut(&id)
-            .ok_or_else(|| format!("lease {id} is not known"))
-    }
-    match record {
-        Record::Lease(l) => {
-            let id = l.id;
-            // Ids count up from 1; anything near the top of u64 is damage, not history.
-            if id == 0 || id >= MAX_ID {
-                return Err(format!("lease id {id} is out of range"));
-            }
-            state.next_id = state.next_id.max(id + 1);
-            resolve(&mut state.creating, &l.pool, &l.extents);
-            let replayed = ReplayedLease {
-                lease: l,
-                named: true,
-                poison: Vec::new(),
-                scrubbing: false,
-            };
-            if state.leases.insert(id, replayed).is_some() {
-                return Err(format!("lease {id} recorded twice"));
-            }
-        }
-        Record::Unnamed { id } => lease(state, id)?.named = false,
-        Record::Poison { id, offset, len } => {
-            lease(state, id)?.poison.push(PoisonInfo { offset, len })
-        }
-        Record::Scrub { id } => lease(state, id)?.scrubbing = true,
-        // A scrub that ends after a compaction frees a lease the compacted journal no longer
-        // lists: freeing is idempotent.
-        Record::Freed { id } => {
-            state.leases.remove(&id);
-        }
-        Record::Quarantine { pool, start, len } => {
-            state.quarantine.push((pool, Extent { start, len }))
-        }
-        Record::Creating { pool, extents } => state.creating.push((pool, extents)),
-        Record::Abandoned { pool, extents } => resolve(&mut state.creating, &pool, &extents),
-    }
-    Ok(())
-}
-
-/// The records that rebuild `leases` and `quarantine` (a compaction snapshot).
-pub fn snapshot<'a>(
-    leases: impl Iterator<Item = &'a ReplayedLease>,
-    quarantine: &[(String, Extent)],
-) -> Vec<Record> {
-    let mut out = Vec::new();
-    for (pool, e) in quarantine {
-        out.push(Record::Quarantine {
-            pool: pool.clone(),
-            start: e.start,
-            len: e.len,
-        });
-    }
-    for l in leases {
-        out.push(Record::Lease(l.lease.clone()));
-        let id = l.lease.id;
-        if !l.named {
-            out.push(Record::Unnamed { id });
-        }
-        for p in &l.poison {
-            out.push(Record::Poison {
-                id,
-                offset: p.offset,
-                len: p.len,
-            });
-        }
-        if l.scrubbing {
-            out.push(Record::Scrub { id });
-        }
-    }
-    out
 }
 
 #[cfg(test)]

@@ -4,6 +4,12 @@
 //! two-phase so the (slow) allocation runs outside the lock: [`Namespace::reserve`] checks
 //! the request and charges the pool (admission control), then [`Namespace::commit`] or
 //! [`Namespace::abort`].
+//!
+//! Every change it makes that a restart must remember becomes a journal [`JournalRecord`]:
+//! `commit` hands the new lease's record to the caller's `durable` hook before the lease
+//! becomes visible; the other changes queue theirs, which the owner takes with
+//! [`Namespace::take_records`] and journals before it lets go of the lock (so the journal's
+//! order is the namespace's order).
 
 mod access;
 mod name;
@@ -13,11 +19,11 @@ use std::sync::Arc;
 
 use membroker_client::PageSize;
 
-use crate::journal::{self, Journal, LeaseRecord, Record as JournalRecord, ReplayedLease};
+use crate::error::WireError;
+use crate::journal::{LeaseRecord, Record as JournalRecord, ReplayedLease};
 use crate::pool::Allocation;
 use membroker_client::proto::{
-    CreateLease, ErrorCode, Extent, HolderInfo, LeaseInfo, LeaseState, PoisonInfo, PoolInfo,
-    PoolKind,
+    CreateLease, ErrorCode, HolderInfo, LeaseInfo, LeaseState, PoisonInfo, PoolInfo, PoolKind,
 };
 use membroker_client::size::format_size;
 
@@ -57,9 +63,8 @@ pub enum NsError {
     Journal { name: String, problem: String },
 }
 
-impl NsError {
-    /// The wire code for this error.
-    pub fn code(&self) -> ErrorCode {
+impl WireError for NsError {
+    fn code(&self) -> ErrorCode {
         match self {
             NsError::NotFound(_) | NsError::NotHeld(_) => ErrorCode::NotFound,
             NsError::Exists(_) | NsError::NameConflict { .. } => ErrorCode::Exists,
@@ -85,6 +90,20 @@ pub struct PoolAccount {
     pub leases: u64,
 }
 
+impl PoolAccount {
+    /// The account of a configured pool, nothing used yet.
+    pub fn of(pool: &crate::pool::Pool) -> PoolAccount {
+        PoolAccount {
+            name: pool.name.clone(),
+            kind: pool.kind,
+            page_size: pool.page_size,
+            size: pool.size,
+            used: 0,
+            leases: 0,
+        }
+    }
+}
+
 /// A create that passed admission control; finish it with `commit` or `abort`.
 #[derive(Debug)]
 #[must_use]
@@ -99,17 +118,13 @@ pub struct Reservation {
     persistent: bool,
 }
 
+/// A lease as the namespace keeps it: what the journal records, and what only lives as long
+/// as this process (its memory, holders, state).
 #[derive(Debug)]
-struct Record {
-    name: String,
+struct Entry {
+    lease: LeaseRecord,
+    /// Index of its pool.
     pool: usize,
-    size: u64,
-    page_size: PageSize,
-    uid: u32,
-    gid: u32,
-    mode: u32,
-    persistent: bool,
-    created: u64,
     memory: Arc<Allocation>,
     holders: BTreeMap<u64, HolderInfo>,
     poison: Vec<PoisonInfo>,
@@ -141,91 +156,35 @@ pub type Freed = Vec<FreedLease>;
 pub struct Namespace {
     pools: Vec<PoolAccount>,
     default_pool: usize,
-    records: HashMap<u64, Record>,
+    leases: HashMap<u64, Entry>,
     names: BTreeMap<String, u64>,
     pending: BTreeSet<String>,
     held: HashMap<u64, BTreeSet<u64>>,
     next_id: u64,
-    journal: Option<Arc<Journal>>,
-    /// Every quarantined range, per pool name (kept for journal compaction).
-    quarantine: Vec<(String, Extent)>,
+    /// Records of changes made since the owner last took them (see [`Namespace::take_records`]).
+    unjournaled: Vec<JournalRecord>,
 }
 
 impl Namespace {
-    /// A namespace over `pools`; the first is the default.
-    pub fn new(pools: Vec<PoolAccount>) -> Namespace {
+    /// A namespace over `pools`; the first is the default. Lease ids start at `next_id`
+    /// (the journal's: above every id it ever recorded).
+    pub fn new(pools: Vec<PoolAccount>, next_id: u64) -> Namespace {
         Namespace {
             pools,
             default_pool: 0,
-            records: HashMap::new(),
+            leases: HashMap::new(),
             names: BTreeMap::new(),
             pending: BTreeSet::new(),
             held: HashMap::new(),
-            next_id: 1,
-            journal: None,
-            quarantine: Vec::new(),
+            next_id: next_id.max(1),
+            unjournaled: Vec::new(),
         }
     }
 
-    /// Journals every change from now on in `journal`.
-    pub fn set_journal(&mut self, journal: Arc<Journal>) {
-        self.journal = Some(journal);
-    }
-
-    /// Appends a record whose loss the caller can tolerate (it is logged).
-    fn log(&self, record: &JournalRecord) {
-        if let Some(journal) = &self.journal {
-            if let Err(e) = journal.append(record) {
-                tracing::error!(error = %crate::server::error_chain(&e), ?record, "journal append failed");
-            }
-        }
-        self.maybe_compact();
-    }
-
-    fn maybe_compact(&self) {
-        let Some(journal) = &self.journal else { return };
-        let live = self.records.len() as u64 + self.quarantine.len() as u64;
-        if journal.records() > 2 * live + 4096 {
-            if let Err(e) = journal.compact(&self.snapshot()) {
-                tracing::error!(error = %crate::server::error_chain(&e), "journal compaction failed");
-            }
-        }
-    }
-
-    /// The journal records that rebuild the current state.
-    pub fn snapshot(&self) -> Vec<JournalRecord> {
-        let mut ids: Vec<&u64> = self.records.keys().collect();
-        ids.sort();
-        let leases: Vec<ReplayedLease> = ids
-            .into_iter()
-            .map(|id| {
-                let r = &self.records[id];
-                ReplayedLease {
-                    lease: self.lease_record(*id, r),
-                    named: !r.removed,
-                    poison: r.poison.clone(),
-                    scrubbing: false,
-                }
-            })
-            .collect();
-        journal::snapshot(leases.iter(), &self.quarantine)
-    }
-
-    fn lease_record(&self, id: u64, r: &Record) -> LeaseRecord {
-        LeaseRecord {
-            id,
-            name: r.name.clone(),
-            pool: self.pools[r.pool].name.clone(),
-            size: r.size,
-            page_size: r.page_size,
-            uid: r.uid,
-            gid: r.gid,
-            mode: r.mode,
-            persistent: r.persistent,
-            created: r.created,
-            extents: r.memory.extents.clone(),
-            device: r.memory.device.clone(),
-        }
+    /// The journal records of the changes made since the last call, in order. The owner
+    /// journals them before it lets go of the namespace lock.
+    pub fn take_records(&mut self) -> Vec<JournalRecord> {
+        std::mem::take(&mut self.unjournaled)
     }
 
     /// Puts back a lease from the journal, with its memory, held by nobody.
@@ -234,84 +193,62 @@ impl Namespace {
         replayed: &ReplayedLease,
         memory: Allocation,
     ) -> std::result::Result<(), String> {
-        let l = &replayed.lease;
+        let mut lease = replayed.lease.clone();
         let pool = self
             .pools
             .iter()
-            .position(|p| p.name == l.pool)
-            .ok_or_else(|| format!("pool {} is not configured", l.pool))?;
+            .position(|p| p.name == lease.pool)
+            .ok_or_else(|| format!("pool {} is not configured", lease.pool))?;
         // A lease removed while held: its holder cannot re-attach by name, yet may still map it
         // (a running guest), so it is never released behind its back. It is kept, persistent,
         // under a reserved name until an operator removes it.
-        let name = if replayed.named {
-            l.name.clone()
-        } else {
-            format!("{REMOVED_PREFIX}{}", l.id)
-        };
-        if self.names.contains_key(&name) {
-            return Err(format!("name {name} is taken twice"));
-        }
         if !replayed.named {
+            let kept_as = format!("{REMOVED_PREFIX}{}", lease.id);
             tracing::warn!(
-                lease = %l.name,
-                kept_as = %name,
+                lease = %lease.name,
+                kept_as = %kept_as,
                 "a lease removed while held survived the restart; its holder may still use it: \
-                 kept until `membroker rm {name}`"
+                 kept until `membroker rm {kept_as}`"
             );
+            lease.name = kept_as;
+            lease.persistent = true;
         }
-        let record = Record {
-            name: name.clone(),
-            pool,
-            size: l.size,
-            page_size: l.page_size,
-            uid: l.uid,
-            gid: l.gid,
-            mode: l.mode,
-            persistent: l.persistent || !replayed.named,
-            created: l.created,
-            memory: Arc::new(memory),
-            holders: BTreeMap::new(),
-            poison: replayed.poison.clone(),
-            removed: false,
-            orphan: true,
-        };
-        self.pools[pool].used += l.size;
+        if self.names.contains_key(&lease.name) {
+            return Err(format!("name {} is taken twice", lease.name));
+        }
+        let id = lease.id;
+        self.pools[pool].used += lease.size;
         self.pools[pool].leases += 1;
-        self.names.insert(name, l.id);
-        self.records.insert(l.id, record);
-        self.next_id = self.next_id.max(l.id + 1);
+        self.names.insert(lease.name.clone(), id);
+        self.next_id = self.next_id.max(id + 1);
+        self.leases.insert(
+            id,
+            Entry {
+                lease,
+                pool,
+                memory: Arc::new(memory),
+                holders: BTreeMap::new(),
+                poison: replayed.poison.clone(),
+                removed: false,
+                orphan: true,
+            },
+        );
         Ok(())
-    }
-
-    /// Remembers quarantined ranges found in the journal.
-    pub fn restore_quarantine(&mut self, ranges: &[(String, Extent)]) {
-        self.quarantine.extend(ranges.iter().cloned());
-    }
-
-    /// Journals a new quarantined range of `pool`.
-    pub fn record_quarantine(&mut self, pool: usize, range: Extent) {
-        let name = self.pools[pool].name.clone();
-        self.log(&JournalRecord::Quarantine {
-            pool: name.clone(),
-            start: range.start,
-            len: range.len,
-        });
-        self.quarantine.push((name, range));
     }
 
     /// Ends the grace period after a restart: restored leases nobody re-attached to are
     /// released unless persistent (and still named).
     pub fn expire_orphans(&mut self) -> Freed {
         let orphans: Vec<u64> = self
-            .records
+            .leases
             .iter()
-            .filter(|(_, r)| r.orphan)
+            .filter(|(_, e)| e.orphan)
             .map(|(id, _)| *id)
             .collect();
         let mut freed = Vec::new();
         for id in orphans {
-            if let Some(r) = self.records.get_mut(&id) {
-                r.orphan = false;
+            if let Some(e) = self.leases.get_mut(&id) {
+                e.orphan = false;
             }
             freed.extend(self.free_if_unused(id));
         }
@@ -449,21 +386,25 @@ impl Namespace {
         self.pending.remove(&res.name);
     }
 
-    /// Records the lease made for `res`; `peer` holds it.
+    /// Records the lease made for `res`; `peer` holds it. `durable` must put the new lease's
+    /// journal record on disk before the lease becomes visible; if it fails, nothing changed,
+    /// the charge is given back and the memory is returned for the pool to discard.
     pub fn commit(
         &mut self,
         peer: &Peer,
         res: Reservation,
         memory: Allocation,
+        durable: impl FnOnce(&JournalRecord) -> std::result::Result<(), String>,
     ) -> std::result::Result<Committed, Box<(NsError, Allocation)>> {
         self.pending.remove(&res.name);
         let id = self.next_id;
         let created = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let record = Record {
-            name: res.name.clone(),
-            pool: res.pool,
+        let lease = LeaseRecord {
+            id,
+            name: res.name,
+            pool: self.pools[res.pool].name.clone(),
             size: res.size,
             page_size: res.page_size,
             uid: res.uid,
@@ -471,47 +412,56 @@ impl Namespace {
             mode: res.mode,
             persistent: res.persistent,
             created,
-            memory: Arc::new(memory),
-            holders: BTreeMap::new(),
-            poison: Vec::new(),
-            removed: false,
-            orphan: false,
+            extents: memory.extents.clone(),
+            device: memory.device.clone(),
         };
-        // Durable before the reply that hands the lease out.
-        if let Some(journal) = &self.journal {
-            if let Err(e) = journal.append(&JournalRecord::Lease(self.lease_record(id, &record))) {
-                self.pools[res.pool].used -= res.size;
-                let memory = Arc::try_unwrap(record.memory).expect("not shared yet");
-                let problem = crate::server::error_chain(&e);
-                let error = NsError::Journal {
-                    name: res.name,
-                    problem,
-                };
-                return Err(Box::new((error, memory)));
-            }
+        let record = JournalRecord::Lease(lease);
+        if let Err(problem) = durable(&record) {
+            self.pools[res.pool].used -= res.size;
+            let JournalRecord::Lease(lease) = record else {
+                unreachable!("built above")
+            };
+            let error = NsError::Journal {
+                name: lease.name,
+                problem,
+            };
+            return Err(Box::new((error, memory)));
         }
-        self.maybe_compact();
+        let JournalRecord::Lease(lease) = record else {
+            unreachable!("built above")
+        };
         self.next_id += 1;
         self.pools[res.pool].leases += 1;
-        self.names.insert(res.name, id);
-        self.records.insert(id, record);
+        self.names.insert(lease.name.clone(), id);
+        self.leases.insert(
+            id,
+            Entry {
+                lease,
+                pool: res.pool,
+                memory: Arc::new(memory),
+                holders: BTreeMap::new(),
+                poison: Vec::new(),
+                removed: false,
+                orphan: false,
+            },
+        );
         self.hold(peer, id);
-        let record = &self.records[&id];
-        Ok((id, self.info(record, true), record.memory.clone()))
+        let entry = &self.leases[&id];
+        Ok((id, self.info(entry, true), entry.memory.clone()))
     }
 
     /// Every lease's id, pool and memory (for the upgrade hand-over).
     pub fn memory(&self) -> Vec<(u64, usize, Arc<Allocation>)> {
-        self.records
+        self.leases
             .iter()
-            .map(|(id, r)| (*id, r.pool, r.memory.clone()))
+            .map(|(id, e)| (*id, e.pool, e.memory.clone()))
             .collect()
     }
 
     fn hold(&mut self, peer: &Peer, id: u64) {
-        if let Some(record) = self.records.get_mut(&id) {
-            record.orphan = false;
-            record.holders.insert(
+        if let Some(entry) = self.leases.get_mut(&id) {
+            entry.orphan = false;
+            entry.holders.insert(
                 peer.conn,
                 HolderInfo {
                     pid: peer.pid,
@@ -522,24 +472,29 @@ impl Namespace {
         }
     }
 
-    fn lookup(&self, name: &str) -> Result<(u64, &Record)> {
+    fn lookup(&self, name: &str) -> Result<(u64, &Entry)> {
         let id = *self
             .names
             .get(name)
             .ok_or_else(|| NsError::NotFound(name.to_string()))?;
-        Ok((id, &self.records[&id]))
+        Ok((id, &self.leases[&id]))
     }
 
-    fn check(&self, peer: &Peer, record: &Record, access: Access, op: &'static str) -> Result<()> {
-        if access::allowed(peer, record.uid, record.gid, record.mode, access) {
+    fn denied(entry: &Entry, op: &'static str) -> NsError {
+        NsError::Denied {
+            name: entry.lease.name.clone(),
+            op,
+            uid: entry.lease.uid,
+            mode: entry.lease.mode,
+        }
+    }
+
+    fn check(&self, peer: &Peer, entry: &Entry, access: Access, op: &'static str) -> Result<()> {
+        let l = &entry.lease;
+        if access::allowed(peer, l.uid, l.gid, l.mode, access) {
             Ok(())
         } else {
-            Err(NsError::Denied {
-                name: record.name.clone(),
-                op,
-                uid: record.uid,
-                mode: record.mode,
-            })
+            Err(Self::denied(entry, op))
         }
     }
 
@@ -550,14 +505,14 @@ impl Namespace {
         name: &str,
         writable: bool,
     ) -> Result<(LeaseInfo, Arc<Allocation>)> {
-        let (id, record) = self.lookup(name)?;
-        self.check(peer, record, Access::Read, "open it")?;
+        let (id, entry) = self.lookup(name)?;
+        self.check(peer, entry, Access::Read, "open it")?;
         if writable {
-            self.check(peer, record, Access::Write, "open it for writing")?;
+            self.check(peer, entry, Access::Write, "open it for writing")?;
         }
         self.hold(peer, id);
-        let record = &self.records[&id];
-        Ok((self.info(record, writable), record.memory.clone()))
+        let entry = &self.leases[&id];
+        Ok((self.info(entry, writable), entry.memory.clone()))
     }
 
     /// `peer` stops holding a lease.
@@ -575,23 +530,17 @@ impl Namespace {
 
     /// Removes a lease's name; its memory goes back to the pool when nobody holds it.
     pub fn remove(&mut self, peer: &Peer, name: &str) -> Result<Freed> {
-        let (id, record) = self.lookup(name)?;
-        if !(peer.uid == record.uid
-            || access::allowed(peer, record.uid, record.gid, record.mode, Access::Write))
-        {
-            return Err(NsError::Denied {
-                name: name.to_string(),
-                op: "remove it",
-                uid: record.uid,
-                mode: record.mode,
-            });
+        let (id, entry) = self.lookup(name)?;
+        let l = &entry.lease;
+        if !(peer.uid == l.uid || access::allowed(peer, l.uid, l.gid, l.mode, Access::Write)) {
+            return Err(Self::denied(entry, "remove it"));
         }
         self.names.remove(name);
-        let record = self.records.get_mut(&id).expect("named record exists");
-        record.removed = true;
+        let entry = self.leases.get_mut(&id).expect("named lease exists");
+        entry.removed = true;
         let freed: Freed = self.free_if_unused(id).into_iter().collect();
         if freed.is_empty() {
-            self.log(&JournalRecord::Unnamed { id });
+            self.unjournaled.push(JournalRecord::Unnamed { id });
         }
         Ok(freed)
     }
@@ -605,39 +554,32 @@ impl Namespace {
     }
 
     fn drop_holder(&mut self, conn: u64, id: u64) -> Option<FreedLease> {
-        self.records.get_mut(&id)?.holders.remove(&conn);
+        self.leases.get_mut(&id)?.holders.remove(&conn);
         self.free_if_unused(id)
     }
 
     fn free_if_unused(&mut self, id: u64) -> Option<FreedLease> {
-        let record = self.records.get(&id)?;
-        let kept = record.persistent || record.orphan;
-        if !record.holders.is_empty() || (kept && !record.removed) {
+        let entry = self.leases.get(&id)?;
+        let kept = entry.lease.persistent || entry.orphan;
+        if !entry.holders.is_empty() || (kept && !entry.removed) {
             return None;
         }
-        let record = self.records.remove(&id)?;
-        if !record.removed {
-            self.names.remove(&record.name);
+        let entry = self.leases.remove(&id)?;
+        if !entry.removed {
+            self.names.remove(&entry.lease.name);
         }
-        let pool = &mut self.pools[record.pool];
-        pool.used -= record.size;
+        let pool = &mut self.pools[entry.pool];
+        pool.used -= entry.lease.size;
         pool.leases -= 1;
         // A device lease is scrubbed first; its pool journals `Freed` when that is done.
-        match pool.kind {
-            PoolKind::Memfd => self.log(&JournalRecord::Freed { id }),
-            PoolKind::Devdax => {
-                let lease = self.lease_record(id, &record);
-                if let Some(journal) = &self.journal {
-                    if let Err(e) = journal.begin_scrub(&lease) {
-                        tracing::error!(error = %crate::server::error_chain(&e), id, "journal append failed");
-                    }
-                }
-            }
-        }
+        self.unjournaled.push(match pool.kind {
+            PoolKind::Memfd => JournalRecord::Freed { id },
+            PoolKind::Devdax => JournalRecord::Scrub { id },
+        });
         Some(FreedLease {
-            pool: record.pool,
+            pool: entry.pool,
             id,
-            memory: record.memory,
+            memory: entry.memory,
         })
     }
 
@@ -650,70 +592,64 @@ impl Namespace {
         offset: u64,
         len: u64,
     ) -> Result<(usize, Arc<Allocation>)> {
-        let (id, record) = self.lookup(name)?;
-        let holder = record.holders.contains_key(&peer.conn);
-        if !holder && !peer.admin && peer.uid != record.uid {
-            return Err(NsError::Denied {
-                name: name.to_string(),
-                op: "report poison on it",
-                uid: record.uid,
-                mode: record.mode,
-            });
+        let (id, entry) = self.lookup(name)?;
+        let holder = entry.holders.contains_key(&peer.conn);
+        if !holder && !peer.admin && peer.uid != entry.lease.uid {
+            return Err(Self::denied(entry, "report poison on it"));
         }
+        let size = entry.lease.size;
         let end = offset
             .checked_add(len)
-            .filter(|&end| len > 0 && end <= record.size);
+            .filter(|&end| len > 0 && end <= size);
         if end.is_none() {
             return Err(NsError::Invalid(format!(
-                "lease {name}: poison range {offset}+{len} is outside its {} bytes",
-                record.size
+                "lease {name}: poison range {offset}+{len} is outside its {size} bytes"
             )));
         }
-        let record = self.records.get_mut(&id).expect("named record exists");
+        let entry = self.leases.get_mut(&id).expect("named lease exists");
         let report = PoisonInfo { offset, len };
-        let new = !record.poison.contains(&report);
-        if new {
-            record.poison.push(report);
-            record.poison.sort_by_key(|p| p.offset);
+        if !entry.poison.contains(&report) {
+            entry.poison.push(report);
+            entry.poison.sort_by_key(|p| p.offset);
+            self.unjournaled
+                .push(JournalRecord::Poison { id, offset, len });
         }
-        let found = (record.pool, record.memory.clone());
-        if new {
-            self.log(&JournalRecord::Poison { id, offset, len });
-        }
-        Ok(found)
+        let entry = &self.leases[&id];
+        Ok((entry.pool, entry.memory.clone()))
     }
 
-    fn info(&self, record: &Record, writable: bool) -> LeaseInfo {
-        let state = if record.removed {
+    fn info(&self, entry: &Entry, writable: bool) -> LeaseInfo {
+        let state = if entry.removed {
             LeaseState::Removed
-        } else if record.holders.is_empty() {
+        } else if entry.holders.is_empty() {
             LeaseState::Idle
         } else {
             LeaseState::Held
         };
+        let l = &entry.lease;
         LeaseInfo {
-            name: record.name.clone(),
-            size: record.size,
-            page_size: record.page_size,
-            pool: self.pools[record.pool].name.clone(),
-            uid: record.uid,
-            gid: record.gid,
-            mode: record.mode,
-            persistent: record.persistent,
+            name: l.name.clone(),
+            size: l.size,
+            page_size: l.page_size,
+            pool: l.pool.clone(),
+            uid: l.uid,
+            gid: l.gid,
+            mode: l.mode,
+            persistent: l.persistent,
             state,
-            created: record.created,
-            extents: record.memory.extents.clone(),
-            holders: record.holders.values().cloned().collect(),
-            poison: record.poison.clone(),
+            created: l.created,
+            extents: l.extents.clone(),
+            holders: entry.holders.values().cloned().collect(),
+            poison: entry.poison.clone(),
             writable,
-            device: record.memory.device.clone(),
+            device: l.device.clone(),
         }
     }
 
     /// Describes one lease.
     pub fn stat(&self, name: &str) -> Result<LeaseInfo> {
-        let (_, record) = self.lookup(name)?;
-        Ok(self.info(record, false))
+        let (_, entry) = self.lookup(name)?;
+        Ok(self.info(entry, false))
     }
 
     /// Leases under `prefix` after `after`, in name order, while `fits` accepts them; says
@@ -738,7 +674,7 @@ impl Namespace {
             if !is_under(name, prefix) {
                 continue; // e.g. `a-b` sorts between `a` and `a/b`
             }
-            let info = self.info(&self.records[id], false);
+            let info = self.info(&self.leases[id], false);
             if !fits(&info) {
                 if out.is_empty() {
                     // Never return an empty page with more to come: one lease always goes.

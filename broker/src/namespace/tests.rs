@@ -42,7 +42,10 @@ fn memory() -> Allocation {
 
 fn create(ns: &mut Namespace, peer: &Peer, req: CreateLease) -> Result<LeaseInfo> {
     let res = ns.reserve(peer, &req)?;
-    Ok(ns.commit(peer, res, memory()).map_err(|b| b.0)?.1)
+    Ok(ns
+        .commit(peer, res, memory(), |_| Ok(()))
+        .map_err(|b| b.0)?
+        .1)
 }
 
 fn used(ns: &Namespace, pool: usize) -> u64 {
@@ -51,7 +54,7 @@ fn used(ns: &Namespace, pool: usize) -> u64 {
 
 #[test]
 fn admission_names_the_pool_and_sizes() {
-    let mut ns = Namespace::new(pools());
+    let mut ns = Namespace::new(pools(), 1);
     let alice = peer(1, 1000);
     let err = create(&mut ns, &alice, CreateLease::new("big", 128 << 20)).unwrap_err();
     assert_eq!(
@@ -75,7 +78,7 @@ fn admission_names_the_pool_and_sizes() {
 
 #[test]
 fn page_size_picks_the_pool() {
-    let mut ns = Namespace::new(pools());
+    let mut ns = Namespace::new(pools(), 1);
     let p = peer(1, 1000);
     let info = create(
         &mut ns,
@@ -111,7 +114,7 @@ fn page_size_picks_the_pool() {
 
 #[test]
 fn names_are_files_and_directories() {
-    let mut ns = Namespace::new(pools());
+    let mut ns = Namespace::new(pools(), 1);
     let p = peer(1, 1000);
     create(
         &mut ns,
@@ -161,7 +164,7 @@ fn names_are_files_and_directories() {
 
 #[test]
 fn permissions() {
-    let mut ns = Namespace::new(pools());
+    let mut ns = Namespace::new(pools(), 1);
     let alice = peer(1, 1000);
     let bob = peer(2, 65534);
     let root = peer(3, 0);
@@ -205,7 +208,7 @@ fn permissions() {
 
 #[test]
 fn remove_while_held_keeps_the_charge_until_the_holder_goes() {
-    let mut ns = Namespace::new(pools());
+    let mut ns = Namespace::new(pools(), 1);
     let alice = peer(1, 1000);
     let info = create(
         &mut ns,
@@ -224,7 +227,7 @@ fn remove_while_held_keeps_the_charge_until_the_holder_goes() {
 
 #[test]
 fn persistent_lease_outlives_its_holder_and_release() {
-    let mut ns = Namespace::new(pools());
+    let mut ns = Namespace::new(pools(), 1);
     let alice = peer(1, 1000);
     create(
         &mut ns,
@@ -251,7 +254,7 @@ fn persistent_lease_outlives_its_holder_and_release() {
 
 #[test]
 fn poison_reports_are_checked_and_recorded() {
-    let mut ns = Namespace::new(pools());
+    let mut ns = Namespace::new(pools(), 1);
     let alice = peer(1, 1000);
     create(
         &mut ns,
@@ -320,7 +323,7 @@ proptest! {
     /// every name is removed.
     #[test]
     fn accounting_matches_the_leases(ops in proptest::collection::vec(op(), 1..80)) {
-        let mut ns = Namespace::new(pools());
+        let mut ns = Namespace::new(pools(), 1);
         for op in ops {
             let _ = match op {
                 Op::Create { conn, name, pages, persistent } => {
@@ -331,15 +334,15 @@ proptest! {
                 Op::Remove { conn, name } => ns.remove(&peer(conn, 1000), &format!("n{name}")).map(|_| ()),
                 Op::Disconnect { conn } => { ns.disconnect(conn); Ok(()) }
             };
-            let live: u64 = ns.records.values().map(|r| r.size).sum();
+            let live: u64 = ns.leases.values().map(|e| e.lease.size).sum();
             prop_assert_eq!(used(&ns, 0), live);
             prop_assert!(used(&ns, 0) <= 64 << 20);
-            prop_assert_eq!(ns.df()[0].leases as usize, ns.records.len());
+            prop_assert_eq!(ns.df()[0].leases as usize, ns.leases.len());
         }
         for conn in 0..4 { ns.disconnect(conn); }
         let names: Vec<String> = ns.names.keys().cloned().collect();
         for name in names { ns.remove(&peer(9, 1000), &name).unwrap(); }
         prop_assert_eq!(used(&ns, 0), 0);
-        prop_assert!(ns.records.is_empty());
+        prop_assert!(ns.leases.is_empty());
     }
 }

@@ -7,17 +7,17 @@ mod devdax;
 pub mod extents;
 pub mod memfd;
 
-use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
-use crate::journal::{Journal, ReplayedLease};
+use crate::error::WireError;
+use crate::journal::Journal;
 
 use membroker_client::PageSize;
-use membroker_client::proto::{Extent, PoolKind};
+use membroker_client::proto::{ErrorCode, Extent, PoolKind};
 use membroker_client::size::{format_size, parse_size};
 
-pub use devdax::{DaxError, DevdaxPool, Restored};
+pub use devdax::{DaxError, DevdaxPool};
 pub use memfd::MemfdPool;
 
 /// Why a pool could not be configured or could not make memory.
@@ -57,6 +57,24 @@ pub enum PoolError {
     },
 }
 
+impl WireError for PoolError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            PoolError::NoHugePages { .. } | PoolError::NoMemory { .. } => ErrorCode::OutOfMemory,
+            PoolError::NoSpace { .. }
+            | PoolError::Dax {
+                source: DaxError::StaticBusy { .. },
+                ..
+            } => ErrorCode::NoSpace,
+            PoolError::Dax {
+                source: DaxError::StaticWholeOnly { .. },
+                ..
+            } => ErrorCode::InvalidArgument,
+            _ => ErrorCode::Internal,
+        }
+    }
+}
+
 /// Result alias of this module.
 pub type Result<T> = std::result::Result<T, PoolError>;
 
@@ -86,19 +104,17 @@ pub struct Usage {
     pub quarantined: u64,
 }
 
-/// What [`Pool::open`] needs beyond the spec.
-#[derive(Debug)]
-pub struct OpenContext<'a> {
-    pub scrub_workers: usize,
-    pub journal: Option<Arc<Journal>>,
-    /// The journal's leases of this pool.
-    pub leases: Vec<&'a ReplayedLease>,
-    /// The journal's quarantined ranges of this pool.
-    pub quarantine: Vec<Extent>,
-    /// Device creations of this pool the journal saw start and never resolved.
-    pub creating: Vec<Vec<Extent>>,
-    /// Memfds handed over by the previous broker, by lease id (taken as used).
-    pub fds: &'a mut HashMap<u64, OwnedFd>,
+/// What a pool took back after a restart (see `crate::restore`).
+#[derive(Debug, Default)]
+pub struct Restored {
+    /// Live leases with their memory.
+    pub memory: Vec<(u64, Allocation)>,
+    /// Leases whose memory is gone or does not match, with the reason.
+    pub lost: Vec<(u64, String)>,
+    /// Device leases whose interrupted scrub was queued again.
+    pub rescrubbing: usize,
+    /// Devices of the region nobody recorded, kept out of use.
+    pub unknown: Vec<String>,
 }
 
 /// A parsed `--pool` argument.
@@ -215,73 +231,53 @@ enum Backend {
 }
 
 impl Pool {
-    /// Builds the pool a spec describes and takes back what the journal says it had: memfd
-    /// leases from inherited fds (`ctx.fds`, by lease id), device leases from sysfs.
-    pub fn open(spec: &PoolSpec, ctx: OpenContext<'_>) -> Result<(Pool, Restored)> {
+    /// Builds the pool a spec describes. `adopt`: the journal knows this pool from an
+    /// earlier run, so its memory is taken back afterwards (`crate::restore`) rather than
+    /// claimed fresh (a device-dax region then keeps its devices).
+    pub fn open(
+        spec: &PoolSpec,
+        scrub_workers: usize,
+        journal: Option<Arc<Journal>>,
+        adopt: bool,
+    ) -> Result<Pool> {
         match spec {
             PoolSpec::Memfd {
                 name,
                 size,
                 page_size,
-            } => {
-                let pool = Pool {
-                    name: name.clone(),
-                    kind: PoolKind::Memfd,
-                    page_size: *page_size,
-                    size: *size,
-                    backend: Backend::Memfd(MemfdPool::new(name, *page_size)),
-                };
-                let mut restored = Restored::default();
-                for l in ctx.leases {
-                    match ctx.fds.remove(&l.lease.id) {
-                        Some(fd) => match memfd::adopt(fd, l.lease.size) {
-                            Ok(fd) => restored.memory.push((
-                                l.lease.id,
-                                Allocation {
-                                    fd,
-                                    extents: l.lease.extents.clone(),
-                                    device: None,
-                                },
-                            )),
-                            Err(why) => restored.lost.push((l.lease.id, why)),
-                        },
-                        None => restored.lost.push((
-                            l.lease.id,
-                            "its memfd did not survive the broker restart (no `membroker upgrade` \
-                             hand-over and no systemd fd store)"
-                                .into(),
-                        )),
-                    }
-                }
-                Ok((pool, restored))
-            }
+            } => Ok(Pool {
+                name: name.clone(),
+                kind: PoolKind::Memfd,
+                page_size: *page_size,
+                size: *size,
+                backend: Backend::Memfd(MemfdPool::new(name, *page_size)),
+            }),
             PoolSpec::Devdax {
                 name,
                 region,
                 align,
             } => {
-                let dax = |source| PoolError::Dax {
+                let pool = DevdaxPool::open(name, *region, *align, scrub_workers, adopt, journal)
+                    .map_err(|source| PoolError::Dax {
                     pool: name.clone(),
                     source,
-                };
-                let adopt = !ctx.leases.is_empty()
-                    || !ctx.quarantine.is_empty()
-                    || !ctx.creating.is_empty();
-                let pool =
-                    DevdaxPool::open(name, *region, *align, ctx.scrub_workers, adopt, ctx.journal)
-                        .map_err(dax)?;
-                let restored = pool.restore(&ctx.leases, &ctx.quarantine, &ctx.creating);
-                Ok((
-                    Pool {
-                        name: name.clone(),
-                        kind: PoolKind::Devdax,
-                        page_size: pool.align(),
-                        size: pool.size(),
-                        backend: Backend::Devdax(pool),
-                    },
-                    restored,
-                ))
+                })?;
+                Ok(Pool {
+                    name: name.clone(),
+                    kind: PoolKind::Devdax,
+                    page_size: pool.align(),
+                    size: pool.size(),
+                    backend: Backend::Devdax(pool),
+                })
             }
+        }
+    }
+
+    /// The device-dax side of this pool, if it is one.
+    pub fn devdax(&self) -> Option<&DevdaxPool> {
+        match &self.backend {
+            Backend::Memfd(_) => None,
+            Backend::Devdax(pool) => Some(pool),
         }
     }
 
@@ -332,12 +328,11 @@ impl Pool {
         }
     }
 
-    /// Memory errors at `[offset, offset + len)` of a lease: quarantine the physical memory;
-    /// returns the physical ranges quarantined.
-    pub fn quarantine(&self, memory: &Allocation, offset: u64, len: u64) -> Vec<Extent> {
-        match &self.backend {
-            Backend::Memfd(_) => Vec::new(),
-            Backend::Devdax(pool) => pool.quarantine(&memory.extents, offset, len),
+    /// Memory errors at `[offset, offset + len)` of a lease: a device-dax pool quarantines the
+    /// physical memory behind it (and journals it); a memfd's memory is the kernel's business.
+    pub fn quarantine(&self, memory: &Allocation, offset: u64, len: u64) {
+        if let Backend::Devdax(pool) = &self.backend {
+            pool.quarantine(&memory.extents, offset, len);
         }
     }
 

@@ -1,22 +1,41 @@
-//! Request handling: the namespace, the pools, and the fds that go back to clients.
+//! Request handling: the one dispatcher. Every request a connection decodes, the handshake
+//! and `Upgrade` included, is answered by [`Broker::handle`], which calls the namespace, the
+//! pools and the journal and builds the reply and the fd that travels with it.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use membroker_client::codec::{MAX_PAYLOAD, encoded_len};
-use membroker_client::proto::{ErrorCode, LeaseInfo, PoolInfo, Request, Response};
+use membroker_client::proto::{
+    ErrorCode, LeaseInfo, PROTOCOL_MAX, PROTOCOL_MIN, PoolInfo, PoolKind, Request, Response,
+};
 use parking_lot::Mutex;
 use rustix::fs::{Mode, OFlags};
 
-use crate::namespace::{Freed, Namespace, NsError, Peer, PoolAccount};
-use crate::pool::{Allocation, Pool, PoolError};
+use crate::error::{WireError, error_chain};
+use crate::journal::{Journal, Record};
+use crate::namespace::{Freed, Namespace, Peer};
+use crate::notify::Notifier;
+use crate::pool::{Allocation, Pool};
 
-/// A reply and the fd that travels with it, if any.
+/// A reply, the fd that travels with it, and what the connection does next.
 #[derive(Debug)]
 pub struct Reply {
     pub response: Response,
     pub fd: Option<ReplyFd>,
+    pub then: Then,
+}
+
+/// What a connection does once a reply is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Then {
+    /// Read the next request.
+    Continue,
+    /// Close the connection: the client broke the protocol (the reply says how).
+    Close,
+    /// Re-execute the broker ([`Broker::upgrade`]); the reply was `Ok`.
+    Upgrade,
 }
 
 /// The fd of a lease reply: the broker's own (shared) or a read-only reopening of it.
@@ -37,7 +56,18 @@ impl AsFd for ReplyFd {
 
 impl Reply {
     fn new(response: Response) -> Reply {
-        Reply { response, fd: None }
+        Reply {
+            response,
+            fd: None,
+            then: Then::Continue,
+        }
+    }
+
+    fn lease(info: LeaseInfo, fd: ReplyFd) -> Reply {
+        Reply {
+            fd: Some(fd),
+            ..Reply::new(Response::Lease(info))
+        }
     }
 
     /// An error reply.
@@ -47,11 +77,35 @@ impl Reply {
             message: message.into(),
         })
     }
+
+    /// An error reply after which the connection is closed (a protocol violation).
+    pub fn fatal(code: ErrorCode, message: impl Into<String>) -> Reply {
+        Reply {
+            then: Then::Close,
+            ..Reply::error(code, message)
+        }
+    }
+
+    /// The error's code and its whole cause chain.
+    fn failed(e: &dyn WireError) -> Reply {
+        Reply::error(e.code(), error_chain(e))
+    }
 }
 
-impl From<NsError> for Reply {
-    fn from(e: NsError) -> Reply {
-        Reply::error(e.code(), e.to_string())
+/// One connection's protocol state: who it is and the version the handshake agreed on.
+#[derive(Debug)]
+pub struct Session {
+    pub peer: Peer,
+    /// `None` until `Hello`.
+    pub version: Option<u16>,
+}
+
+impl Session {
+    pub fn new(peer: Peer) -> Session {
+        Session {
+            peer,
+            version: None,
+        }
     }
 }
 
@@ -59,12 +113,15 @@ impl From<NsError> for Reply {
 #[derive(Debug)]
 pub struct Broker {
     pools: Vec<Pool>,
+    /// The namespace; whoever changes it journals its records before letting go (see
+    /// [`Broker::change`]).
     ns: Mutex<Namespace>,
+    journal: Option<Arc<Journal>>,
     admin_gid: Option<u32>,
     /// Requests hold it shared; an upgrade takes it exclusively so nothing is half done when
     /// the process image is replaced.
     ops: parking_lot::RwLock<()>,
-    notifier: Option<crate::notify::Notifier>,
+    notifier: Option<Notifier>,
     /// Duplicates of the listening socket and the lock file, inherited by an upgrade.
     handover: parking_lot::Mutex<Option<(OwnedFd, OwnedFd)>>,
     /// This instance, for `Hello`: a restart or upgrade changes it.
@@ -72,35 +129,22 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// A broker over `pools` (the first is the default); members of `admin_gid` (by primary
-    /// group) and root may manage every lease.
+    /// A broker over `pools` (the first is the default) and the namespace restored for them;
+    /// members of `admin_gid` (by primary group) and root may manage every lease.
     pub fn new(
         pools: Vec<Pool>,
+        ns: Namespace,
         admin_gid: Option<u32>,
-        journal: Option<Arc<crate::journal::Journal>>,
-        notifier: Option<crate::notify::Notifier>,
+        journal: Option<Arc<Journal>>,
+        notifier: Option<Notifier>,
     ) -> Broker {
-        let accounts = pools
-            .iter()
-            .map(|p| PoolAccount {
-                name: p.name.clone(),
-                kind: p.kind,
-                page_size: p.page_size,
-                size: p.size,
-                used: 0,
-                leases: 0,
-            })
-            .collect();
-        let mut ns = Namespace::new(accounts);
-        if let Some(journal) = journal {
-            ns.set_journal(journal);
-        }
         let started = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
         Broker {
             pools,
             ns: Mutex::new(ns),
+            journal,
             admin_gid,
             ops: parking_lot::RwLock::new(()),
             notifier,
@@ -115,74 +159,14 @@ impl Broker {
         }
     }
 
-    /// Who is serving: version, pid, start time (changes with every restart or upgrade).
-    pub fn instance(&self) -> &str {
-        &self.instance
-    }
-
     /// The systemd notifier, if started by systemd.
-    pub fn notifier(&self) -> Option<&crate::notify::Notifier> {
+    pub fn notifier(&self) -> Option<&Notifier> {
         self.notifier.as_ref()
     }
 
     /// What an upgrade hands over besides the leases: the listening socket and lock file.
     pub fn set_handover(&self, listener: OwnedFd, lock: OwnedFd) {
         *self.handover.lock() = Some((listener, lock));
-    }
-
-    /// Re-executes `exe` with the same arguments, handing over the listening socket, the lock
-    /// file and every memfd lease. Waits for requests in flight first. Only returns on failure
-    /// (then nothing changed and this broker goes on serving).
-    pub fn upgrade(&self, peer: &Peer) -> Result<std::convert::Infallible, String> {
-        if !peer.admin {
-            return Err(
-                "permission denied: only root and the admin group may upgrade the broker".into(),
-            );
-        }
-        let exe =
-            std::env::current_exe().map_err(|e| format!("cannot find the broker binary: {e}"))?;
-        let exe = PathBuf::from(exe.to_string_lossy().trim_end_matches(" (deleted)"));
-        if !exe.is_file() {
-            return Err(format!(
-                "the broker binary {} is gone; install it first",
-                exe.display()
-            ));
-        }
-        let _quiet = self.ops.write();
-        let handover = self.handover.lock();
-        let Some((listener, lock)) = handover.as_ref() else {
-            return Err("this broker has no hand-over state (started without a listener)".into());
-        };
-        let memory = self.ns.lock().memory();
-        let memfds: Vec<(u64, BorrowedFd<'_>)> = memory
-            .iter()
-            .filter(|(_, pool, _)| self.pools[*pool].kind == membroker_client::PoolKind::Memfd)
-            .map(|(id, _, m)| (*id, m.fd.as_fd()))
-            .collect();
-        let all = || {
-            [listener.as_fd(), lock.as_fd()]
-                .into_iter()
-                .chain(memfds.iter().map(|(_, fd)| *fd))
-        };
-        let prepared = match crate::handover::prepare(listener.as_fd(), lock.as_fd(), &memfds) {
-            Ok(prepared) => prepared,
-            Err(e) => {
-                crate::handover::restore_cloexec(all());
-                return Err(format!("cannot prepare the hand-over: {e}"));
-            }
-        };
-        tracing::info!(exe = %exe.display(), leases = memory.len(), "upgrading: re-executing the broker");
-        // execve itself: a file the kernel refuses (truncated, not a program) fails here and
-        // this broker goes on, instead of glibc retrying it with /bin/sh.
-        let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-        let err = crate::sys::execve(&exe, &args, (crate::handover::HANDOVER_ENV, &prepared.env));
-        crate::handover::restore_cloexec(all());
-        prepared.discard();
-        tracing::error!(error = %err, "upgrade failed; still serving");
-        Err(format!(
-            "exec {} failed: {err}; the running broker goes on serving",
-            exe.display()
-        ))
     }
 
     /// The identity of a connection.
@@ -197,108 +181,158 @@ impl Broker {
         }
     }
 
-    /// Handles one request (after the handshake) from `peer`.
-    pub fn handle(&self, peer: &Peer, request: Request) -> Reply {
+    /// Answers one decoded request of a connection; `version` is the one its header carries.
+    pub fn handle(&self, session: &mut Session, version: u16, request: Request) -> Reply {
+        let agreed = match (session.version, request) {
+            (
+                None,
+                Request::Hello {
+                    min_version,
+                    max_version,
+                    client,
+                },
+            ) => return self.hello(session, min_version, max_version, &client),
+            (None, _) => {
+                return Reply::fatal(ErrorCode::Protocol, "the first message must be Hello");
+            }
+            (Some(_), Request::Hello { .. }) => {
+                return Reply::fatal(ErrorCode::Protocol, "Hello may only be the first message");
+            }
+            (Some(agreed), _) if version != agreed => {
+                return Reply::fatal(
+                    ErrorCode::Protocol,
+                    format!("message at protocol {version} after agreeing on {agreed}"),
+                );
+            }
+            (Some(_), request) => request,
+        };
+        let peer = &session.peer;
         let _ops = self.ops.read();
-        let result = match request {
-            Request::Upgrade => {
-                return Reply::error(ErrorCode::Protocol, "Upgrade is handled by the connection");
-            }
-            Request::Hello { .. } => {
-                return Reply::error(ErrorCode::Protocol, "Hello may only be the first message");
-            }
-            Request::Create(req) => return self.create(peer, req),
+        match agreed {
+            Request::Hello { .. } => unreachable!("answered above"),
+            Request::Upgrade if !peer.admin => Reply::error(
+                ErrorCode::PermissionDenied,
+                "permission denied: only root and the admin group may upgrade the broker",
+            ),
+            Request::Upgrade => Reply {
+                then: Then::Upgrade,
+                ..Reply::new(Response::Ok)
+            },
+            Request::Create(req) => self.create(peer, req),
             Request::Open { name, writable } => self.open(peer, &name, writable),
             Request::Release { name } => self.freeing(|ns| ns.release(peer, &name)),
             Request::Remove { name } => {
                 let reply = self.freeing(|ns| ns.remove(peer, &name));
-                if reply.is_ok() {
+                if matches!(reply.response, Response::Ok) {
                     tracing::info!(lease = %name, "removed");
                 }
                 reply
             }
-            Request::Stat { name } => self
-                .ns
-                .lock()
-                .stat(&name)
-                .map(|info| Reply::new(Response::Stat(info))),
-            Request::List { prefix, after } => Ok(self.list(&prefix, after.as_deref())),
-            Request::Df => Ok(Reply::new(Response::Df(self.df()))),
+            Request::Stat { name } => match self.ns.lock().stat(&name) {
+                Ok(info) => Reply::new(Response::Stat(info)),
+                Err(e) => Reply::failed(&e),
+            },
+            Request::List { prefix, after } => self.list(&prefix, after.as_deref()),
+            Request::Df => Reply::new(Response::Df(self.df())),
             Request::ReportPoison { name, offset, len } => {
-                let result = self.ns.lock().report_poison(peer, &name, offset, len);
-                result.map(|(pool, memory)| {
-                    tracing::warn!(lease = %name, offset, len, "memory error reported");
-                    for range in self.pools[pool].quarantine(&memory, offset, len) {
-                        self.ns.lock().record_quarantine(pool, range);
+                match self.change(|ns| ns.report_poison(peer, &name, offset, len)) {
+                    Ok((pool, memory)) => {
+                        tracing::warn!(lease = %name, offset, len, "memory error reported");
+                        self.pools[pool].quarantine(&memory, offset, len);
+                        Reply::new(Response::Ok)
                     }
-                    Reply::new(Response::Ok)
-                })
+                    Err(e) => Reply::failed(&e),
+                }
             }
-        };
-        result.unwrap_or_else(Reply::from)
+        }
+    }
+
+    fn hello(&self, session: &mut Session, min: u16, max: u16, client: &str) -> Reply {
+        let best = max.min(PROTOCOL_MAX);
+        if best < min.max(PROTOCOL_MIN) {
+            return Reply::fatal(
+                ErrorCode::Version,
+                format!(
+                    "client speaks protocol {min}..={max}, broker {PROTOCOL_MIN}..={PROTOCOL_MAX}"
+                ),
+            );
+        }
+        tracing::debug!(client, version = best, "hello");
+        session.version = Some(best);
+        Reply::new(Response::Hello {
+            version: best,
+            server: self.instance.clone(),
+        })
+    }
+
+    /// Runs a change of the namespace under its lock and journals the records it made before
+    /// the lock is released, so the journal's order is the namespace's.
+    fn change<T>(&self, op: impl FnOnce(&mut Namespace) -> T) -> T {
+        let mut ns = self.ns.lock();
+        let out = op(&mut ns);
+        let records = ns.take_records();
+        self.journal_all(&records);
+        out
+    }
+
+    /// Journals records whose loss a restart tolerates (it is logged).
+    fn journal_all(&self, records: &[Record]) {
+        if let Some(journal) = &self.journal {
+            if let Err(e) = journal.append_all(records) {
+                tracing::error!(error = %error_chain(&e), ?records, "journal append failed");
+            }
+        }
     }
 
     fn create(&self, peer: &Peer, req: membroker_client::CreateLease) -> Reply {
         let reservation = match self.ns.lock().reserve(peer, &req) {
             Ok(r) => r,
-            Err(e) => return e.into(),
+            Err(e) => return Reply::failed(&e),
         };
         // The allocation (fallocate of up to the whole lease) runs outside the lock.
         let pool = &self.pools[reservation.pool];
-        match pool.allocate(&reservation.name, reservation.size) {
-            Ok(allocation) => {
-                let committed = self.ns.lock().commit(peer, reservation, allocation);
-                match committed {
-                    Ok((id, info, fd)) => {
-                        if let (Some(n), membroker_client::PoolKind::Memfd) =
-                            (&self.notifier, pool.kind)
-                        {
-                            n.store(id, fd.fd.as_fd());
-                        }
-                        tracing::info!(lease = %info.name, size = info.size, pool = %info.pool, persistent = info.persistent, "created");
-                        Reply {
-                            response: Response::Lease(info),
-                            fd: Some(ReplyFd::Shared(fd)),
-                        }
-                    }
-                    Err(failed) => {
-                        let (e, memory) = *failed;
-                        tracing::error!(error = %e, "create not journaled; memory given back");
-                        pool.discard(memory);
-                        e.into()
-                    }
-                }
-            }
+        let allocation = match pool.allocate(&reservation.name, reservation.size) {
+            Ok(allocation) => allocation,
             Err(e) => {
                 self.ns.lock().abort(reservation);
                 tracing::warn!(lease = %req.name, error = %e, "allocation failed");
-                let code = match e {
-                    PoolError::NoHugePages { .. } | PoolError::NoMemory { .. } => {
-                        ErrorCode::OutOfMemory
-                    }
-                    PoolError::NoSpace { .. }
-                    | PoolError::Dax {
-                        source: crate::pool::DaxError::StaticBusy { .. },
-                        ..
-                    } => ErrorCode::NoSpace,
-                    PoolError::Dax {
-                        source: crate::pool::DaxError::StaticWholeOnly { .. },
-                        ..
-                    } => ErrorCode::InvalidArgument,
-                    _ => ErrorCode::Internal,
-                };
-                Reply::error(code, format!("lease {}: {}", req.name, error_chain(&e)))
+                return Reply::error(e.code(), format!("lease {}: {}", req.name, error_chain(&e)));
+            }
+        };
+        // Durable before the reply that hands the lease out.
+        let durable = |record: &Record| match &self.journal {
+            Some(journal) => journal.append(record).map_err(|e| error_chain(&e)),
+            None => Ok(()),
+        };
+        let committed = self
+            .ns
+            .lock()
+            .commit(peer, reservation, allocation, durable);
+        match committed {
+            Ok((id, info, memory)) => {
+                if let (Some(n), PoolKind::Memfd) = (&self.notifier, pool.kind) {
+                    n.store(id, memory.fd.as_fd());
+                }
+                tracing::info!(lease = %info.name, size = info.size, pool = %info.pool, persistent = info.persistent, "created");
+                Reply::lease(info, ReplyFd::Shared(memory))
+            }
+            Err(failed) => {
+                let (e, memory) = *failed;
+                tracing::error!(error = %e, "create not journaled; memory given back");
+                pool.discard(memory);
+                Reply::failed(&e)
             }
         }
     }
 
-    fn open(&self, peer: &Peer, name: &str, writable: bool) -> Result<Reply, NsError> {
-        let (info, fd) = self.ns.lock().open(peer, name, writable)?;
+    fn open(&self, peer: &Peer, name: &str, writable: bool) -> Reply {
+        let opened = self.ns.lock().open(peer, name, writable);
+        let (info, fd) = match opened {
+            Ok(opened) => opened,
+            Err(e) => return Reply::failed(&e),
+        };
         if writable {
-            return Ok(Reply {
-                response: Response::Lease(info),
-                fd: Some(ReplyFd::Shared(fd)),
-            });
+            return Reply::lease(info, ReplyFd::Shared(fd));
         }
         // A read-only holder gets its own O_RDONLY file description, so it cannot map the
         // memory writable.
@@ -308,27 +342,28 @@ impl Broker {
             OFlags::RDONLY | OFlags::CLOEXEC,
             Mode::empty(),
         ) {
-            Ok(ro) => Ok(Reply {
-                response: Response::Lease(info),
-                fd: Some(ReplyFd::Owned(ro)),
-            }),
+            Ok(ro) => Reply::lease(info, ReplyFd::Owned(ro)),
             Err(e) => {
                 drop(self.freeing(|ns| ns.release(peer, name)));
-                Ok(Reply::error(
+                Reply::error(
                     ErrorCode::Internal,
                     format!("lease {name}: reopening read-only failed: {e}"),
-                ))
+                )
             }
         }
     }
 
     fn freeing(
         &self,
-        op: impl FnOnce(&mut Namespace) -> Result<Freed, NsError>,
-    ) -> Result<Reply, NsError> {
-        let freed = op(&mut self.ns.lock())?;
-        self.give_back(freed);
-        Ok(Reply::new(Response::Ok))
+        op: impl FnOnce(&mut Namespace) -> Result<Freed, crate::namespace::NsError>,
+    ) -> Reply {
+        match self.change(op) {
+            Ok(freed) => {
+                self.give_back(freed);
+                Reply::new(Response::Ok)
+            }
+            Err(e) => Reply::failed(&e),
+        }
     }
 
     /// Returns leases nobody holds to their pools, outside the namespace lock: closing the
@@ -336,7 +371,7 @@ impl Broker {
     fn give_back(&self, freed: Freed) {
         for lease in freed {
             let pool = &self.pools[lease.pool];
-            if let (Some(n), membroker_client::PoolKind::Memfd) = (&self.notifier, pool.kind) {
+            if let (Some(n), PoolKind::Memfd) = (&self.notifier, pool.kind) {
                 n.remove(lease.id);
             }
             pool.release(lease.id, lease.memory);
@@ -372,54 +407,60 @@ impl Broker {
         Reply::new(Response::List { leases, more })
     }
 
-    /// Puts the journal's leases back (after a restart), with the memory the pools recovered;
-    /// leases whose memory is gone are journaled as freed. Then compacts the journal.
-    pub fn restore(
-        &self,
-        replayed: &crate::journal::Replayed,
-        memory: Vec<(u64, Allocation)>,
-        lost: Vec<(u64, String)>,
-        journal: &crate::journal::Journal,
-    ) {
-        let mut ns = self.ns.lock();
-        ns.restore_quarantine(&replayed.quarantine);
-        for (id, memory) in memory {
-            let lease = &replayed.leases[&id];
-            if let Err(why) = ns.restore(lease, memory) {
-                tracing::error!(lease = %lease.lease.name, why, "cannot restore lease");
-            }
+    /// Re-executes `exe` with the same arguments, handing over the listening socket, the lock
+    /// file and every memfd lease. Waits for requests in flight first. Only returns on failure
+    /// (then nothing changed and this broker goes on serving). Called by a connection after
+    /// [`Broker::handle`] accepted an `Upgrade` (which checked the peer may).
+    pub fn upgrade(&self) -> Result<std::convert::Infallible, String> {
+        let exe =
+            std::env::current_exe().map_err(|e| format!("cannot find the broker binary: {e}"))?;
+        let exe = PathBuf::from(exe.to_string_lossy().trim_end_matches(" (deleted)"));
+        if !exe.is_file() {
+            return Err(format!(
+                "the broker binary {} is gone; install it first",
+                exe.display()
+            ));
         }
-        const NAMED: usize = 20;
-        for (i, (id, why)) in lost.iter().enumerate() {
-            if i < NAMED {
-                let lease = &replayed.leases[id];
-                tracing::error!(lease = %lease.lease.name, id, why, "lease lost across the restart");
+        let _quiet = self.ops.write();
+        let handover = self.handover.lock();
+        let Some((listener, lock)) = handover.as_ref() else {
+            return Err("this broker has no hand-over state (started without a listener)".into());
+        };
+        let memory = self.ns.lock().memory();
+        let memfds: Vec<(u64, BorrowedFd<'_>)> = memory
+            .iter()
+            .filter(|(_, pool, _)| self.pools[*pool].kind == PoolKind::Memfd)
+            .map(|(id, _, m)| (*id, m.fd.as_fd()))
+            .collect();
+        let all = || {
+            [listener.as_fd(), lock.as_fd()]
+                .into_iter()
+                .chain(memfds.iter().map(|(_, fd)| *fd))
+        };
+        let prepared = match crate::handover::prepare(listener.as_fd(), lock.as_fd(), &memfds) {
+            Ok(prepared) => prepared,
+            Err(e) => {
+                crate::handover::restore_cloexec(all());
+                return Err(format!("cannot prepare the hand-over: {e}"));
             }
-            if let Some(n) = &self.notifier {
-                n.remove(*id);
-            }
-        }
-        if lost.len() > NAMED {
-            tracing::error!(
-                more = lost.len() - NAMED,
-                "more leases lost across the restart"
-            );
-        }
-        // The compacted journal no longer lists lost leases; only if compaction fails are they
-        // journaled as freed one by one.
-        if let Err(e) = journal.compact(&ns.snapshot()) {
-            tracing::error!(error = %error_chain(&e), "journal compaction at start failed");
-            for (id, _) in &lost {
-                if let Err(e) = journal.append(&crate::journal::Record::Freed { id: *id }) {
-                    tracing::error!(error = %error_chain(&e), "cannot journal a lost lease");
-                }
-            }
-        }
+        };
+        tracing::info!(exe = %exe.display(), leases = memory.len(), "upgrading: re-executing the broker");
+        // execve itself: a file the kernel refuses (truncated, not a program) fails here and
+        // this broker goes on, instead of glibc retrying it with /bin/sh.
+        let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+        let err = crate::sys::execve(&exe, &args, (crate::handover::HANDOVER_ENV, &prepared.env));
+        crate::handover::restore_cloexec(all());
+        prepared.discard();
+        tracing::error!(error = %err, "upgrade failed; still serving");
+        Err(format!(
+            "exec {} failed: {err}; the running broker goes on serving",
+            exe.display()
+        ))
     }
 
     /// Ends the re-attach grace period after a restart.
     pub fn expire_orphans(&self) {
-        let freed = self.ns.lock().expire_orphans();
+        let freed = self.change(Namespace::expire_orphans);
         if !freed.is_empty() {
             tracing::info!(
                 leases = freed.len(),
@@ -436,22 +477,10 @@ impl Broker {
 
     /// A connection closed: release everything it held.
     pub fn disconnect(&self, conn: u64) {
-        let freed = self.ns.lock().disconnect(conn);
+        let freed = self.change(|ns| ns.disconnect(conn));
         if !freed.is_empty() {
             tracing::info!(leases = freed.len(), "released on disconnect");
         }
         self.give_back(freed);
     }
-}
-
-/// `error: cause: cause` on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

@@ -16,7 +16,7 @@ use rustix::fs::FlockOperation;
 use rustix::io::Errno;
 use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
 
-pub use broker::{Broker, error_chain};
+pub use broker::{Broker, Reply, Session, Then};
 
 /// Most connections served at once; more are closed at accept with a warning.
 pub const MAX_CONNECTIONS: usize = 4096;

@@ -11,8 +11,6 @@ mod restore;
 mod scrub;
 mod sysfs;
 
-pub use restore::Restored;
-
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -26,6 +24,7 @@ use rustix::fs::{Mode, OFlags};
 
 use super::extents::ExtentAllocator;
 use super::{Allocation, Usage};
+use crate::error::error_chain;
 use crate::journal::{Journal, Record};
 use scrub::Scrubber;
 use sysfs::Region;
@@ -297,7 +296,7 @@ impl DevdaxPool {
         match &self.journal {
             Some(journal) => journal
                 .append(record)
-                .map_err(|e| DaxError::Journal(crate::server::error_chain(&e))),
+                .map_err(|e| DaxError::Journal(error_chain(&e))),
             None => Ok(()),
         }
     }
@@ -392,13 +391,13 @@ impl DevdaxPool {
         }
     }
 
-    /// Quarantines the physical memory behind `[offset, offset + len)` of a lease; returns
-    /// the physical ranges.
-    pub fn quarantine(&self, extents: &[Extent], offset: u64, len: u64) -> Vec<Extent> {
-        let mut ranges = Vec::new();
+    /// Quarantines the physical memory behind `[offset, offset + len)` of a lease and
+    /// journals the physical ranges.
+    pub fn quarantine(&self, extents: &[Extent], offset: u64, len: u64) {
         if self.whole.is_some() {
-            return ranges; // static: no physical bookkeeping; the lease records the poison
+            return; // static: no physical bookkeeping; the lease records the poison
         }
+        let mut ranges = Vec::new();
         let mut alloc = self.extents.lock();
         let (mut file_offset, end) = (0u64, offset.saturating_add(len));
         for extent in extents {
@@ -421,7 +420,20 @@ impl DevdaxPool {
             }
             file_offset += extent.len;
         }
-        ranges
+        drop(alloc);
+        let records: Vec<Record> = ranges
+            .iter()
+            .map(|range| Record::Quarantine {
+                pool: self.name.clone(),
+                start: range.start,
+                len: range.len,
+            })
+            .collect();
+        if let Some(journal) = &self.journal {
+            if let Err(e) = journal.append_all(&records) {
+                tracing::error!(error = %error_chain(&e), "cannot journal quarantined memory; it is out of use until the broker restarts");
+            }
+        }
     }
 
     /// Destroys a device made for a lease that was never delivered (no scrub needed: nobody

@@ -1,4 +1,5 @@
-//! Reconciling a device-dax region with the journal after a broker restart.
+//! Reconciling a device-dax region with the journal after a broker restart (the device-dax
+//! half of `crate::restore`).
 //!
 //! The devices of live leases persist by themselves: each is checked against the journal
 //! (same ranges), rebound if a crash left it unbound, reopened, and its extents claimed.
@@ -13,20 +14,7 @@ use rustix::fs::{Mode, OFlags};
 
 use super::{DaxError, DevdaxPool, sysfs};
 use crate::journal::ReplayedLease;
-use crate::pool::Allocation;
-
-/// What came back.
-#[derive(Debug, Default)]
-pub struct Restored {
-    /// Live leases with their reopened devices.
-    pub memory: Vec<(u64, Allocation)>,
-    /// Leases whose device is gone or does not match, with the reason.
-    pub lost: Vec<(u64, String)>,
-    /// Scrubs queued again (their `Freed` is journaled when done).
-    pub rescrubbing: usize,
-    /// Devices of the region nobody recorded, kept out of use.
-    pub unknown: Vec<String>,
-}
+use crate::pool::{Allocation, Restored};
 
 fn open_device(device: &str) -> Result<std::os::fd::OwnedFd, DaxError> {
     if sysfs::device_state(device)?.driver.is_none() {
@@ -80,7 +68,7 @@ impl DevdaxPool {
                         );
                         out.rescrubbing += 1;
                     }
-                    Err(e) => out.lost.push((l.lease.id, crate::server::error_chain(&e))),
+                    Err(e) => out.lost.push((l.lease.id, crate::error::error_chain(&e))),
                 }
             }
             return out;
@@ -144,7 +132,7 @@ impl DevdaxPool {
                             continue;
                         }
                         Err(e) => {
-                            tracing::error!(%device, error = %crate::server::error_chain(&e), "cannot destroy a half-made device")
+                            tracing::error!(%device, error = %crate::error::error_chain(&e), "cannot destroy a half-made device")
                         }
                     }
                 }
@@ -173,14 +161,14 @@ impl DevdaxPool {
         if !sysfs::exists(device) {
             return Err(format!("device {device} no longer exists"));
         }
-        let ranges = sysfs::mappings(device).map_err(|e| crate::server::error_chain(&e))?;
+        let ranges = sysfs::mappings(device).map_err(|e| crate::error::error_chain(&e))?;
         let journal: Vec<(u64, u64)> = extents.iter().map(|e| (e.start, e.len)).collect();
         if ranges != journal {
             return Err(format!(
                 "device {device} has ranges {ranges:x?}, the journal says {journal:x?}"
             ));
         }
-        let fd = open_device(device).map_err(|e| crate::server::error_chain(&e))?;
+        let fd = open_device(device).map_err(|e| crate::error::error_chain(&e))?;
         self.extents
             .lock()
             .claim(extents)

@@ -155,7 +155,7 @@ fn scrub_one(
         destroy(region, device)
     };
     if let Err(e) = destroyed {
-        tracing::error!(device, error = %crate::server::error_chain(&e), "cannot destroy a scrubbed device; its extents stay out of use");
+        tracing::error!(device, error = %crate::error::error_chain(&e), "cannot destroy a scrubbed device; its extents stay out of use");
         return false;
     }
     super::give_back(extents, &memory.extents);
@@ -171,7 +171,7 @@ fn scrub_one(
 fn freed(journal: Option<&Journal>, id: u64) {
     if let Some(journal) = journal {
         if let Err(e) = journal.append(&Record::Freed { id }) {
-            tracing::error!(id, error = %crate::server::error_chain(&e), "cannot journal a scrubbed lease as free");
+            tracing::error!(id, error = %crate::error::error_chain(&e), "cannot journal a scrubbed lease as free");
         }
     }
 }
