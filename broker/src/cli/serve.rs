@@ -16,7 +16,7 @@ use crate::server::{self, Broker, Listener};
 pub struct ServeArgs {
     /// A pool: memfd:NAME:SIZE[:PAGE] (PAGE 4K, 2M or 1G), e.g. memfd:default:4G:2M, or
     /// devdax:NAME:REGION[:ALIGN] (ALIGN 2M or 1G), e.g. devdax:fast:region0:2M. Repeat for more
-    /// pools; the first is the default. Without any: memfd:default:<half of RAM>:4K.
+    /// pools; the first is the default. Without any: memfd:default:SIZE:4K, SIZE half of RAM.
     #[arg(long = "pool", value_name = "SPEC")]
     pools: Vec<PoolSpec>,
     /// Group (name or gid) whose members, like root, may manage every lease.
