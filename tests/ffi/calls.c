@@ -6,6 +6,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
@@ -28,6 +29,42 @@ static void print_info(const char *step, const membroker_lease_info *info)
            step, (unsigned long long)info->size, (unsigned long long)info->page_size, info->pool,
            info->device, (unsigned)info->mode, info->persistent, info->writable,
            (unsigned)info->state, (unsigned)info->holders, (unsigned)info->poison_ranges);
+}
+
+/* Several threads share one handle: every stat succeeds, and each thread's failed open leaves
+ * its own message (the lease it asked for) in its own last error. */
+#define THREADS 4
+static membroker *shared;
+
+static void *hammer(void *arg)
+{
+    char missing[32], want[64];
+    snprintf(missing, sizeof missing, "ffi/missing-%d", (int)(intptr_t)arg);
+    snprintf(want, sizeof want, "lease %s: no such lease", missing);
+    for (int i = 0; i < 50; i++) {
+        membroker_lease_info info;
+        if (membroker_stat(shared, "ffi/a", &info) != 0 || info.size != 8 << 20)
+            return "stat failed";
+        if (membroker_open(shared, missing, false) != -1 || strcmp(membroker_last_error(), want))
+            return "wrong error";
+    }
+    return NULL;
+}
+
+static const char *share_between_threads(membroker *b)
+{
+    pthread_t threads[THREADS];
+    const char *verdict = "ok";
+    shared = b;
+    for (intptr_t i = 0; i < THREADS; i++)
+        pthread_create(&threads[i], NULL, hammer, (void *)i);
+    for (int i = 0; i < THREADS; i++) {
+        void *result;
+        pthread_join(threads[i], &result);
+        if (result)
+            verdict = result;
+    }
+    return verdict;
 }
 
 int main(int argc, char **argv)
@@ -79,6 +116,7 @@ int main(int argc, char **argv)
         return 1;
     }
     print_info("stat", &info);
+    printf("%d threads on one handle: %s\n", THREADS, share_between_threads(b));
 
     fd = membroker_open_ex(b, "ffi/b", true, &info);
     failed("open b before it exists", fd);

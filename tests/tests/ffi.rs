@@ -36,7 +36,7 @@ fn compile(source: &str, link: Link, dir: &Path) -> PathBuf {
         Path::new(source).file_stem().unwrap().to_string_lossy()
     ));
     let mut cmd = Command::new("cc");
-    cmd.args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-o"])
+    cmd.args(["-std=c11", "-pthread", "-Wall", "-Wextra", "-Werror", "-o"])
         .arg(&program)
         .arg("-I")
         .arg(workspace().join("ffi/include"))
@@ -154,6 +154,7 @@ poison outside: rc=-1 errno=EINVAL same=1 error=lease ffi/a: poison range 838860
 poison ranges: 1 1 [4096+4096]
 ranges into NULL: rc=-1 errno=EINVAL same=1 error=out is NULL
 stat: {lease_a} writable=0 state=1 holders=1 poison_ranges=1
+4 threads on one handle: ok
 open b before it exists: rc=-1 errno=ENOENT same=1 error=lease ffi/b: no such lease
 created b: fd
 lost before: 0
