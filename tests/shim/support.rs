@@ -6,9 +6,9 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{OnceLock, mpsc};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use membroker_tests::wait_until;
+use membroker_tests::{wait_until, workspace_library};
 
 pub const MIB: u64 = 1 << 20;
 
@@ -17,69 +17,13 @@ pub const MIB: u64 = 1 << 20;
 pub fn shim_path() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
-        let exe = std::env::current_exe().expect("current_exe");
-        // target/<profile>/deps/shim-HASH
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile>")
-            .to_path_buf();
-        let so = profile_dir.join("libmembroker_preload.so");
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("workspace root")
-            .to_path_buf();
-        if !so.is_file() || newest_source(&root) > mtime(&so) {
-            let profile = profile_dir
-                .file_name()
-                .and_then(|n| n.to_str())
-                .expect("profile name");
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let mut cmd = Command::new(cargo);
-            cmd.current_dir(&root)
-                .args(["build", "-p", "membroker-preload"]);
-            if profile != "debug" {
-                cmd.args([
-                    "--profile",
-                    if profile == "release" {
-                        "release"
-                    } else {
-                        profile
-                    },
-                ]);
-            }
-            if let Some(target_dir) = profile_dir.parent() {
-                cmd.arg("--target-dir").arg(target_dir);
-            }
-            let status = cmd.status().expect("run cargo build -p membroker-preload");
-            assert!(status.success(), "cargo build -p membroker-preload failed");
-        }
-        assert!(so.is_file(), "{} missing after build", so.display());
-        so
+        workspace_library(
+            "membroker-preload",
+            "libmembroker_preload.so",
+            &["shim-preload", "client/src"],
+        )
     })
     .clone()
-}
-
-pub fn mtime(path: &Path) -> SystemTime {
-    std::fs::metadata(path)
-        .and_then(|m| m.modified())
-        .unwrap_or(SystemTime::UNIX_EPOCH)
-}
-
-pub fn newest_source(root: &Path) -> SystemTime {
-    let mut newest = SystemTime::UNIX_EPOCH;
-    let mut dirs = vec![root.join("shim-preload"), root.join("client/src")];
-    while let Some(dir) = dirs.pop() {
-        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                dirs.push(path);
-            } else {
-                newest = newest.max(mtime(&path));
-            }
-        }
-    }
-    newest
 }
 
 /// 16 bytes, so that each 4 KiB page of the guest's file holds exactly 256 copies.

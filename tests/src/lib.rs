@@ -36,6 +36,69 @@ pub fn bin_path(name: &str) -> PathBuf {
     );
 }
 
+/// A library that a workspace package builds (`libmembroker_preload.so`,
+/// `libmembroker_ffi.a`), in the target directory of the test executable. Built (again) with
+/// cargo when it is missing or older than the files under `sources` (directories relative to
+/// the workspace root), so that `cargo test -p membroker-tests` alone never tests a stale one.
+pub fn workspace_library(package: &str, file: &str, sources: &[&str]) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/test-HASH
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .to_path_buf();
+    let lib = profile_dir.join(file);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root");
+    let sources: Vec<PathBuf> = sources.iter().map(|s| root.join(s)).collect();
+    if !lib.is_file() || newest_file(&sources) > mtime(&lib) {
+        let profile = profile_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("profile name");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(root).args(["build", "-p", package]);
+        if profile != "debug" {
+            cmd.args(["--profile", profile]);
+        }
+        if let Some(target_dir) = profile_dir.parent() {
+            cmd.arg("--target-dir").arg(target_dir);
+        }
+        let status = cmd
+            .status()
+            .unwrap_or_else(|e| panic!("run cargo build -p {package}: {e}"));
+        assert!(status.success(), "cargo build -p {package} failed");
+    }
+    assert!(lib.is_file(), "{} missing after build", lib.display());
+    lib
+}
+
+fn mtime(path: &Path) -> std::time::SystemTime {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .unwrap_or(std::time::SystemTime::UNIX_EPOCH)
+}
+
+/// The newest modification time of the files under `dirs`.
+fn newest_file(dirs: &[PathBuf]) -> std::time::SystemTime {
+    let mut newest = std::time::SystemTime::UNIX_EPOCH;
+    let mut dirs = dirs.to_vec();
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                newest = newest.max(mtime(&path));
+            }
+        }
+    }
+    newest
+}
+
 /// A broker process serving a socket in its own temporary directory; killed on drop.
 #[derive(Debug)]
 pub struct TestBroker {
