@@ -75,5 +75,17 @@ impl Error {
     }
 }
 
+/// An error and its causes on one line, `error: cause: cause`, for messages people read.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// Result alias of the client library.
 pub type Result<T> = std::result::Result<T, Error>;

@@ -25,7 +25,7 @@ mod sys;
 pub mod transport;
 
 pub use client::{Client, LostLease, SOCKET_ENV, default_socket_path};
-pub use error::{Error, Result};
+pub use error::{Error, Result, error_chain};
 pub use lease::{Backing, LEASE_SEALS, Lease};
 pub use mapping::Mapping;
 pub use proto::{CreateLease, ErrorCode, LeaseInfo, LeaseState, PageSize, PoolInfo, PoolKind};

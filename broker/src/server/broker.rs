@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use membroker_client::codec::{MAX_PAYLOAD, encoded_len};
+use membroker_client::error_chain;
 use membroker_client::proto::{ErrorCode, LeaseInfo, PoolInfo, Request, Response};
 use parking_lot::Mutex;
 use rustix::fs::{Mode, OFlags};
@@ -442,16 +443,4 @@ impl Broker {
         }
         self.give_back(freed);
     }
-}
-
-/// `error: cause: cause` on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

@@ -173,5 +173,5 @@ fn refuse(sock: &OwnedFd, version: Option<u16>, code: ErrorCode, message: String
 }
 
 fn codec_text(e: &dyn std::error::Error) -> String {
-    super::broker::error_chain(e)
+    super::error_chain(e)
 }

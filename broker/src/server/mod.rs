@@ -16,7 +16,8 @@ use rustix::fs::FlockOperation;
 use rustix::io::Errno;
 use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
 
-pub use broker::{Broker, error_chain};
+pub use broker::Broker;
+pub use membroker_client::error_chain;
 
 /// Most connections served at once; more are closed at accept with a warning.
 pub const MAX_CONNECTIONS: usize = 4096;
