@@ -49,6 +49,14 @@ pub enum Error {
         #[source]
         source: Errno,
     },
+    /// Mapping the lease as a rust-vmm guest memory region failed.
+    #[cfg(feature = "vm-memory")]
+    #[error("lease {name}: cannot map it as guest memory")]
+    GuestMemory {
+        name: String,
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
+    },
 }
 
 impl Error {

@@ -16,6 +16,8 @@
 mod client;
 pub mod codec;
 mod error;
+#[cfg(feature = "vm-memory")]
+mod guest;
 mod lease;
 mod mapping;
 pub mod proto;
@@ -30,6 +32,9 @@ pub use lease::{Backing, LEASE_SEALS, Lease};
 pub use mapping::Mapping;
 pub use proto::{CreateLease, ErrorCode, LeaseInfo, LeaseState, PageSize, PoolInfo, PoolKind};
 pub use reconnect::DEFAULT_RECONNECT_TIMEOUT;
+/// The `vm-memory` this crate builds guest regions with, for VMMs that want the same version.
+#[cfg(feature = "vm-memory")]
+pub use vm_memory;
 
 impl CreateLease {
     /// A request for a private (0600), non-persistent lease of `size` bytes from the default
