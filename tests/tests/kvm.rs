@@ -4,7 +4,7 @@
 
 use std::process::Output;
 
-use membroker_client::LeaseState;
+use membroker_client::{LeaseState, PageSize};
 use membroker_tests::{TestBroker, bin_path, stderr_err, stdout_ok};
 
 /// A memfd broker whose upgrades our own group may ask for.
@@ -17,19 +17,21 @@ fn broker() -> TestBroker {
     TestBroker::start(&["--pool", "memfd:t:64M", "--admin-group", &gid])
 }
 
-fn vmm(broker: &TestBroker, lease: &str, size: &str) -> Output {
+fn vmm(broker: &TestBroker, lease: &str, size: &str, extra: &[&str]) -> Output {
     std::process::Command::new(bin_path("membroker-kvm-vmm"))
         .arg("--socket")
         .arg(broker.socket())
         .args(["--lease", lease, "--size", size])
+        .args(extra)
         .output()
         .expect("run membroker-kvm-vmm")
 }
 
-/// Runs the VMM and returns the line it printed.
+/// Runs the VMM on a 1 MiB lease and returns the line it printed.
 fn run_guest(broker: &TestBroker, lease: &str) -> String {
-    let out = vmm(broker, lease, "1M");
-    stdout_ok(&out).trim_end().to_string()
+    stdout_ok(&vmm(broker, lease, "1M", &[]))
+        .trim_end()
+        .to_string()
 }
 
 /// The counter as the guest left it in the lease (u32 at guest-physical 0x500).
@@ -88,13 +90,31 @@ fn guest_memory_survives_a_broker_upgrade_between_runs() {
 fn vmm_refuses_a_lease_of_another_size_and_too_little_ram() {
     let broker = broker();
     assert_eq!(run_guest(&broker, "vm/ram"), "MEMBROKER-KVM 1");
-    let err = stderr_err(&vmm(&broker, "vm/ram", "2M"));
+    let err = stderr_err(&vmm(&broker, "vm/ram", "2M", &[]));
     assert!(
         err.contains("lease vm/ram is 1 MiB, --size asks for 2 MiB"),
         "{err}"
     );
-    let err = stderr_err(&vmm(&broker, "vm/small", "4K"));
+    let err = stderr_err(&vmm(&broker, "vm/small", "4K", &[]));
     assert!(err.contains("too small"), "{err}");
     // Neither failure touched the guest's memory.
     assert_eq!(run_guest(&broker, "vm/ram"), "MEMBROKER-KVM 2");
+}
+
+#[test]
+#[cfg_attr(
+    not(all(feature = "kvm", feature = "privileged")),
+    ignore = "runs a guest on /dev/kvm in hugetlb memory (root): run with --features kvm,privileged (scripts/test does)"
+)]
+fn guest_runs_in_2m_huge_pages() {
+    let _pages = membroker_tests::HugePages::reserve(2048, 2);
+    let gid = rustix::process::getgid().as_raw().to_string();
+    let broker = TestBroker::start(&["--pool", "memfd:h2:4M:2M", "--admin-group", &gid]);
+    let run = || stdout_ok(&vmm(&broker, "vm/huge", "2M", &["--pool", "h2"]));
+    assert_eq!(run().trim_end(), "MEMBROKER-KVM 1");
+    stdout_ok(&broker.run_cli(&["upgrade"]));
+    assert_eq!(run().trim_end(), "MEMBROKER-KVM 2");
+    let info = broker.client().stat("vm/huge").unwrap();
+    assert_eq!(info.page_size, PageSize::Huge2M, "{info:?}");
+    assert_eq!(stored_counter(&broker, "vm/huge"), 2);
 }

@@ -32,6 +32,10 @@ struct Args {
     /// Guest RAM size, e.g. 2M; an existing lease must have this size.
     #[arg(long, value_parser = parse_size_arg)]
     size: u64,
+    /// Pool to create the lease from (default: the broker's default pool); its page size is
+    /// the guest RAM's.
+    #[arg(long)]
+    pool: Option<String>,
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -65,11 +69,16 @@ impl Error {
     }
 }
 
-/// Re-attaches to `name` writable, or creates it persistent when it does not exist yet.
-fn attach(client: &mut Client, name: &str, size: u64) -> Result<Lease, Error> {
+/// Re-attaches to the lease writable, or creates it persistent when it does not exist yet.
+fn attach(client: &mut Client, args: &Args) -> Result<Lease, Error> {
+    let (name, size) = (args.lease.as_str(), args.size);
     let lease = match client.open(name, true) {
         Err(e) if e.code() == Some(ErrorCode::NotFound) => {
-            client.create(CreateLease::new(name, size).persistent(true))?
+            let mut req = CreateLease::new(name, size).persistent(true);
+            if let Some(pool) = &args.pool {
+                req = req.pool(pool.as_str());
+            }
+            client.create(req)?
         }
         other => other?,
     };
@@ -95,7 +104,7 @@ fn run(args: &Args) -> Result<(), Error> {
         Some(path) => Client::connect(path)?,
         None => Client::connect_default()?,
     };
-    let lease = attach(&mut client, &args.lease, args.size)?;
+    let lease = attach(&mut client, args)?;
     // The few lines a rust-vmm VMM needs: the lease as a region at guest-physical 0.
     let ram = lease.guest_region(GuestAddress(0))?;
     let memory = GuestMemoryMmap::from_regions(vec![ram])?;
