@@ -6,17 +6,9 @@
 
 use membroker_client::proto::ErrorCode;
 
-/// `error: cause: cause` on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+/// `error: cause: cause` on one line (the client library's, so that every crate words a
+/// cause chain alike).
+pub use membroker_client::error_chain;
 
 /// An error a client can be told about: its [`ErrorCode`] is decided next to the error's own
 /// definition, and the message is its whole [`error_chain`].

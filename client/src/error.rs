@@ -11,6 +11,7 @@ use crate::transport::TransportError;
 
 /// Everything a client call can fail with.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     #[error("cannot connect to the broker at {}", path.display())]
     Connect {
@@ -49,6 +50,14 @@ pub enum Error {
         #[source]
         source: Errno,
     },
+    /// Mapping the lease as a rust-vmm guest memory region failed.
+    #[cfg(feature = "vm-memory")]
+    #[error("lease {name}: cannot map it as guest memory")]
+    GuestMemory {
+        name: String,
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
+    },
 }
 
 impl Error {
@@ -73,6 +82,18 @@ impl Error {
             )
         )
     }
+}
+
+/// An error and its causes on one line, `error: cause: cause`, for messages people read.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// Result alias of the client library.

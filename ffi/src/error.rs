@@ -42,6 +42,7 @@ impl Error {
                 E::Transport(_) | E::Codec(_) | E::Protocol(_) | E::Lease { .. } => Errno::PROTO,
                 E::Unavailable { .. } => Errno::TIMEDOUT,
                 E::Broker { code, .. } => broker_errno(*code),
+                _ => Errno::IO,
             },
         }
     }

@@ -433,13 +433,7 @@ pub fn complain(err: &ShimError, len: usize) -> Fallback {
             Fallback::Fail,
         ),
     };
-    let mut reason = err.to_string();
-    let mut source = std::error::Error::source(err);
-    while let Some(s) = source {
-        reason.push_str(": ");
-        reason.push_str(&s.to_string());
-        source = s.source();
-    }
+    let reason = membroker_client::error_chain(err);
     let what = match fallback {
         Fallback::Fail => {
             "failing the allocation (set MEMBROKER_FALLBACK=anon to use anonymous memory instead)"
