@@ -263,9 +263,7 @@ mod tests {
     fn anonymous_fixed_over_a_block_is_a_remap() {
         // Uses the global table; addresses far from anything else the tests insert.
         let start = 0x5a5a_0000_0000;
-        let slot = TABLE
-            .insert(start, G, 9, Backing::Memfd, 4096, b"")
-            .unwrap();
+        let slot = TABLE.insert(start, G, 9, Backing::Memfd, 4096, "").unwrap();
         let remap = args(start + 0x20000, 4096, RW, PRIVATE_ANON | libc::MAP_FIXED);
         assert!(
             matches!(classify(&remap, 64 * M, (0, 0)), MmapAction::Remap(b) if b.start == start)
