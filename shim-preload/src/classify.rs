@@ -1,4 +1,5 @@
-//! Which mmap calls are QEMU's RAM (shared/facts/qemu-guest-ram.md §1).
+//! Which mmap calls are QEMU's RAM (`docs/qemu-guest-ram.md`, "Allocating guest RAM" and
+//! "Telling RAM apart").
 //!
 //! Every anonymous RAMBlock is made by `qemu_ram_mmap`:
 //!
