@@ -387,17 +387,17 @@ pub fn forget(slot: usize) {
     // The fd was leaked into the table by `commit`, which owned it alone.
     crate::sys::close_table_fd(block.fd);
     let name = st.names[slot].take();
-    if let (Some(name), Some(conn)) = (name, st.conn.as_mut()) {
-        if conn.pid == std::process::id() {
-            if conn.client.is_closed() {
-                // The broker went away and took this holder with the old connection: just
-                // do not re-attach on reconnect, rather than wait for the broker here.
-                conn.client.forget_lease(&name);
-            } else {
-                let _ = conn.client.release(&name);
-                report_lost(&mut conn.client);
-                rearm_poison(conn);
-            }
+    if let (Some(name), Some(conn)) = (name, st.conn.as_mut())
+        && conn.pid == std::process::id()
+    {
+        if conn.client.is_closed() {
+            // The broker went away and took this holder with the old connection: just
+            // do not re-attach on reconnect, rather than wait for the broker here.
+            conn.client.forget_lease(&name);
+        } else {
+            let _ = conn.client.release(&name);
+            report_lost(&mut conn.client);
+            rearm_poison(conn);
         }
     }
 }

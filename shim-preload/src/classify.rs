@@ -97,7 +97,7 @@ pub fn classify(args: &MmapArgs, min_size: usize, reservation: (usize, usize)) -
     if fixed
         && args.prot == RW
         && args.len >= min_size
-        && args.addr % QEMU_ALIGN == 0
+        && args.addr.is_multiple_of(QEMU_ALIGN)
         && r_len == args.len.saturating_add(QEMU_ALIGN)
         && args.addr >= r_start
         && args.addr.saturating_add(args.len) <= r_start.saturating_add(r_len)
