@@ -227,7 +227,7 @@ struct Report {
 
 /// The VM-like request mix: half 1–64 GiB at 1 GiB, half 512 MiB–16 GiB at 2 MiB.
 fn vm_size(rng: &mut Rng) -> (u64, u64) {
-    if rng.next() % 2 == 0 {
+    if rng.next().is_multiple_of(2) {
         (rng.range(1, 64) * G1, G1)
     } else {
         (rng.range(256, 8192) * M2, M2)
@@ -259,7 +259,7 @@ fn simulate(alloc: &mut dyn Allocator, seed: u64, (low, high): (f64, f64)) -> Re
             report.fill_min = report.fill_min.min(fill);
         }
         report.fill_max = report.fill_max.max(fill);
-        let create = fill < low || (fill <= high && rng.next() % 2 == 0);
+        let create = fill < low || (fill <= high && rng.next().is_multiple_of(2));
         if create || live.is_empty() {
             let (size, align) = vm_size(&mut rng);
             if used + size > (POOL as f64 * high) as u64 {
@@ -291,7 +291,7 @@ fn simulate(alloc: &mut dyn Allocator, seed: u64, (low, high): (f64, f64)) -> Re
             let due = step + rng.range(1, MAX_SCRUB_DELAY);
             scrubs.insert((due, step), size);
         }
-        if step % 64 == 0 {
+        if step.is_multiple_of(64) {
             let n = alloc.free_extents();
             report.free_extents_sum += n as u64;
             report.samples += 1;

@@ -162,6 +162,57 @@ pub fn encode_response(version: u16, resp: &Response) -> Result<Vec<u8>> {
     encode(version, resp.kind(), resp)
 }
 
+/// `Request::ReportPoison`'s bincode variant index: the derive numbers variants from 0 in
+/// declaration order. The `report_poison_*` tests check it and [`REPORT_POISON_KIND`]
+/// against the real enum.
+const REPORT_POISON_VARIANT: u32 = 8;
+/// Header `kind` of `Request::ReportPoison` (what [`Request::kind`] returns for it).
+const REPORT_POISON_KIND: u16 = 9;
+
+/// Most bytes a `ReportPoison` request about a `name_len`-byte lease name takes: the header,
+/// the variant index (one byte), then the name and the two `u64`s, each length or number a
+/// varint of at most 9 bytes.
+pub const fn report_poison_max_len(name_len: usize) -> usize {
+    HEADER_LEN + 1 + 9 + name_len + 9 + 9
+}
+
+/// Encodes `Request::ReportPoison { name, offset, len }` at protocol `version` into `buf`,
+/// byte for byte what [`encode_request`] makes of it; returns the message length.
+///
+/// For signal handlers: it allocates nothing and does not panic. The payload goes through
+/// `bincode::encode_into_slice` (same configuration as every other message), whose slice
+/// writer copies into `buf` and answers a full buffer with `EncodeError::UnexpectedEnd`;
+/// varints are built in stack arrays. A `buf` of [`report_poison_max_len`]`(name.len())`
+/// bytes always suffices.
+pub fn encode_report_poison_into(
+    buf: &mut [u8],
+    version: u16,
+    name: &str,
+    offset: u64,
+    len: u64,
+) -> Result<usize> {
+    let Some((head, payload)) = buf.split_first_chunk_mut::<HEADER_LEN>() else {
+        return Err(CodecError::Encode(
+            bincode::error::EncodeError::UnexpectedEnd,
+        ));
+    };
+    // A tuple encodes as its fields in order, exactly like the enum variant it mirrors.
+    let fields = (REPORT_POISON_VARIANT, name, offset, len);
+    let written =
+        bincode::encode_into_slice(fields, payload, CONFIG).map_err(CodecError::Encode)?;
+    let total = HEADER_LEN + written;
+    if total > MAX_MSG_SIZE {
+        return Err(CodecError::TooLarge(total));
+    }
+    Header {
+        version,
+        kind: REPORT_POISON_KIND,
+        len: written as u32,
+    }
+    .write(head);
+    Ok(total)
+}
+
 /// Decodes and validates a whole request message.
 pub fn decode_request(msg: &[u8]) -> Result<(Header, Request)> {
     let (header, req): (Header, Request) = decode(msg)?;
@@ -310,7 +361,90 @@ mod tests {
         assert!(encode_request(1, &req).is_err());
     }
 
+    fn report_poison(name: &str, offset: u64, len: u64) -> Request {
+        Request::ReportPoison {
+            name: name.into(),
+            offset,
+            len,
+        }
+    }
+
+    #[test]
+    fn report_poison_into_a_slice_matches_encode_request() {
+        // Varint boundaries for the numbers and for the name's length.
+        let numbers = [
+            0,
+            250,
+            251,
+            0xffff,
+            0x1_0000,
+            0xffff_ffff,
+            1 << 32,
+            u64::MAX,
+        ];
+        for name_len in [0, 1, 15, 250, 251, 255] {
+            let name = "n".repeat(name_len);
+            for (offset, len) in numbers.iter().zip(numbers.iter().rev()) {
+                let want =
+                    encode_request(PROTOCOL_MIN, &report_poison(&name, *offset, *len)).unwrap();
+                let mut buf = [0xaau8; report_poison_max_len(255)];
+                let n = encode_report_poison_into(&mut buf, PROTOCOL_MIN, &name, *offset, *len)
+                    .unwrap();
+                assert_eq!(
+                    &buf[..n],
+                    &want[..],
+                    "name {name_len} bytes, {offset}, {len}"
+                );
+                assert!(n <= report_poison_max_len(name_len));
+            }
+        }
+        assert_eq!(
+            report_poison("x", 0, 0).kind(),
+            REPORT_POISON_KIND,
+            "header kind"
+        );
+    }
+
+    #[test]
+    fn report_poison_max_len_bounds_the_largest_report() {
+        // A name that fits a message has a 3-byte length varint, 6 bytes under the bound.
+        let name = "x".repeat(0x1_0000 - 64);
+        let bound = report_poison_max_len(name.len()) - 6;
+        let mut buf = vec![0u8; MAX_MSG_SIZE + 64];
+        let n = encode_report_poison_into(&mut buf, 1, &name, u64::MAX, u64::MAX).unwrap();
+        assert_eq!(n, bound, "three-byte name length, two nine-byte numbers");
+    }
+
+    #[test]
+    fn report_poison_into_small_or_oversize_buffers_is_refused() {
+        let mut small = [0u8; HEADER_LEN + 3];
+        assert!(matches!(
+            encode_report_poison_into(&mut small, 1, "tenant/vm1/ram0", 0, 0),
+            Err(CodecError::Encode(_))
+        ));
+        assert!(matches!(
+            encode_report_poison_into(&mut small[..HEADER_LEN - 1], 1, "", 0, 0),
+            Err(CodecError::Encode(_))
+        ));
+        let name = "x".repeat(MAX_MSG_SIZE);
+        let mut big = vec![0u8; 2 * MAX_MSG_SIZE];
+        assert!(matches!(
+            encode_report_poison_into(&mut big, 1, &name, 0, 0),
+            Err(CodecError::TooLarge(_))
+        ));
+    }
+
     proptest! {
+        #[test]
+        fn report_poison_into_matches_for_any_fields(
+            name in "\\PC{0,80}", offset in any::<u64>(), len in any::<u64>()
+        ) {
+            let want = encode_request(PROTOCOL_MIN, &report_poison(&name, offset, len)).unwrap();
+            let mut buf = vec![0u8; report_poison_max_len(name.len())];
+            let n = encode_report_poison_into(&mut buf, PROTOCOL_MIN, &name, offset, len).unwrap();
+            prop_assert_eq!(&buf[..n], &want[..]);
+        }
+
         #[test]
         fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = decode_request(&bytes);

@@ -36,7 +36,7 @@ impl Mapping {
                 lease.size()
             )));
         }
-        if offset % page != 0 || len % page != 0 {
+        if !offset.is_multiple_of(page) || !len.is_multiple_of(page) {
             return Err(problem(format!(
                 "range {offset}..{end} is not aligned to the lease's {} pages",
                 lease.page_size()

@@ -156,7 +156,7 @@ impl Model {
         if !align.is_power_of_two() {
             return Err(Kind::BadAlign);
         }
-        if size == 0 || size % align != 0 {
+        if size == 0 || !size.is_multiple_of(align) {
             return Err(Kind::BadSize);
         }
         let index = self.free_index(align);

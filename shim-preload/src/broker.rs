@@ -34,7 +34,7 @@ use rustix::event::{PollFd, PollFlags};
 
 use crate::classify::Guard;
 use crate::config::{Config, ConfigError, Fallback};
-use crate::table::{Backing, SLOTS, TABLE};
+use crate::table::{Backing, NAME_MAX, SLOTS, TABLE};
 
 /// Why a RAM block could not be backed by a lease.
 #[derive(Debug, thiserror::Error)]
@@ -62,12 +62,10 @@ pub enum ShimError {
     Map { name: String, errno: i32 },
     #[error("more than {SLOTS} RAM blocks redirected")]
     TableFull,
-    #[error("encoding the poison report for {name}")]
-    Encode {
-        name: String,
-        #[source]
-        source: membroker_client::codec::CodecError,
-    },
+    #[error(
+        "lease name {name} is {} bytes; the shim's memory-error reports carry at most {NAME_MAX} (choose a shorter MEMBROKER_LEASE_PREFIX)", name.len()
+    )]
+    NameTooLong { name: String },
 }
 
 impl ShimError {
@@ -86,7 +84,8 @@ impl ShimError {
             },
             ShimError::SizeMismatch { .. } | ShimError::Misaligned { .. } => libc::EINVAL,
             ShimError::Map { errno, .. } => *errno,
-            ShimError::TableFull | ShimError::Encode { .. } => libc::ENOMEM,
+            ShimError::TableFull => libc::ENOMEM,
+            ShimError::NameTooLong { .. } => libc::EINVAL,
         }
     }
 }
@@ -98,8 +97,6 @@ pub struct Acquired {
     pub name: String,
     pub backing: Backing,
     pub page: u64,
-    /// The pre-encoded poison report prefix.
-    pub report: Vec<u8>,
 }
 
 struct Conn {
@@ -300,6 +297,9 @@ pub fn acquire(len: u64) -> Result<Acquired, ShimError> {
     let index = st.next_index;
     st.next_index += 1;
     let name = cfg.lease_name(index, pid);
+    if name.len() > NAME_MAX {
+        return Err(ShimError::NameTooLong { name });
+    }
     let conn = st.conn.as_mut().expect("connected above");
     let existing = if cfg.prefix.is_some() {
         match conn.client.open(&name, true) {
@@ -344,20 +344,12 @@ pub fn acquire(len: u64) -> Result<Acquired, ShimError> {
             return Err(ShimError::Client(e));
         }
     };
-    let report = match crate::poison::prefix(&name) {
-        Ok(r) => r,
-        Err(source) => {
-            release(conn);
-            return Err(ShimError::Encode { name, source });
-        }
-    };
     let page = lease.page_size().bytes();
     Ok(Acquired {
         fd: lease.into_fd(),
         name,
         backing,
         page,
-        report,
     })
 }
 
@@ -366,7 +358,7 @@ pub fn commit(acquired: Acquired, start: usize, len: usize) -> Result<(), ShimEr
     let mut st = state();
     let fd = acquired.fd.as_raw_fd();
     let page = usize::try_from(acquired.page).unwrap_or(usize::MAX);
-    let Some(slot) = TABLE.insert(start, len, fd, acquired.backing, page, &acquired.report) else {
+    let Some(slot) = TABLE.insert(start, len, fd, acquired.backing, page, &acquired.name) else {
         if let Some(conn) = st.conn.as_mut() {
             let _ = conn.client.release(&acquired.name);
         }
@@ -395,17 +387,17 @@ pub fn forget(slot: usize) {
     // The fd was leaked into the table by `commit`, which owned it alone.
     crate::sys::close_table_fd(block.fd);
     let name = st.names[slot].take();
-    if let (Some(name), Some(conn)) = (name, st.conn.as_mut()) {
-        if conn.pid == std::process::id() {
-            if conn.client.is_closed() {
-                // The broker went away and took this holder with the old connection: just
-                // do not re-attach on reconnect, rather than wait for the broker here.
-                conn.client.forget_lease(&name);
-            } else {
-                let _ = conn.client.release(&name);
-                report_lost(&mut conn.client);
-                rearm_poison(conn);
-            }
+    if let (Some(name), Some(conn)) = (name, st.conn.as_mut())
+        && conn.pid == std::process::id()
+    {
+        if conn.client.is_closed() {
+            // The broker went away and took this holder with the old connection: just
+            // do not re-attach on reconnect, rather than wait for the broker here.
+            conn.client.forget_lease(&name);
+        } else {
+            let _ = conn.client.release(&name);
+            report_lost(&mut conn.client);
+            rearm_poison(conn);
         }
     }
 }

@@ -1,4 +1,5 @@
-//! Which mmap calls are QEMU's RAM (shared/facts/qemu-guest-ram.md §1).
+//! Which mmap calls are QEMU's RAM (`docs/qemu-guest-ram.md`, "Allocating guest RAM" and
+//! "Telling RAM apart").
 //!
 //! Every anonymous RAMBlock is made by `qemu_ram_mmap`:
 //!
@@ -96,7 +97,7 @@ pub fn classify(args: &MmapArgs, min_size: usize, reservation: (usize, usize)) -
     if fixed
         && args.prot == RW
         && args.len >= min_size
-        && args.addr % QEMU_ALIGN == 0
+        && args.addr.is_multiple_of(QEMU_ALIGN)
         && r_len == args.len.saturating_add(QEMU_ALIGN)
         && args.addr >= r_start
         && args.addr.saturating_add(args.len) <= r_start.saturating_add(r_len)
@@ -263,9 +264,7 @@ mod tests {
     fn anonymous_fixed_over_a_block_is_a_remap() {
         // Uses the global table; addresses far from anything else the tests insert.
         let start = 0x5a5a_0000_0000;
-        let slot = TABLE
-            .insert(start, G, 9, Backing::Memfd, 4096, b"")
-            .unwrap();
+        let slot = TABLE.insert(start, G, 9, Backing::Memfd, 4096, "").unwrap();
         let remap = args(start + 0x20000, 4096, RW, PRIVATE_ANON | libc::MAP_FIXED);
         assert!(
             matches!(classify(&remap, 64 * M, (0, 0)), MmapAction::Remap(b) if b.start == start)

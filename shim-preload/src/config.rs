@@ -1,4 +1,5 @@
-//! Configuration from the environment (DESIGN.md §10), read once when the library loads.
+//! Configuration from the environment (the table in the crate's README.md), read once when the
+//! library loads.
 
 use std::path::PathBuf;
 

@@ -1,4 +1,5 @@
-//! `libmembroker_preload.so`: run unmodified QEMU on membroker memory (DESIGN.md §7, §10).
+//! `libmembroker_preload.so`: run unmodified QEMU on membroker memory (the crate's README.md;
+//! the QEMU behaviour it relies on is in `docs/qemu-guest-ram.md`).
 //!
 //! Loaded with `LD_PRELOAD`, the library interposes `mmap`/`mmap64`, `munmap`, `madvise`,
 //! `sigaction` and the `signal` family:
@@ -15,7 +16,7 @@
 //!   back as the installed action;
 //! - QEMU's poison remap (anonymous `MAP_FIXED` over a redirected page) gets lease memory.
 //!
-//! All unsafe code is in [`sys`]; the rest of the crate is safe.
+//! All unsafe code is in the private `sys` module; the rest of the crate is safe.
 #![deny(unsafe_code)]
 
 pub mod broker;

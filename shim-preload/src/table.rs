@@ -10,8 +10,9 @@ use std::sync::atomic::{AtomicI32, AtomicU8, AtomicU32, AtomicUsize, Ordering, f
 /// How many RAM blocks can be redirected at once (QEMU has a handful: one per memory backend
 /// or hotplugged DIMM).
 pub const SLOTS: usize = 64;
-/// Largest pre-encoded poison report prefix (header + lease name).
-pub const MSG_MAX: usize = 384;
+/// Longest lease name a slot holds, for the SIGBUS handler's poison reports (the broker
+/// takes names of at most 255 bytes).
+pub const NAME_MAX: usize = 255;
 
 /// What backs a redirected block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,8 +66,8 @@ struct Slot {
     fd: AtomicI32,
     backing: AtomicU8,
     page: AtomicUsize,
-    msg_len: AtomicUsize,
-    msg: [AtomicU8; MSG_MAX],
+    name_len: AtomicUsize,
+    name: [AtomicU8; NAME_MAX],
 }
 
 impl Slot {
@@ -78,8 +79,8 @@ impl Slot {
             fd: AtomicI32::new(-1),
             backing: AtomicU8::new(0),
             page: AtomicUsize::new(0),
-            msg_len: AtomicUsize::new(0),
-            msg: [const { AtomicU8::new(0) }; MSG_MAX],
+            name_len: AtomicUsize::new(0),
+            name: [const { AtomicU8::new(0) }; NAME_MAX],
         }
     }
 
@@ -152,8 +153,8 @@ impl Table {
         self.live.load(Ordering::Relaxed)
     }
 
-    /// Adds a block and its poison-report prefix; returns the slot, or `None` when full or the
-    /// prefix is too long. Callers serialise writers (the broker mutex).
+    /// Adds a block and the name of its lease; returns the slot, or `None` when full or the
+    /// name is longer than [`NAME_MAX`]. Callers serialise writers (the broker mutex).
     pub fn insert(
         &self,
         start: usize,
@@ -161,9 +162,9 @@ impl Table {
         fd: i32,
         backing: Backing,
         page: usize,
-        msg: &[u8],
+        name: &str,
     ) -> Option<usize> {
-        if len == 0 || msg.len() > MSG_MAX {
+        if len == 0 || name.len() > NAME_MAX {
             return None;
         }
         let index = self
@@ -177,10 +178,10 @@ impl Table {
         slot.backing
             .store(u8::from(backing == Backing::DevDax), Ordering::Relaxed);
         slot.page.store(page, Ordering::Relaxed);
-        for (dst, &b) in slot.msg.iter().zip(msg) {
+        for (dst, &b) in slot.name.iter().zip(name.as_bytes()) {
             dst.store(b, Ordering::Relaxed);
         }
-        slot.msg_len.store(msg.len(), Ordering::Relaxed);
+        slot.name_len.store(name.len(), Ordering::Relaxed);
         slot.len.store(len, Ordering::Relaxed);
         slot.end_write(g);
         self.live.fetch_add(1, Ordering::Relaxed);
@@ -194,7 +195,7 @@ impl Table {
         let g = slot.begin_write();
         slot.len.store(0, Ordering::Relaxed);
         slot.fd.store(-1, Ordering::Relaxed);
-        slot.msg_len.store(0, Ordering::Relaxed);
+        slot.name_len.store(0, Ordering::Relaxed);
         slot.end_write(g);
         self.live.fetch_sub(1, Ordering::Relaxed);
         Some(block)
@@ -218,20 +219,20 @@ impl Table {
         self.live() != 0 && self.blocks().any(|b| b.overlaps(addr, len))
     }
 
-    /// Copies the poison-report prefix of `block` into `out`; returns its length, or `None` if
-    /// the slot changed meanwhile (the block went away) or `out` is too small.
+    /// Copies the lease name of `block` into `out`; returns its length, or `None` if the slot
+    /// changed meanwhile (the block went away) or `out` is too small.
     /// Async-signal-safe: atomics only.
-    pub fn copy_msg(&self, block: &Block, out: &mut [u8]) -> Option<usize> {
+    pub fn copy_name(&self, block: &Block, out: &mut [u8]) -> Option<usize> {
         let slot = self.slots.get(block.slot)?;
         let g = slot.generation.load(Ordering::Acquire);
         if g != block.generation {
             return None;
         }
-        let n = slot.msg_len.load(Ordering::Relaxed);
-        if n > out.len() || n > MSG_MAX {
+        let n = slot.name_len.load(Ordering::Relaxed);
+        if n > out.len() || n > NAME_MAX {
             return None;
         }
-        for (dst, src) in out.iter_mut().zip(&slot.msg[..n]) {
+        for (dst, src) in out.iter_mut().zip(&slot.name[..n]) {
             *dst = src.load(Ordering::Relaxed);
         }
         fence(Ordering::Acquire);
@@ -325,7 +326,7 @@ mod tests {
         assert_eq!(t.live(), 0);
         assert_eq!(t.find(0x1000), None);
         let s = t
-            .insert(0x10_0000, 0x20_0000, 7, Backing::Memfd, 4096, b"hello")
+            .insert(0x10_0000, 0x20_0000, 7, Backing::Memfd, 4096, "hello")
             .unwrap();
         let b = t.find(0x10_0000).unwrap();
         assert_eq!(
@@ -336,31 +337,29 @@ mod tests {
         assert!(t.find(0xf_ffff).is_none());
         assert!(t.find(0x2f_ffff).is_some());
         let mut buf = [0u8; 16];
-        assert_eq!(t.copy_msg(&b, &mut buf), Some(5));
+        assert_eq!(t.copy_name(&b, &mut buf), Some(5));
         assert_eq!(&buf[..5], b"hello");
-        assert!(t.copy_msg(&b, &mut [0u8; 2]).is_none());
+        assert!(t.copy_name(&b, &mut [0u8; 2]).is_none());
         assert_eq!(t.remove(s), Some(b));
         assert_eq!(t.live(), 0);
         assert!(t.find(0x10_0000).is_none());
-        assert!(t.copy_msg(&b, &mut buf).is_none());
+        assert!(t.copy_name(&b, &mut buf).is_none());
         assert!(t.remove(s).is_none());
     }
 
     #[test]
-    fn full_table_and_long_message() {
+    fn full_table_and_long_name() {
         let t = Table::new();
-        assert!(
-            t.insert(0, 4096, 1, Backing::Memfd, 4096, &[0; MSG_MAX + 1])
-                .is_none()
-        );
+        let long = "n".repeat(NAME_MAX + 1);
+        assert!(t.insert(0, 4096, 1, Backing::Memfd, 4096, &long).is_none());
         for i in 0..SLOTS {
             assert!(
-                t.insert(i << 20, 4096, 1, Backing::DevDax, 4096, b"")
+                t.insert(i << 20, 4096, 1, Backing::DevDax, 4096, "")
                     .is_some()
             );
         }
         assert!(
-            t.insert(1 << 40, 4096, 1, Backing::Memfd, 4096, b"")
+            t.insert(1 << 40, 4096, 1, Backing::Memfd, 4096, "")
                 .is_none()
         );
         assert_eq!(t.live(), SLOTS);
@@ -370,9 +369,9 @@ mod tests {
     #[test]
     fn pieces_split_a_range() {
         let t = Table::new();
-        t.insert(0x3000, 0x1000, 1, Backing::Memfd, 4096, b"")
+        t.insert(0x3000, 0x1000, 1, Backing::Memfd, 4096, "")
             .unwrap();
-        t.insert(0x1000, 0x1000, 2, Backing::Memfd, 4096, b"")
+        t.insert(0x1000, 0x1000, 2, Backing::Memfd, 4096, "")
             .unwrap();
         let o = Overlaps::of(&t, 0x0, 0x5000);
         let pieces: Vec<_> = o

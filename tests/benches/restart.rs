@@ -76,10 +76,10 @@ fn write_journal(dir: &std::path::Path, n: usize) {
 fn wait_serving(socket: &std::path::Path, deadline: Duration) -> Instant {
     let start = Instant::now();
     loop {
-        if let Ok(mut c) = Client::connect(socket) {
-            if c.df().is_ok() {
-                return Instant::now();
-            }
+        if let Ok(mut c) = Client::connect(socket)
+            && c.df().is_ok()
+        {
+            return Instant::now();
         }
         assert!(start.elapsed() < deadline, "broker not serving");
         std::thread::sleep(Duration::from_micros(200));

@@ -17,10 +17,10 @@ pub mod systemd;
 
 /// Path of a binary built by this workspace (`membroker`, `mb-holder`, …).
 pub fn bin_path(name: &str) -> PathBuf {
-    if name == "membroker" {
-        if let Some(path) = std::env::var_os("MEMBROKER_BIN") {
-            return PathBuf::from(path);
-        }
+    if name == "membroker"
+        && let Some(path) = std::env::var_os("MEMBROKER_BIN")
+    {
+        return PathBuf::from(path);
     }
     let exe = std::env::current_exe().expect("current_exe");
     // target/<profile>/deps/test-HASH or target/<profile>/bench-HASH

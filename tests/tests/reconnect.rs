@@ -1,6 +1,6 @@
-//! Clients and the shim across broker restarts (DESIGN.md §6, issue 5 item 4): the same
-//! `Client` reconnects by itself, re-attaches to its leases, waits a bounded time for a broker
-//! that is away and then fails clearly; mappings are never touched.
+//! Clients and the shim across broker restarts (README.md, "Restarts, upgrades and systemd"):
+//! the same `Client` reconnects by itself, re-attaches to its leases, waits a bounded time for
+//! a broker that is away and then fails clearly; mappings are never touched.
 //!
 //! The tests marked "journal" need the broker to bring its leases back after a kill -9 (the
 //! journal-backed restart); the others only need a broker that comes back on the same socket.

@@ -995,7 +995,7 @@ mod qemu {
 
     /// QEMU discards virtio-mem memory with MADV_DONTNEED (at realize and on every reset),
     /// believing it private anonymous memory: the shim must turn that into freed, zeroed
-    /// lease memory (shared/facts/qemu-guest-ram.md §3).
+    /// lease memory (`docs/qemu-guest-ram.md`, "Discard").
     #[test]
     #[cfg_attr(
         not(feature = "qemu"),

@@ -132,7 +132,7 @@ fn activate(args: &MmapArgs) -> *mut c_void {
 fn map_lease(args: &MmapArgs) -> Result<*mut c_void, ShimError> {
     let acquired = broker::acquire(args.len as u64)?;
     let page = usize::try_from(acquired.page).unwrap_or(usize::MAX);
-    if args.addr % page != 0 || args.len % page != 0 {
+    if !args.addr.is_multiple_of(page) || !args.len.is_multiple_of(page) {
         let err = ShimError::Misaligned {
             name: acquired.name.clone(),
             addr: args.addr,
@@ -255,7 +255,7 @@ pub unsafe extern "C" fn madvise(addr: *mut c_void, len: size_t, advice: c_int) 
         advice,
         libc::MADV_DONTNEED | libc::MADV_REMOVE | libc::MADV_FREE
     );
-    if !discard || TABLE.live() == 0 || classify::in_shim() || start % 4096 != 0 {
+    if !discard || TABLE.live() == 0 || classify::in_shim() || !start.is_multiple_of(4096) {
         // SAFETY: exactly our caller's request.
         return unsafe { real_madvise(start, len, advice) };
     }

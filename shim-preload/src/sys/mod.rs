@@ -1,11 +1,12 @@
 //! The crate's unsafe code: the library constructor, the real libc symbols and errno here; the
 //! memory hooks in [`mem`]; the signal hooks and the SIGBUS handler in [`signal`].
 //!
-//! Rules for everything here (STYLE.md "The shim"): hook bodies on the fast path do not
-//! allocate, lock or log; errno is saved and set explicitly; real symbols are resolved with
-//! `dlsym(RTLD_NEXT)` in the library constructor, and a hook that runs before that (another
-//! library's constructor) or re-enters from the shim's own slow path goes to the kernel with a
-//! raw syscall. The shim's own memory calls never go through rustix.
+//! Rules for everything here (the crate's README.md, "Rules for hook code"): hook bodies on the
+//! fast path and the SIGBUS handler do not allocate, lock, log or panic; errno is saved and set
+//! explicitly; real symbols are resolved with `dlsym(RTLD_NEXT)` in the library constructor,
+//! and a hook that runs before that (another library's constructor) or re-enters from the
+//! shim's own slow path goes to the kernel with a raw syscall. The shim's own memory calls
+//! never go through rustix.
 #![allow(unsafe_code)]
 
 mod mem;

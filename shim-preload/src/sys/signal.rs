@@ -14,7 +14,7 @@ use super::{
 };
 use crate::broker;
 use crate::poison;
-use crate::table::TABLE;
+use crate::table::{NAME_MAX, TABLE};
 
 type InfoHandler = extern "C" fn(c_int, *mut siginfo_t, *mut c_void);
 type PlainHandler = extern "C" fn(c_int);
@@ -241,12 +241,19 @@ fn report_poison(addr: usize, lsb: i16) {
     if fd < 0 {
         return;
     }
-    let mut buf = [0u8; poison::REPORT_MAX];
-    let Some(prefix) = TABLE.copy_msg(&block, &mut buf) else {
+    let mut name = [0u8; NAME_MAX];
+    let Some(name_len) = TABLE.copy_name(&block, &mut name) else {
+        return;
+    };
+    let Some(name) = name
+        .get(..name_len)
+        .and_then(|n| std::str::from_utf8(n).ok())
+    else {
         return;
     };
     let (offset, len) = poison::error_range(block.start, block.len, addr, lsb);
-    let Some(n) = poison::finish(&mut buf, prefix, offset, len) else {
+    let mut buf = [0u8; poison::REPORT_MAX];
+    let Some(n) = poison::encode(&mut buf, name, offset, len) else {
         return;
     };
     // Drop the broker's replies to earlier reports first, so they never fill the socket.

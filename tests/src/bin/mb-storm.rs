@@ -321,10 +321,10 @@ impl Storm {
                 }
             },
             _ => {
-                if let Err(e) = self.client.df() {
-                    if refused(&e).is_none() {
-                        self.recover(None);
-                    }
+                if let Err(e) = self.client.df()
+                    && refused(&e).is_none()
+                {
+                    self.recover(None);
                 }
                 std::thread::sleep(Duration::from_micros(self.rng.below(500)));
             }
