@@ -41,7 +41,7 @@ impl Lease {
             problem,
         };
         let page = self.page_size().bytes();
-        if guest_base.0 % page != 0 {
+        if !guest_base.0.is_multiple_of(page) {
             return Err(problem(format!(
                 "guest base {:#x} is not aligned to the lease's {} pages",
                 guest_base.0,

@@ -245,25 +245,23 @@ pub fn upgrade(socket: &Path) -> Result<(), String> {
     // The broker now either closes this connection (exec'd) or reports why it could not.
     let mut buf = vec![0u8; membroker_client::codec::MAX_MSG_SIZE + 1];
     if let Ok(got) = membroker_client::transport::recv(std::os::fd::AsFd::as_fd(&client), &mut buf)
-    {
-        if let Ok((_, Response::Error { message, .. })) =
+        && let Ok((_, Response::Error { message, .. })) =
             membroker_client::codec::decode_response(&buf[..got.len])
-        {
-            return Err(message);
-        }
+    {
+        return Err(message);
     }
     let deadline = started + std::time::Duration::from_secs(30);
     loop {
-        if let Ok(mut again) = Client::connect(socket) {
-            if again.server() != before {
-                let leases = again.list("").map_err(|e| text(&e))?.len();
-                println!(
-                    "upgraded in {} ms: {} (was {before}); leases kept: {leases}",
-                    started.elapsed().as_millis(),
-                    again.server()
-                );
-                return Ok(());
-            }
+        if let Ok(mut again) = Client::connect(socket)
+            && again.server() != before
+        {
+            let leases = again.list("").map_err(|e| text(&e))?.len();
+            println!(
+                "upgraded in {} ms: {} (was {before}); leases kept: {leases}",
+                started.elapsed().as_millis(),
+                again.server()
+            );
+            return Ok(());
         }
         if std::time::Instant::now() > deadline {
             return Err(format!(

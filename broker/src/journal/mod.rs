@@ -239,12 +239,12 @@ impl Journal {
         for record in records {
             replay::apply(&mut inner.state, record.clone()).expect("checked before writing");
         }
-        if inner.records > 2 * inner.compacted + COMPACT_SLACK {
-            if let Err(e) = self.compact_locked(&mut inner) {
-                // Not again before the file has grown as much once more.
-                inner.compacted = inner.records;
-                tracing::error!(error = %crate::error::error_chain(&e), "journal compaction failed");
-            }
+        if inner.records > 2 * inner.compacted + COMPACT_SLACK
+            && let Err(e) = self.compact_locked(&mut inner)
+        {
+            // Not again before the file has grown as much once more.
+            inner.compacted = inner.records;
+            tracing::error!(error = %crate::error::error_chain(&e), "journal compaction failed");
         }
         Ok(())
     }

@@ -13,7 +13,7 @@ fn lease(id: u64) -> Record {
         uid: 1000,
         gid: 1000,
         mode: 0o600,
-        persistent: id % 2 == 0,
+        persistent: id.is_multiple_of(2),
         created: 1_700_000_000 + id,
         extents: vec![Extent {
             start: id << 30,

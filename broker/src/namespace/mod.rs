@@ -350,7 +350,7 @@ impl Namespace {
         let pool = self.choose_pool(req)?;
         let account = &self.pools[pool];
         let page = account.page_size;
-        if req.size == 0 || req.size % page.bytes() != 0 {
+        if req.size == 0 || !req.size.is_multiple_of(page.bytes()) {
             return Err(NsError::Invalid(format!(
                 "lease {}: size {} is not a non-zero multiple of pool {}'s {page} pages",
                 req.name, req.size, account.name

@@ -241,7 +241,7 @@ impl ExtentAllocator {
         if !align.is_power_of_two() {
             return Err(ExtentError::BadAlign { align });
         }
-        if size == 0 || size % align != 0 {
+        if size == 0 || !size.is_multiple_of(align) {
             return Err(ExtentError::BadSize { size, align });
         }
         let pos = self.index_for(align);

@@ -277,10 +277,10 @@ impl Broker {
 
     /// Journals records whose loss a restart tolerates (it is logged).
     fn journal_all(&self, records: &[Record]) {
-        if let Some(journal) = &self.journal {
-            if let Err(e) = journal.append_all(records) {
-                tracing::error!(error = %error_chain(&e), ?records, "journal append failed");
-            }
+        if let Some(journal) = &self.journal
+            && let Err(e) = journal.append_all(records)
+        {
+            tracing::error!(error = %error_chain(&e), ?records, "journal append failed");
         }
     }
 

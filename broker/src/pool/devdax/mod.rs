@@ -429,10 +429,10 @@ impl DevdaxPool {
                 len: range.len,
             })
             .collect();
-        if let Some(journal) = &self.journal {
-            if let Err(e) = journal.append_all(&records) {
-                tracing::error!(error = %error_chain(&e), "cannot journal quarantined memory; it is out of use until the broker restarts");
-            }
+        if let Some(journal) = &self.journal
+            && let Err(e) = journal.append_all(&records)
+        {
+            tracing::error!(error = %error_chain(&e), "cannot journal quarantined memory; it is out of use until the broker restarts");
         }
     }
 

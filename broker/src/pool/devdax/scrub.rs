@@ -169,10 +169,10 @@ fn scrub_one(
 }
 
 fn freed(journal: Option<&Journal>, id: u64) {
-    if let Some(journal) = journal {
-        if let Err(e) = journal.append(&Record::Freed { id }) {
-            tracing::error!(id, error = %crate::error::error_chain(&e), "cannot journal a scrubbed lease as free");
-        }
+    if let Some(journal) = journal
+        && let Err(e) = journal.append(&Record::Freed { id })
+    {
+        tracing::error!(id, error = %crate::error::error_chain(&e), "cannot journal a scrubbed lease as free");
     }
 }
 
