@@ -1,18 +1,21 @@
-//! The device-dax extent allocator on a simulated 64 TiB pool.
+//! The device-dax extent allocator on a simulated 64 TiB pool, driven as the broker drives it.
 //!
 //! 100 000 VM creates and about as many releases, sizes like VMs (1–64 GiB at 1 GiB alignment,
-//! 512 MiB–16 GiB at 2 MiB alignment), the pool kept 60–90 % full (leased + dirty), then again
-//! 90–99 % full to stress fragmentation; releases go
-//! dirty and are scrubbed after a random delay. The same driver runs a naive first-fit allocator
-//! (lowest address first, as many extents as it takes) to show what fewest-extents / best-fit buys.
+//! 512 MiB–16 GiB at 2 MiB alignment), the pool kept 60–90 % full (leased, counting leases being
+//! scrubbed), then again 90–99 % full to stress fragmentation. A released lease's device is
+//! scrubbed for a random delay while its extents stay leased; then its extents are released, as
+//! the broker does once the device is destroyed. One lease in [`POISON_EVERY`] gets a memory error
+//! on a 2 MiB page while live: that page is quarantined, for good once the lease is released. The
+//! same driver runs a naive first-fit allocator (lowest address first, as many extents as it
+//! takes) to show what fewest-extents / best-fit buys.
 //!
 //! `cargo bench -p membroker --bench allocator`; `ALLOC_BENCH_SEED=N` replays another sequence.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::hint::black_box;
 use std::time::Instant;
 
-use membroker::pool::extents::ExtentAllocator;
+use membroker::pool::extents::{ExtentAllocator, RangeState};
 use membroker_client::proto::Extent;
 
 const M2: u64 = 2 << 20;
@@ -20,12 +23,13 @@ const G1: u64 = 1 << 30;
 const BASE: u64 = 0x40_0000_0000;
 const POOL: u64 = 64 << 40;
 const CREATES: usize = 100_000;
-/// Fill ranges (leased + dirty): the asked-for one, and a stress run where holes run short.
+/// Fill ranges (leased, counting leases being scrubbed): the asked-for one, and a stress run
+/// where holes run short.
 const SCENARIOS: [(f64, f64); 2] = [(0.60, 0.90), (0.90, 0.99)];
-/// Most steps between a release and its scrub.
+/// Most steps between a lease's release request and the end of its scrub.
 const MAX_SCRUB_DELAY: u64 = 200;
-/// Bytes one scrubber takes at a time.
-const SCRUB_CHUNK: u64 = 64 * G1;
+/// One lease in this many gets a memory error on one 2 MiB page.
+const POISON_EVERY: u64 = 1000;
 
 /// xorshift64*: small, fast, good enough for picking sizes.
 struct Rng(u64);
@@ -52,10 +56,10 @@ impl Rng {
 trait Allocator {
     fn name(&self) -> &'static str;
     fn allocate(&mut self, size: u64, align: u64) -> Option<Vec<Extent>>;
-    /// A lease comes back (it must be scrubbed before reuse).
+    /// A memory error in a live lease: `page` never comes back.
+    fn quarantine(&mut self, page: Extent);
+    /// A lease's extents come back, its device scrubbed and destroyed.
     fn release(&mut self, extents: Vec<Extent>);
-    /// The scrubbers finish `bytes` bytes (what was released that long ago).
-    fn scrub(&mut self, bytes: u64, timings: &mut Vec<u64>);
     fn free_aligned(&self, align: u64) -> u64;
     fn free_extents(&self) -> usize;
     fn memory_bytes(&self) -> usize;
@@ -70,20 +74,12 @@ impl Allocator for ExtentAllocator {
         ExtentAllocator::allocate(self, size, align)
     }
 
-    fn release(&mut self, extents: Vec<Extent>) {
-        ExtentAllocator::release(self, &extents).expect("releasing a live lease");
+    fn quarantine(&mut self, page: Extent) {
+        ExtentAllocator::quarantine(self, page).expect("quarantining a leased page");
     }
 
-    fn scrub(&mut self, mut bytes: u64, timings: &mut Vec<u64>) {
-        while bytes > 0 {
-            let t = Instant::now();
-            let Some(range) = self.take_dirty(bytes.min(SCRUB_CHUNK)) else {
-                break;
-            };
-            self.scrubbed(range).expect("scrubbing what was taken");
-            timings.push(t.elapsed().as_nanos() as u64);
-            bytes -= range.len;
-        }
+    fn release(&mut self, extents: Vec<Extent>) {
+        ExtentAllocator::release(self, &extents).expect("releasing a live lease");
     }
 
     fn free_aligned(&self, align: u64) -> u64 {
@@ -91,7 +87,9 @@ impl Allocator for ExtentAllocator {
     }
 
     fn free_extents(&self) -> usize {
-        self.free_extent_count()
+        self.ranges()
+            .filter(|&(_, state)| state == RangeState::Free)
+            .count()
     }
 
     fn memory_bytes(&self) -> usize {
@@ -100,23 +98,27 @@ impl Allocator for ExtentAllocator {
 }
 
 /// Naive baseline: a free list by address, first fit, taking the aligned part of each free range
-/// from the lowest address up until the size is covered. Released leases wait (dirty) in a FIFO.
+/// from the lowest address up until the size is covered. Poisoned 2 MiB pages of live leases are
+/// left out of the free list when their lease comes back.
 struct FirstFit {
     /// start → end of free ranges, coalesced.
     free: BTreeMap<u64, u64>,
-    dirty: VecDeque<Extent>,
+    /// Starts of poisoned 2 MiB pages in live leases.
+    poisoned: BTreeSet<u64>,
 }
 
 impl FirstFit {
     fn new(base: u64, len: u64) -> FirstFit {
         FirstFit {
             free: BTreeMap::from([(base, base + len)]),
-            dirty: VecDeque::new(),
+            poisoned: BTreeSet::new(),
         }
     }
 
-    fn insert_free(&mut self, e: Extent) {
-        let (mut start, mut end) = (e.start, e.start + e.len);
+    fn insert_free(&mut self, mut start: u64, mut end: u64) {
+        if start == end {
+            return;
+        }
         let before = self.free.range(..start).next_back().map(|(&s, &e)| (s, e));
         if let Some((s, _)) = before.filter(|&(_, e)| e == start) {
             self.free.remove(&s);
@@ -174,19 +176,20 @@ impl Allocator for FirstFit {
         Some(picks.into_iter().map(|(_, e)| e).collect())
     }
 
-    fn release(&mut self, extents: Vec<Extent>) {
-        self.dirty.extend(extents);
+    fn quarantine(&mut self, page: Extent) {
+        self.poisoned.insert(page.start);
     }
 
-    fn scrub(&mut self, mut bytes: u64, timings: &mut Vec<u64>) {
-        while bytes > 0 {
-            let Some(e) = self.dirty.pop_front() else {
-                break;
-            };
-            let t = Instant::now();
-            self.insert_free(e);
-            timings.push(t.elapsed().as_nanos() as u64);
-            bytes = bytes.saturating_sub(e.len);
+    fn release(&mut self, extents: Vec<Extent>) {
+        for e in extents {
+            let (mut at, end) = (e.start, e.start + e.len);
+            let pages: Vec<u64> = self.poisoned.range(at..end).copied().collect();
+            for page in pages {
+                self.poisoned.remove(&page);
+                self.insert_free(at, page);
+                at = page + M2;
+            }
+            self.insert_free(at, end);
         }
     }
 
@@ -212,14 +215,15 @@ struct Report {
     /// Creates refused for lack of aligned space (correctly).
     refused: usize,
     releases: usize,
+    /// 2 MiB pages quarantined.
+    poisoned: usize,
     extents_per_lease: Vec<u64>,
     allocate_ns: Vec<u64>,
     release_ns: Vec<u64>,
-    scrub_ns: Vec<u64>,
+    quarantine_ns: Vec<u64>,
     free_extents_sum: u64,
     free_extents_max: usize,
     memory_max: usize,
-    memory_end: usize,
     samples: u64,
     fill_min: f64,
     fill_max: f64,
@@ -234,15 +238,32 @@ fn vm_size(rng: &mut Rng) -> (u64, u64) {
     }
 }
 
+/// The physical 2 MiB page at `offset` of a lease (its file offsets follow its extents).
+fn page_at(extents: &[Extent], mut offset: u64) -> Extent {
+    for e in extents {
+        if offset < e.len {
+            return Extent {
+                start: e.start + offset,
+                len: M2,
+            };
+        }
+        offset -= e.len;
+    }
+    unreachable!("offset past the lease")
+}
+
 fn simulate(alloc: &mut dyn Allocator, seed: u64, (low, high): (f64, f64)) -> Report {
     let mut rng = Rng::new(seed);
+    // Its own stream, so the creates and releases are the same with or without poison.
+    let mut poison_rng = Rng::new(seed ^ 0x706f_6973_6f6e);
     let mut report = Report {
         fill_min: 1.0,
         ..Report::default()
     };
     let mut live: Vec<(u64, Vec<Extent>)> = Vec::new();
-    let mut used = 0u64; // leased + dirty
-    let mut scrubs: BTreeMap<(u64, u64), u64> = BTreeMap::new(); // (due, seq) → bytes
+    let mut used = 0u64; // leased, counting leases being scrubbed
+    // (due, seq) → a lease being scrubbed: its size and extents, still leased.
+    let mut scrubs: BTreeMap<(u64, u64), (u64, Vec<Extent>)> = BTreeMap::new();
     let mut step = 0u64;
     while report.creates < CREATES {
         step += 1;
@@ -250,9 +271,12 @@ fn simulate(alloc: &mut dyn Allocator, seed: u64, (low, high): (f64, f64)) -> Re
             if entry.key().0 > step {
                 break;
             }
-            let bytes = entry.remove();
-            alloc.scrub(bytes, &mut report.scrub_ns);
-            used -= bytes;
+            let (size, extents) = entry.remove();
+            let t = Instant::now();
+            alloc.release(black_box(extents));
+            report.release_ns.push(t.elapsed().as_nanos() as u64);
+            report.releases += 1;
+            used -= size;
         }
         let fill = used as f64 / POOL as f64;
         if report.fill_max >= low {
@@ -276,6 +300,14 @@ fn simulate(alloc: &mut dyn Allocator, seed: u64, (low, high): (f64, f64)) -> Re
                     report.succeeded += usize::from(enough);
                     assert!(enough, "{} allocated more than it had", alloc.name());
                     report.extents_per_lease.push(extents.len() as u64);
+                    if poison_rng.next() % POISON_EVERY == 0 {
+                        let offset = poison_rng.range(0, size / M2 - 1) * M2;
+                        let page = page_at(&extents, offset);
+                        let t = Instant::now();
+                        alloc.quarantine(black_box(page));
+                        report.quarantine_ns.push(t.elapsed().as_nanos() as u64);
+                        report.poisoned += 1;
+                    }
                     used += size;
                     live.push((size, extents));
                 }
@@ -283,13 +315,10 @@ fn simulate(alloc: &mut dyn Allocator, seed: u64, (low, high): (f64, f64)) -> Re
                 None => report.refused += 1,
             }
         } else {
-            let (size, extents) = live.swap_remove((rng.next() % live.len() as u64) as usize);
-            let t = Instant::now();
-            alloc.release(black_box(extents));
-            report.release_ns.push(t.elapsed().as_nanos() as u64);
-            report.releases += 1;
+            // The release request: the device is scrubbed, its extents still leased.
+            let lease = live.swap_remove((rng.next() % live.len() as u64) as usize);
             let due = step + rng.range(1, MAX_SCRUB_DELAY);
-            scrubs.insert((due, step), size);
+            scrubs.insert((due, step), lease);
         }
         if step.is_multiple_of(64) {
             let n = alloc.free_extents();
@@ -299,7 +328,6 @@ fn simulate(alloc: &mut dyn Allocator, seed: u64, (low, high): (f64, f64)) -> Re
             report.memory_max = report.memory_max.max(alloc.memory_bytes());
         }
     }
-    report.memory_end = alloc.memory_bytes();
     report
 }
 
@@ -328,7 +356,8 @@ fn main() {
         .unwrap_or(0x6d65_6d62_726f_6b72);
     println!(
         "allocator bench: pool {} TiB at {BASE:#x}, {CREATES} creates per run, scrub delay \
-         1-{MAX_SCRUB_DELAY} steps, seed {seed} (ALLOC_BENCH_SEED)",
+         1-{MAX_SCRUB_DELAY} steps, 1 lease in {POISON_EVERY} poisoned, seed {seed} \
+         (ALLOC_BENCH_SEED)",
         POOL >> 40,
     );
     let started = Instant::now();
@@ -380,12 +409,12 @@ fn main() {
     println!();
     println!(
         "{:<7} {:<15} {:>15} {:>15} {:>15}",
-        "fill", "ns: median/p99", "allocate", "release", "scrubbed"
+        "fill", "ns: median/p99", "allocate", "release", "quarantine"
     );
     for (fill, r, name) in &rows {
         let a = summary(r.allocate_ns.clone());
         let rel = summary(r.release_ns.clone());
-        let s = summary(r.scrub_ns.clone());
+        let s = summary(r.quarantine_ns.clone());
         println!(
             "{:<7} {:<15} {:>7}/{:<7} {:>7}/{:<7} {:>7}/{:<7}",
             fill, name, a.1, a.2, rel.1, rel.2, s.1, s.2
@@ -396,9 +425,12 @@ fn main() {
         let ours = summary(pair[0].1.extents_per_lease.clone()).0;
         let naive = summary(pair[1].1.extents_per_lease.clone()).0;
         println!(
-            "fill {}: first-fit needs {:.2}x the extents per lease",
+            "fill {}: first-fit needs {:.2}x the extents per lease ({} releases, {} pages \
+             quarantined)",
             pair[0].0,
-            naive / ours
+            naive / ours,
+            pair[0].1.releases,
+            pair[0].1.poisoned,
         );
     }
     println!(
@@ -410,9 +442,9 @@ fn main() {
          indexes) or free-list entries (first-fit, 16 B each), no B-tree node overhead"
     );
     println!(
-        "first-fit 'release' is its free-list insert when the scrub ends; fewest-extents times \
-         release() (leased to dirty) and take_dirty + scrubbed per {} GiB chunk",
-        SCRUB_CHUNK >> 30
+        "release = a scrubbed lease's extents back to free, its poisoned pages quarantined \
+         (fewest-extents: release(); first-fit: free-list inserts); quarantine = marking a \
+         poisoned page of a live lease"
     );
     println!("ran in {:.1} s", started.elapsed().as_secs_f64());
 }

@@ -6,10 +6,11 @@
 //! aligned usable length, one index per alignment in use (2 MiB and 1 GiB from the start), so an
 //! allocation costs O(extents handed out × log ranges).
 //!
-//! Life of a byte: free → leased (`allocate`, `claim`) → dirty (`release`) → being scrubbed
-//! (`take_dirty`) → free (`scrubbed`). `release_clean` skips the scrub. `quarantine` moves any
-//! byte out of circulation for good; a leased byte is only marked, and goes to quarantine instead
-//! of dirty when its lease is released.
+//! Life of a byte: free → leased (`allocate`, or `claim` for a device found at start) → free
+//! (`release`). The broker scrubs and destroys a released lease's device before it releases the
+//! extents, so their bytes stay leased until then and are never handed out unzeroed.
+//! `quarantine` moves any byte out of circulation for good; a leased byte is only marked, and
+//! goes to quarantine instead of free when its lease is released.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -33,22 +34,16 @@ pub enum RangeState {
     Leased,
     /// Part of a lease, with a reported memory error: goes to quarantine when released.
     LeasedPoisoned,
-    /// Released, waiting to be scrubbed; never handed out.
-    Dirty,
-    /// Handed to a scrubber by [`ExtentAllocator::take_dirty`]; never handed out.
-    Scrubbing,
     /// Memory errors: never handed out again.
     Quarantined,
 }
 
 impl RangeState {
     /// Every state, in a fixed order.
-    pub const ALL: [RangeState; 6] = [
+    pub const ALL: [RangeState; 4] = [
         RangeState::Free,
         RangeState::Leased,
         RangeState::LeasedPoisoned,
-        RangeState::Dirty,
-        RangeState::Scrubbing,
         RangeState::Quarantined,
     ];
 
@@ -67,8 +62,6 @@ impl fmt::Display for RangeState {
             RangeState::Free => "free",
             RangeState::Leased => "leased",
             RangeState::LeasedPoisoned => "leased (poisoned)",
-            RangeState::Dirty => "dirty",
-            RangeState::Scrubbing => "being scrubbed",
             RangeState::Quarantined => "quarantined",
         })
     }
@@ -148,10 +141,7 @@ pub struct ExtentAllocator {
     /// Range start → its end and state. Covers `[base, end)` exactly; neighbours differ in state.
     map: BTreeMap<u64, Span>,
     /// Bytes per state, indexed by `RangeState::index`.
-    bytes: [u64; 6],
-    free_count: usize,
-    /// Starts of `Dirty` ranges, lowest first (the scrub order).
-    dirty: BTreeSet<u64>,
+    bytes: [u64; RangeState::ALL.len()],
     indexes: Vec<AlignIndex>,
 }
 
@@ -166,9 +156,7 @@ impl fmt::Debug for ExtentAllocator {
                 d.field(&format!("{state:?}"), &format_args!("{bytes:#x}"));
             }
         }
-        d.field("ranges", &self.map.len())
-            .field("free_ranges", &self.free_count)
-            .finish()
+        d.field("ranges", &self.map.len()).finish()
     }
 }
 
@@ -201,9 +189,7 @@ impl ExtentAllocator {
             base,
             end,
             map: BTreeMap::new(),
-            bytes: [0; 6],
-            free_count: 0,
-            dirty: BTreeSet::new(),
+            bytes: [0; RangeState::ALL.len()],
             indexes: Vec::new(),
         };
         for align in DEFAULT_ALIGNS {
@@ -213,14 +199,6 @@ impl ExtentAllocator {
             this.insert(base, end, RangeState::Free);
         }
         this
-    }
-
-    /// The region, as one extent.
-    pub fn region(&self) -> Extent {
-        Extent {
-            start: self.base,
-            len: self.end - self.base,
-        }
     }
 
     /// `size` bytes as extents whose start and len are multiples of `align`; `None` if the
@@ -301,58 +279,17 @@ impl ExtentAllocator {
         Ok(())
     }
 
-    /// A lease's extents come back: they become dirty, and their poisoned parts quarantined.
-    /// Err, changing nothing, if any part is not leased.
+    /// A lease's extents come back once its device is destroyed (scrubbed first, unless it was
+    /// never delivered): they become free, their poisoned parts quarantined. Err, changing
+    /// nothing, if any part is not leased.
     pub fn release(&mut self, extents: &[Extent]) -> Result<()> {
-        self.give_back(extents, RangeState::Dirty)
-    }
-
-    /// Leased straight back to free, no scrub (a create that failed before anyone mapped it);
-    /// poisoned parts are quarantined. Err, changing nothing, if any part is not leased.
-    pub fn release_clean(&mut self, extents: &[Extent]) -> Result<()> {
-        self.give_back(extents, RangeState::Free)
-    }
-
-    /// Leased extents become `to`, their poisoned parts quarantined; nothing changes unless
-    /// every part is leased.
-    fn give_back(&mut self, extents: &[Extent], to: RangeState) -> Result<()> {
         self.check(extents, "release", "leased", RangeState::is_leased)?;
         for e in extents {
             self.apply(e.start, e.start + e.len, |s| match s {
                 RangeState::LeasedPoisoned => RangeState::Quarantined,
-                _ => to,
+                _ => RangeState::Free,
             });
         }
-        Ok(())
-    }
-
-    /// The lowest dirty range, at most `max` bytes of it (from its start), now being scrubbed:
-    /// still not allocatable, until [`ExtentAllocator::scrubbed`]. Dirty ranges start and end
-    /// where leases and quarantined pieces do, so with `max` a multiple of 2 MiB and poison
-    /// quarantined at 2 MiB the pieces are 2 MiB-aligned.
-    pub fn take_dirty(&mut self, max: u64) -> Option<Extent> {
-        if max == 0 {
-            return None;
-        }
-        let &start = self.dirty.first()?;
-        let end = self.map.get(&start)?.end.min(start.saturating_add(max));
-        self.apply(start, end, |_| RangeState::Scrubbing);
-        Some(Extent {
-            start,
-            len: end - start,
-        })
-    }
-
-    /// A range from [`ExtentAllocator::take_dirty`] is zeroed: it becomes free, except the parts
-    /// quarantined meanwhile. Err, changing nothing, if any other part is not being scrubbed.
-    pub fn scrubbed(&mut self, range: Extent) -> Result<()> {
-        self.check(&[range], "mark scrubbed", "being scrubbed", |s| {
-            matches!(s, RangeState::Scrubbing | RangeState::Quarantined)
-        })?;
-        self.apply(range.start, range.start + range.len, |s| match s {
-            RangeState::Scrubbing => RangeState::Free,
-            other => other,
-        });
         Ok(())
     }
 
@@ -379,38 +316,13 @@ impl ExtentAllocator {
         self.bytes[RangeState::Leased.index()] + self.bytes[RangeState::LeasedPoisoned.index()]
     }
 
-    /// Bytes waiting to be scrubbed or being scrubbed.
-    pub fn dirty_bytes(&self) -> u64 {
-        self.bytes[RangeState::Dirty.index()] + self.bytes[RangeState::Scrubbing.index()]
-    }
-
-    /// Bytes being scrubbed now (part of [`ExtentAllocator::dirty_bytes`]).
-    pub fn scrubbing_bytes(&self) -> u64 {
-        self.bytes[RangeState::Scrubbing.index()]
-    }
-
-    /// Bytes currently in `state`.
-    pub fn bytes_in(&self, state: RangeState) -> u64 {
-        self.bytes[state.index()]
-    }
-
     /// Bytes in quarantine (not counting poisoned parts of live leases).
     pub fn quarantined_bytes(&self) -> u64 {
         self.bytes[RangeState::Quarantined.index()]
     }
 
-    /// Quarantined ranges, lowest first (not counting poisoned parts of live leases).
-    pub fn quarantined(&self) -> Vec<Extent> {
-        self.ranges_in(RangeState::Quarantined)
-    }
-
-    /// Poisoned parts of live leases: quarantined when released. Persist these together with
-    /// [`ExtentAllocator::quarantined`].
-    pub fn poisoned_leased(&self) -> Vec<Extent> {
-        self.ranges_in(RangeState::LeasedPoisoned)
-    }
-
-    /// Bytes of [`ExtentAllocator::poisoned_leased`] (part of the leased bytes).
+    /// Bytes of live leases with a reported memory error: quarantined when released (part of
+    /// the leased bytes).
     pub fn poisoned_leased_bytes(&self) -> u64 {
         self.bytes[RangeState::LeasedPoisoned.index()]
     }
@@ -426,37 +338,12 @@ impl ExtentAllocator {
         }
     }
 
-    /// The largest aligned size that one extent could have now.
-    pub fn largest_free(&self, align: u64) -> u64 {
-        if !align.is_power_of_two() {
-            return 0;
-        }
-        match self.indexes.iter().find(|i| i.align == align) {
-            Some(i) => i.by_len.last().map_or(0, |&(len, _)| len),
-            None => self
-                .free_spans()
-                .map(|(s, e)| usable(s, e, align))
-                .max()
-                .unwrap_or(0),
-        }
-    }
-
-    /// Number of (maximal) free ranges.
-    pub fn free_extent_count(&self) -> usize {
-        self.free_count
-    }
-
-    /// Number of ranges of all states: what the allocator's memory grows with.
-    pub fn range_count(&self) -> usize {
-        self.map.len()
-    }
-
     /// Approximate heap bytes the allocator uses: its map and index entries, without B-tree node
     /// overhead (roughly another half on top).
     pub fn approx_memory_bytes(&self) -> usize {
         let entry = size_of::<u64>() + size_of::<Span>();
         let indexed: usize = self.indexes.iter().map(|i| i.by_len.len()).sum();
-        self.map.len() * entry + (indexed + self.dirty.len()) * size_of::<(u64, u64)>()
+        self.map.len() * entry + indexed * size_of::<(u64, u64)>()
     }
 
     /// Every range with its state, lowest first; they cover the region exactly.
@@ -468,13 +355,6 @@ impl ExtentAllocator {
             };
             (e, span.state)
         })
-    }
-
-    fn ranges_in(&self, state: RangeState) -> Vec<Extent> {
-        self.ranges()
-            .filter(|&(_, s)| s == state)
-            .map(|(e, _)| e)
-            .collect()
     }
 
     fn free_spans(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
@@ -616,21 +496,14 @@ impl ExtentAllocator {
         debug_assert!(start < end);
         self.map.insert(start, Span { end, state });
         self.bytes[state.index()] += end - start;
-        match state {
-            RangeState::Free => {
-                self.free_count += 1;
-                for index in &mut self.indexes {
-                    let len = usable(start, end, index.align);
-                    if len > 0 {
-                        index.by_len.insert((len, start));
-                        index.total += len;
-                    }
+        if state == RangeState::Free {
+            for index in &mut self.indexes {
+                let len = usable(start, end, index.align);
+                if len > 0 {
+                    index.by_len.insert((len, start));
+                    index.total += len;
                 }
             }
-            RangeState::Dirty => {
-                self.dirty.insert(start);
-            }
-            _ => {}
         }
     }
 
@@ -640,21 +513,14 @@ impl ExtentAllocator {
             return;
         };
         self.bytes[state.index()] -= end - start;
-        match state {
-            RangeState::Free => {
-                self.free_count -= 1;
-                for index in &mut self.indexes {
-                    let len = usable(start, end, index.align);
-                    if len > 0 {
-                        index.by_len.remove(&(len, start));
-                        index.total -= len;
-                    }
+        if state == RangeState::Free {
+            for index in &mut self.indexes {
+                let len = usable(start, end, index.align);
+                if len > 0 {
+                    index.by_len.remove(&(len, start));
+                    index.total -= len;
                 }
             }
-            RangeState::Dirty => {
-                self.dirty.remove(&start);
-            }
-            _ => {}
         }
     }
 }

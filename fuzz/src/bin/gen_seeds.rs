@@ -165,21 +165,57 @@ fn journals() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
-/// Extent operation programs (see `membroker_fuzz::extents`): region header, then ops.
+/// Extent operation programs (see `membroker_fuzz::extents`): a region header (unit shift,
+/// cells as u16, base kind and its byte), then ops; one op per line, opcode first (0–1 allocate,
+/// 2 claim, 3–4 release, 5–6 quarantine, 7 query).
 fn extent_programs() -> Vec<(&'static str, Vec<u8>)> {
     vec![
-        // unit 2^21 (2 MiB), 64 cells, low base; allocate, release, take_dirty, scrubbed.
+        // 2 MiB cells, 64 of them from 0: the broker's order of use.
         (
-            "alloc-release-scrub",
-            vec![21, 64, 0, 2, 0, 0, 4, 1, 3, 3, 0, 0, 5, 1, 0, 6, 1, 0],
+            "alloc-poison-release",
+            [
+                &[21, 64, 0, 2, 0][..],
+                &[0, 0, 8, 1],           // allocate 8 × 2 MiB at 2 MiB
+                &[1, 4, 4, 1, 1],        // allocate 32 MiB at 32 MiB
+                &[5, 2, 1, 0],           // quarantine cell 2: inside the first lease
+                &[6, 40, 2, 0],          // quarantine cells 40-41: free
+                &[3, 1, 0],              // release the first lease (its poison is quarantined)
+                &[4, 0, 0, 0, 50, 1, 0], // release cell 50: free, refused
+                &[0, 0, 10, 1],          // allocate 10 × 2 MiB at 2 MiB
+                &[7, 1],                 // free at 1 GiB
+                &[3, 1, 0],              // release the rest
+                &[3, 1, 0],
+            ]
+            .concat(),
         ),
-        // unit 1 MiB, 100 cells at base 3 MiB: quarantine, claim, allocate at 2 MiB.
+        // 1 MiB cells, 100 of them from 3 MiB: claim as a restart does, then allocate around.
         (
-            "unaligned-base",
-            vec![20, 100, 0, 3, 3, 7, 5, 2, 1, 2, 4, 3, 1, 0, 0, 4, 1],
+            "claim-unaligned-base",
+            [
+                &[20, 100, 0, 2, 3][..],
+                &[2, 1, 10, 5, 0, 30, 2, 0], // claim cells 10-14 and 30-31
+                &[2, 0, 12, 4, 0],           // claim cells 12-15: partly leased, refused
+                &[5, 50, 1, 0],              // quarantine cell 50
+                &[0, 0, 20, 1],              // allocate 20 × 2 MiB at 2 MiB
+                &[1, 0, 3, 0],               // allocate 3 × 2 MiB + 1 MiB: bad size
+                &[3, 1, 0],                  // release the claimed device
+                &[7, 5, 2],                  // free at 4 MiB
+            ]
+            .concat(),
         ),
-        // unit 1 GiB right under u64::MAX.
-        ("top-of-u64", vec![30, 16, 0, 1, 1, 0, 1, 2, 1, 9, 4, 9, 0]),
+        // 1 GiB cells right under u64::MAX.
+        (
+            "top-of-u64",
+            [
+                &[30, 16, 0, 1, 1][..],
+                &[0, 1, 4, 1],       // allocate 4 GiB at 1 GiB
+                &[5, 0, 0, 0xff, 2], // quarantine past u64::MAX: refused
+                &[5, 3, 1, 0],       // quarantine cell 3
+                &[3, 1, 0],          // release
+                &[7, 0],             // free at a device page size (here a cell, 1 GiB)
+            ]
+            .concat(),
+        ),
     ]
 }
 

@@ -481,7 +481,7 @@ impl DevdaxPool {
 
 /// Leased extents straight back to free (poisoned parts to quarantine).
 pub(super) fn give_back(extents: &Mutex<ExtentAllocator>, ranges: &[Extent]) {
-    if let Err(e) = extents.lock().release_clean(ranges) {
+    if let Err(e) = extents.lock().release(ranges) {
         tracing::error!(error = %e, "extent bookkeeping refused a release");
     }
 }

@@ -17,18 +17,12 @@ fn ext(start: u64, len: u64) -> Extent {
 fn check_invariants(a: &ExtentAllocator) {
     let mut expect = a.base;
     let mut prev: Option<RangeState> = None;
-    let mut bytes = [0u64; 6];
-    let mut free_count = 0;
-    let mut dirty = BTreeSet::new();
+    let mut bytes = [0u64; RangeState::ALL.len()];
     for (&start, span) in &a.map {
         assert_eq!(start, expect, "gap or overlap at {start:#x}");
         assert!(span.end > start, "empty range at {start:#x}");
         assert_ne!(prev, Some(span.state), "unmerged neighbours at {start:#x}");
         bytes[span.state.index()] += span.end - start;
-        free_count += usize::from(span.state == RangeState::Free);
-        if span.state == RangeState::Dirty {
-            dirty.insert(start);
-        }
         prev = Some(span.state);
         expect = span.end;
     }
@@ -36,11 +30,9 @@ fn check_invariants(a: &ExtentAllocator) {
     assert_eq!(bytes, a.bytes);
     assert_eq!(bytes.iter().sum::<u64>(), a.end - a.base);
     assert_eq!(
-        a.free_bytes() + a.leased_bytes() + a.dirty_bytes() + a.quarantined_bytes(),
+        a.free_bytes() + a.leased_bytes() + a.quarantined_bytes(),
         a.end - a.base
     );
-    assert_eq!(free_count, a.free_count);
-    assert_eq!(dirty, a.dirty);
     for index in &a.indexes {
         let mut by_len = BTreeSet::new();
         let mut total = 0;
@@ -54,6 +46,27 @@ fn check_invariants(a: &ExtentAllocator) {
         assert_eq!(by_len, index.by_len, "index {:#x}", index.align);
         assert_eq!(total, index.total, "index {:#x}", index.align);
     }
+}
+
+/// Ranges in `state`, lowest first.
+fn ranges_in(a: &ExtentAllocator, state: RangeState) -> Vec<Extent> {
+    a.ranges()
+        .filter(|&(_, s)| s == state)
+        .map(|(e, _)| e)
+        .collect()
+}
+
+/// Number of (maximal) free ranges.
+fn free_ranges(a: &ExtentAllocator) -> usize {
+    ranges_in(a, RangeState::Free).len()
+}
+
+/// The largest aligned size that one extent could have now.
+fn largest_free(a: &ExtentAllocator, align: u64) -> u64 {
+    a.free_spans()
+        .map(|(s, e)| usable(s, e, align))
+        .max()
+        .unwrap_or(0)
 }
 
 fn assert_aligned(extents: &[Extent], size: u64, align: u64) {
@@ -93,17 +106,14 @@ fn new_region_is_all_free() {
     let a = ExtentAllocator::new(4 * G1, 8 * G1);
     check_invariants(&a);
     assert_eq!(a.free_bytes(), 8 * G1);
-    assert_eq!(
-        a.leased_bytes() + a.dirty_bytes() + a.quarantined_bytes(),
-        0
-    );
-    assert_eq!(a.largest_free(G1), 8 * G1);
-    assert_eq!(a.free_extent_count(), 1);
-    assert_eq!(a.region(), ext(4 * G1, 8 * G1));
+    assert_eq!(a.leased_bytes() + a.quarantined_bytes(), 0);
+    assert_eq!(largest_free(&a, G1), 8 * G1);
+    assert_eq!(free_ranges(&a), 1);
+    assert_eq!((a.base, a.end), (4 * G1, 12 * G1));
     let empty = ExtentAllocator::new(G1, 0);
     check_invariants(&empty);
-    assert_eq!(empty.largest_free(M2), 0);
-    assert_eq!(empty.free_extent_count(), 0);
+    assert_eq!(largest_free(&empty, M2), 0);
+    assert_eq!(free_ranges(&empty), 0);
 }
 
 #[test]
@@ -113,7 +123,7 @@ fn single_extent_is_the_smallest_hole_that_fits() {
     assert_eq!(got, vec![ext(holes[3].start, 96 * M1)]);
     let got = a.allocate(700 * M1, M2).unwrap();
     assert_eq!(got, vec![ext(holes[4].start, 700 * M1)]);
-    assert_eq!(a.largest_free(M2), 2048 * M1);
+    assert_eq!(largest_free(&a, M2), 2048 * M1);
     check_invariants(&a);
 }
 
@@ -133,7 +143,7 @@ fn remainder_goes_to_the_smallest_hole_that_fits_it() {
     // 1024 + 100: the 1 GiB hole whole, then 100 MiB from the 128 MiB hole, not the 256 MiB one.
     let got = a.allocate(1124 * M1, M2).unwrap();
     assert_eq!(got, vec![holes[0], ext(holes[3].start, 100 * M1)]);
-    assert_eq!(a.largest_free(M2), 256 * M1);
+    assert_eq!(largest_free(&a, M2), 256 * M1);
     check_invariants(&a);
 }
 
@@ -141,9 +151,9 @@ fn remainder_goes_to_the_smallest_hole_that_fits_it() {
 fn unaligned_base_uses_only_aligned_subranges() {
     // [1 GiB + 4 KiB, 4 GiB + 3 MiB): 1 GiB-aligned part is [2 GiB, 4 GiB).
     let mut a = ExtentAllocator::new(G1 + K4, 3 * G1 + 3 * M1 - K4);
-    assert_eq!(a.largest_free(G1), 2 * G1);
+    assert_eq!(largest_free(&a, G1), 2 * G1);
     assert_eq!(a.free_aligned_bytes(G1), 2 * G1);
-    assert_eq!(a.largest_free(M2), 3 * G1);
+    assert_eq!(largest_free(&a, M2), 3 * G1);
     assert!(a.allocate(3 * G1, G1).is_none());
     let got = a.allocate(2 * G1, G1).unwrap();
     assert_eq!(got, vec![ext(2 * G1, 2 * G1)]);
@@ -154,7 +164,7 @@ fn unaligned_base_uses_only_aligned_subranges() {
     assert_eq!(a.free_aligned_bytes(M2), 0);
     assert_eq!(a.free_bytes(), M2 - K4 + M1);
     // An alignment not indexed from the start is indexed on first use.
-    assert_eq!(a.largest_free(M1), M1);
+    assert_eq!(largest_free(&a, M1), M1);
     assert_eq!(a.allocate(M1, M1), Some(vec![ext(G1 + M1, M1)]));
     check_invariants(&a);
 }
@@ -215,71 +225,51 @@ fn invalid_requests_change_nothing() {
         Err(ExtentError::OutsideRegion { .. })
     ));
     assert!(a.quarantine(ext(4 * G1 - M2, M2 + K4)).is_err());
-    assert!(a.scrubbed(ext(0, M2)).is_err());
-    assert_eq!(a.take_dirty(0), None);
-    assert_eq!(a.largest_free(3), 0);
+    assert!(a.release(&[ext(0, M2)]).is_err());
+    assert_eq!(a.free_aligned_bytes(3), 0);
     assert_eq!(a.free_aligned_bytes(0), 0);
     assert_eq!(a.free_bytes(), 4 * G1);
-    assert_eq!(a.free_extent_count(), 1);
+    assert_eq!(free_ranges(&a), 1);
     check_invariants(&a);
 }
 
 #[test]
-fn released_memory_is_dirty_until_scrubbed() {
+fn leased_memory_is_not_handed_out_until_released() {
+    // A released lease's device is scrubbed while its extents stay leased; only then released.
     let mut a = ExtentAllocator::new(0, 2 * G1);
     let lease = a.allocate(2 * G1, G1).unwrap();
     assert_eq!(a.leased_bytes(), 2 * G1);
+    assert_eq!(a.allocate(M2, M2), None, "being scrubbed is still leased");
     a.release(&lease).unwrap();
-    assert_eq!(a.dirty_bytes(), 2 * G1);
-    assert_eq!(a.allocate(M2, M2), None);
-    let chunk = a.take_dirty(G1).unwrap();
-    assert_eq!(chunk, ext(0, G1));
-    assert_eq!(a.scrubbing_bytes(), G1);
-    assert_eq!(a.dirty_bytes(), 2 * G1);
-    assert_eq!(a.allocate(M2, M2), None, "being scrubbed is not free");
-    a.scrubbed(chunk).unwrap();
-    assert_eq!(a.free_bytes(), G1);
+    assert_eq!(a.free_bytes(), 2 * G1);
     assert_eq!(a.allocate(G1, G1), Some(vec![ext(0, G1)]));
+    assert_eq!(a.allocate(G1, M2), Some(vec![ext(G1, G1)]));
     assert_eq!(a.allocate(M2, M2), None);
     check_invariants(&a);
 }
 
 #[test]
-fn take_dirty_goes_lowest_first_in_chunks() {
-    let mut a = ExtentAllocator::new(0, 8 * G1);
-    let x = a.allocate(G1, G1).unwrap();
-    let y = a.allocate(3 * G1, G1).unwrap();
-    let z = a.allocate(4 * G1, G1).unwrap();
-    a.release(&z).unwrap();
-    a.release(&x).unwrap();
-    assert_eq!(a.take_dirty(512 * M1), Some(ext(0, 512 * M1)));
-    assert_eq!(a.take_dirty(4 * G1), Some(ext(512 * M1, 512 * M1)));
-    assert_eq!(a.take_dirty(4 * G1), Some(z[0]));
-    assert_eq!(a.take_dirty(4 * G1), None);
-    assert_eq!(a.dirty_bytes(), 5 * G1);
-    // Two adjacent chunks merged into one range being scrubbed; each is still scrubbed alone.
-    a.scrubbed(ext(512 * M1, 512 * M1)).unwrap();
-    a.scrubbed(ext(0, 512 * M1)).unwrap();
-    a.scrubbed(z[0]).unwrap();
-    assert!(a.scrubbed(y[0]).is_err(), "leased is not being scrubbed");
-    assert_eq!(a.free_bytes(), 5 * G1);
-    assert_eq!(a.free_extent_count(), 2);
-    check_invariants(&a);
-}
-
-#[test]
-fn release_clean_frees_at_once_and_coalesces() {
+fn release_frees_at_once_and_coalesces() {
     let mut a = ExtentAllocator::new(0, 4 * G1);
     let leases: Vec<_> = (0..4).map(|_| a.allocate(G1, G1).unwrap()).collect();
-    assert_eq!(a.free_extent_count(), 0);
-    a.release_clean(&leases[1]).unwrap();
-    a.release_clean(&leases[3]).unwrap();
-    assert_eq!(a.free_extent_count(), 2);
-    a.release_clean(&leases[2]).unwrap();
-    assert_eq!(a.free_extent_count(), 1);
-    assert_eq!(a.largest_free(G1), 3 * G1);
-    assert_eq!(a.range_count(), 2);
+    assert_eq!(free_ranges(&a), 0);
+    a.release(&leases[1]).unwrap();
+    a.release(&leases[3]).unwrap();
+    assert_eq!(free_ranges(&a), 2);
+    a.release(&leases[2]).unwrap();
+    assert_eq!(free_ranges(&a), 1);
+    assert_eq!(largest_free(&a, G1), 3 * G1);
+    assert_eq!(a.map.len(), 2);
+    // A lease of several extents comes back in one call, as the holes it was cut from.
+    let (mut b, holes) = with_holes(&[512, 1024, 256]);
+    let lease = b.allocate(1536 * M1, M2).unwrap();
+    assert_eq!(lease, vec![holes[1], holes[0]]);
+    assert_eq!(free_ranges(&b), 1);
+    b.release(&lease).unwrap();
+    assert_eq!(free_ranges(&b), 3);
+    assert_eq!(ranges_in(&b, RangeState::Free)[..2], holes[..2]);
     check_invariants(&a);
+    check_invariants(&b);
 }
 
 #[test]
@@ -288,7 +278,7 @@ fn claim_takes_exact_ranges_or_nothing() {
     a.claim(&[ext(2 * G1, M2), ext(3 * G1 + 6 * M2, 4 * M2)])
         .unwrap();
     assert_eq!(a.leased_bytes(), 5 * M2);
-    assert_eq!(a.free_extent_count(), 3);
+    assert_eq!(free_ranges(&a), 3);
     let err = a
         .claim(&[ext(G1, M2), ext(2 * G1 - M2, 2 * M2)])
         .unwrap_err();
@@ -309,7 +299,8 @@ fn claim_takes_exact_ranges_or_nothing() {
     );
     // Claimed ranges are released like any lease.
     a.release(&[ext(2 * G1, M2)]).unwrap();
-    assert_eq!(a.dirty_bytes(), M2);
+    assert_eq!(a.leased_bytes(), 4 * M2);
+    assert_eq!(a.free_bytes(), 4 * G1 - 4 * M2);
     check_invariants(&a);
 }
 
@@ -326,42 +317,44 @@ fn release_of_what_is_not_leased_is_refused() {
     ));
     // Partly leased: refused whole.
     assert!(a.release(&[ext(G1 - M2, 2 * M2)]).is_err());
-    assert!(a.release_clean(&[ext(G1 - M2, 2 * M2)]).is_err());
+    // One bad extent refuses the whole lease.
+    assert!(a.release(&[lease[0], ext(G1, M2)]).is_err());
     assert_eq!(a.leased_bytes(), G1);
     a.release(&lease).unwrap();
     assert!(a.release(&lease).is_err(), "double release");
-    assert!(a.release_clean(&lease).is_err());
-    assert_eq!(a.dirty_bytes(), G1);
+    assert_eq!(a.free_bytes(), 4 * G1);
     check_invariants(&a);
 }
 
 #[test]
-fn quarantine_splits_out_of_free_dirty_and_scrubbing() {
+fn quarantine_splits_free_ranges_and_marks_leased_ones() {
     let mut a = ExtentAllocator::new(0, 4 * G1);
-    let lease = a.allocate(2 * G1, G1).unwrap();
-    a.release(&lease).unwrap();
-    let chunk = a.take_dirty(G1).unwrap();
-    // One 4 KiB page in each of: being scrubbed, dirty, free.
+    let lease = a.allocate(G1, G1).unwrap();
+    // One 4 KiB page in the lease, two in free memory.
     for at in [G1 / 2, G1 + G1 / 2, 3 * G1] {
         a.quarantine(ext(at, K4)).unwrap();
     }
     a.quarantine(ext(3 * G1, K4)).unwrap(); // twice: no change
+    assert_eq!(a.quarantined_bytes(), 2 * K4);
+    assert_eq!(a.poisoned_leased_bytes(), K4);
+    assert_eq!(
+        ranges_in(&a, RangeState::Quarantined),
+        vec![ext(G1 + G1 / 2, K4), ext(3 * G1, K4)]
+    );
+    a.release(&lease).unwrap();
     assert_eq!(a.quarantined_bytes(), 3 * K4);
-    assert_eq!(
-        a.quarantined(),
-        vec![ext(G1 / 2, K4), ext(G1 + G1 / 2, K4), ext(3 * G1, K4)]
-    );
-    a.scrubbed(chunk).unwrap();
-    assert_eq!(a.free_bytes(), 2 * G1 + G1 - 2 * K4);
-    let rest = a.take_dirty(u64::MAX).unwrap();
-    assert_eq!(rest, ext(G1, G1 / 2));
-    assert_eq!(
-        a.take_dirty(u64::MAX),
-        Some(ext(G1 + G1 / 2 + K4, G1 / 2 - K4))
-    );
-    // No aligned allocation may cover a quarantined page.
+    assert_eq!(a.free_bytes(), 4 * G1 - 3 * K4);
+    assert_eq!(free_ranges(&a), 4);
+    // No aligned allocation may cover a quarantined page: only [2 GiB, 3 GiB) is a whole
+    // free 1 GiB page, and each page costs a 2 MiB page.
     assert_eq!(a.free_aligned_bytes(G1), G1);
-    assert_eq!(a.free_aligned_bytes(M2), 3 * G1 - 2 * M2);
+    assert_eq!(a.free_aligned_bytes(M2), 4 * G1 - 3 * M2);
+    let all = a.allocate(4 * G1 - 3 * M2, M2).unwrap();
+    for e in &all {
+        for q in ranges_in(&a, RangeState::Quarantined) {
+            assert!(e.start + e.len <= q.start || q.start + q.len <= e.start);
+        }
+    }
     check_invariants(&a);
 }
 
@@ -374,15 +367,22 @@ fn quarantined_lease_parts_wait_for_release() {
     a.quarantine(ext(G1 + 4 * M2, M2)).unwrap();
     assert_eq!(a.quarantined_bytes(), 0);
     assert_eq!(a.leased_bytes(), 2 * G1);
-    assert_eq!(a.poisoned_leased(), vec![ext(M2, M2), ext(G1 + 4 * M2, M2)]);
+    assert_eq!(
+        ranges_in(&a, RangeState::LeasedPoisoned),
+        vec![ext(M2, M2), ext(G1 + 4 * M2, M2)]
+    );
     assert_eq!(a.poisoned_leased_bytes(), 2 * M2);
     a.release(&x).unwrap();
-    assert_eq!(a.quarantined(), vec![ext(M2, M2)]);
-    assert_eq!(a.dirty_bytes(), G1 - M2);
-    a.release_clean(&y).unwrap();
-    assert_eq!(a.quarantined(), vec![ext(M2, M2), ext(G1 + 4 * M2, M2)]);
-    assert_eq!(a.free_bytes(), 3 * G1 - M2);
-    assert_eq!(a.poisoned_leased(), vec![]);
+    assert_eq!(ranges_in(&a, RangeState::Quarantined), vec![ext(M2, M2)]);
+    assert_eq!(a.free_bytes(), 2 * G1 + G1 - M2);
+    assert_eq!(a.poisoned_leased_bytes(), M2);
+    a.release(&y).unwrap();
+    assert_eq!(
+        ranges_in(&a, RangeState::Quarantined),
+        vec![ext(M2, M2), ext(G1 + 4 * M2, M2)]
+    );
+    assert_eq!(a.free_bytes(), 4 * G1 - 2 * M2);
+    assert_eq!(ranges_in(&a, RangeState::LeasedPoisoned), vec![]);
     check_invariants(&a);
 }
 
@@ -394,10 +394,10 @@ fn memory_grows_with_ranges_not_size() {
         .map(|_| a.allocate(64 * G1, G1).unwrap())
         .collect();
     for lease in leases.iter().step_by(2) {
-        a.release_clean(lease).unwrap();
+        a.release(lease).unwrap();
     }
-    assert_eq!(a.free_extent_count(), 501);
-    assert!(a.range_count() <= 1001);
+    assert_eq!(free_ranges(&a), 501);
+    assert!(a.map.len() <= 1001);
     assert!(small < 200);
     assert!(a.approx_memory_bytes() < 1001 * 24 + 501 * 3 * 16);
     check_invariants(&a);
@@ -410,11 +410,13 @@ fn debug_is_a_summary() {
     assert_eq!(
         format!("{a:?}"),
         "ExtentAllocator { region: [0x40000000, 0x140000000), Free: 0xc0000000, \
-         Leased: 0x40000000, ranges: 2, free_ranges: 1 }"
+         Leased: 0x40000000, ranges: 2 }"
     );
 }
 
 // ---- Property tests: random operation sequences against a per-MiB reference model. ----
+// The production lifecycle: allocate (or claim, on restore), quarantine reported poison,
+// release once the device is scrubbed; plus releases of what is not a lease, refused.
 
 /// The model's unit: every boundary in these tests is a multiple of 1 MiB.
 const UNIT: u64 = M1;
@@ -425,9 +427,7 @@ const UNITS: u64 = 4 * 1024 + 5;
 #[derive(Debug, Clone)]
 enum Op {
     Allocate { units: u64, huge: bool },
-    Release { pick: usize, clean: bool },
-    TakeDirty { max_units: u64 },
-    Scrubbed { pick: usize },
+    Release { pick: usize },
     Quarantine { at: u64, units: u64 },
     Claim { at: u64, units: u64 },
     ReleaseAny { at: u64, units: u64 },
@@ -439,9 +439,7 @@ fn op() -> impl Strategy<Value = Op> {
             units: if huge { units % 3 + 1 } else { units },
             huge
         }),
-        4 => (any::<usize>(), any::<bool>()).prop_map(|(pick, clean)| Op::Release { pick, clean }),
-        3 => (1u64..=1500).prop_map(|max_units| Op::TakeDirty { max_units }),
-        3 => any::<usize>().prop_map(|pick| Op::Scrubbed { pick }),
+        4 => any::<usize>().prop_map(|pick| Op::Release { pick }),
         2 => (0..UNITS, 1u64..=8).prop_map(|(at, units)| Op::Quarantine { at, units }),
         1 => (0..UNITS, 1u64..=300).prop_map(|(at, units)| Op::Claim { at, units }),
         1 => (0..UNITS, 1u64..=300).prop_map(|(at, units)| Op::ReleaseAny { at, units }),
@@ -505,7 +503,6 @@ fn run(ops: Vec<Op>) {
         units: vec![RangeState::Free; UNITS as usize],
     };
     let mut leases: Vec<Vec<Extent>> = Vec::new();
-    let mut taken: Vec<Extent> = Vec::new();
     let mut quarantined = 0;
     let in_region = |at: u64, units: u64| ext(BASE + at * UNIT, units.min(UNITS - at) * UNIT);
     for op in ops {
@@ -548,47 +545,18 @@ fn run(ops: Vec<Op>) {
                 }
                 leases.push(got);
             }
-            Op::Release { pick, clean } => {
+            Op::Release { pick } => {
                 if leases.is_empty() {
                     continue;
                 }
                 let lease = leases.swap_remove(pick % leases.len());
-                let to = if clean {
-                    a.release_clean(&lease).unwrap();
-                    RangeState::Free
-                } else {
-                    a.release(&lease).unwrap();
-                    RangeState::Dirty
-                };
+                a.release(&lease).unwrap();
                 for &e in &lease {
                     m.set(e, |s| match s {
                         RangeState::LeasedPoisoned => RangeState::Quarantined,
-                        _ => to,
+                        _ => RangeState::Free,
                     });
                 }
-            }
-            Op::TakeDirty { max_units } => {
-                let expect = m
-                    .runs(RangeState::Dirty)
-                    .first()
-                    .map(|r| ext(r.start, r.len.min(max_units * UNIT)));
-                let got = a.take_dirty(max_units * UNIT);
-                assert_eq!(got, expect);
-                if let Some(e) = got {
-                    m.set(e, |_| RangeState::Scrubbing);
-                    taken.push(e);
-                }
-            }
-            Op::Scrubbed { pick } => {
-                if taken.is_empty() {
-                    continue;
-                }
-                let e = taken.swap_remove(pick % taken.len());
-                a.scrubbed(e).unwrap();
-                m.set(e, |s| match s {
-                    RangeState::Scrubbing => RangeState::Free,
-                    other => other,
-                });
             }
             Op::Quarantine { at, units } => {
                 let e = in_region(at, units);
@@ -619,7 +587,7 @@ fn run(ops: Vec<Op>) {
             }
         }
         check_invariants(&a);
-        let mut expect = [0u64; 6];
+        let mut expect = [0u64; RangeState::ALL.len()];
         for &s in &m.units {
             expect[s.index()] += UNIT;
         }
