@@ -111,7 +111,7 @@ pub struct DevdaxPool {
     journal: Option<Arc<Journal>>,
     region: Region,
     align: PageSize,
-    /// Extents of a dynamic region (free, leased, dirty, quarantined).
+    /// Extents of a dynamic region (free, leased, quarantined).
     extents: Arc<Mutex<ExtentAllocator>>,
     /// The one device of a static region, and whether it is leased.
     whole: Option<(String, u64, Arc<AtomicBool>)>,

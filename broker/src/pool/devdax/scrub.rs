@@ -146,7 +146,7 @@ fn scrub_one(
     let started = std::time::Instant::now();
     let fd: BorrowedFd<'_> = std::os::fd::AsFd::as_fd(&memory.fd);
     if let Err(e) = zero(&fd, len) {
-        // Never hand out memory that was not zeroed: the extents stay dirty.
+        // Never hand out memory that was not zeroed: the extents stay leased.
         tracing::error!(device, error = %e, "scrub failed; its extents stay out of use");
         return false;
     }
