@@ -300,7 +300,7 @@ fn simulate(alloc: &mut dyn Allocator, seed: u64, (low, high): (f64, f64)) -> Re
                     report.succeeded += usize::from(enough);
                     assert!(enough, "{} allocated more than it had", alloc.name());
                     report.extents_per_lease.push(extents.len() as u64);
-                    if poison_rng.next() % POISON_EVERY == 0 {
+                    if poison_rng.next().is_multiple_of(POISON_EVERY) {
                         let offset = poison_rng.range(0, size / M2 - 1) * M2;
                         let page = page_at(&extents, offset);
                         let t = Instant::now();
