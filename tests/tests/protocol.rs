@@ -310,10 +310,12 @@ fn malformed_messages_are_refused_without_leaks() {
         "connection threads to finish",
         || broker.thread_count() <= threads_before,
     );
-    assert_eq!(
-        broker.fd_count(),
-        fds_before,
-        "broker fds before/after the hostile clients"
+    // `fds_before` may still count a connection that was closing when it was taken (the
+    // harness's readiness probe, on a loaded machine): no leak means never more than that.
+    wait_until(
+        Duration::from_secs(5),
+        "broker fds back to what they were before the hostile clients",
+        || broker.fd_count() <= fds_before,
     );
     good.df().expect("the good client is still served");
 }
