@@ -58,6 +58,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Create (or re-attach to) leases, then execute COMMAND, which holds them while it runs:
+    /// it inherits their fds and this connection, and `{fd:NAME}` in its arguments becomes
+    /// the number of lease NAME's fd.
+    Exec(cli::exec::ExecArgs),
 }
 
 fn main() -> ExitCode {
@@ -75,6 +79,7 @@ fn main() -> ExitCode {
         Command::Rm { name } => cli::rm(&socket, &name),
         Command::Df { json } => cli::df(&socket, json),
         Command::Upgrade => cli::upgrade(&socket),
+        Command::Exec(exec) => cli::exec::run(&socket, exec),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

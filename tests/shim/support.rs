@@ -2,6 +2,7 @@
 //! finding the shim library, building a busybox initramfs, running QEMU and talking QMP.
 #![allow(dead_code)]
 
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -133,6 +134,33 @@ pub fn initramfs(dir: &Path, body: &str) -> PathBuf {
     path
 }
 
+/// QEMU's arguments that boot the newest installed Debian kernel with `initrd` under TCG,
+/// with `ram` of guest RAM, its serial console on stdio and `append` on the command line.
+pub fn boot_args(initrd: &Path, ram: &str, append: &str) -> Vec<OsString> {
+    let mut args: Vec<OsString> = [
+        "-accel",
+        "tcg",
+        "-m",
+        ram,
+        "-nodefaults",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-serial",
+        "stdio",
+    ]
+    .iter()
+    .map(OsString::from)
+    .collect();
+    args.push("-kernel".into());
+    args.push(kernel().into());
+    args.push("-initrd".into());
+    args.push(initrd.into());
+    args.push("-append".into());
+    args.push(format!("console=ttyS0 quiet panic=-1 {append}").into());
+    args
+}
+
 /// A running QEMU whose serial console lines arrive on a channel.
 pub struct Qemu {
     pub child: Child,
@@ -165,35 +193,23 @@ impl Qemu {
         shim: bool,
     ) -> Qemu {
         let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args([
-            "-accel",
-            "tcg",
-            "-m",
-            ram,
-            "-nodefaults",
-            "-display",
-            "none",
-            "-no-reboot",
-            "-serial",
-            "stdio",
-        ])
-        .arg("-kernel")
-        .arg(kernel())
-        .arg("-initrd")
-        .arg(initrd)
-        .arg("-append")
-        .arg(format!("console=ttyS0 quiet panic=-1 {append}"))
-        .args(extra)
-        .env_remove("LD_PRELOAD")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        cmd.args(boot_args(initrd, ram, append))
+            .args(extra)
+            .env_remove("LD_PRELOAD");
         if shim {
             cmd.env("LD_PRELOAD", shim_path());
         }
         for (k, v) in env {
             cmd.env(k, v);
         }
+        Qemu::spawn(cmd)
+    }
+
+    /// Runs `cmd` (QEMU, or a program that becomes QEMU) with its console on a channel.
+    pub fn spawn(mut cmd: Command) -> Qemu {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = cmd
             .spawn()
             .expect("spawn qemu-system-x86_64 (install qemu-system-x86)");

@@ -1,5 +1,6 @@
-//! The admin CLI: ls, stat, create, rm, df. Each talks to a running broker.
+//! The admin CLI: ls, stat, create, rm, df, exec. Each talks to a running broker.
 
+pub mod exec;
 pub mod serve;
 mod table;
 
