@@ -268,3 +268,52 @@ fn unmodified_qemu_boots_on_a_lease_and_its_kernel_is_in_the_lease() {
     wait_gone(&broker, "vm/ram0");
     assert_eq!(stdout_ok(&broker.run_cli(&["ls"])), "");
 }
+
+#[test]
+#[cfg_attr(
+    not(feature = "devdax"),
+    ignore = "boots the dax VM: run with --features devdax (scripts/test does)"
+)]
+fn device_leases_must_be_persistent() {
+    if !membroker_tests::in_dax_vm("device_leases_must_be_persistent", &[]) {
+        return;
+    }
+    let broker = TestBroker::start(&["--pool", "devdax:dax:region0:2M"]);
+    // A device can only be mapped, not read: opening it again is what a VMM does first.
+    let reopen = "exec 3<>/proc/self/fd/{fd:vm/d} && readlink /proc/self/fd/3";
+    let err = stderr_err(
+        &exec(&broker, &["--lease", "vm/d:2M", "--", "sh", "-c", reopen])
+            .output()
+            .unwrap(),
+    );
+    assert!(
+        err.contains("lease vm/d is a device-dax lease and not persistent"),
+        "{err}"
+    );
+    assert!(err.contains("use --persistent"), "{err}");
+    wait_gone(&broker, "vm/d");
+
+    // Persistent, as root: the program reopens the device through /proc/self/fd.
+    let out = stdout_ok(
+        &exec(
+            &broker,
+            &[
+                "--persistent",
+                "--lease",
+                "vm/d:2M",
+                "--",
+                "sh",
+                "-c",
+                reopen,
+            ],
+        )
+        .output()
+        .unwrap(),
+    );
+    let info = broker.client().stat("vm/d").unwrap();
+    assert!(info.persistent, "{info:?}");
+    assert_eq!(
+        out.trim(),
+        format!("/dev/{}", info.device.as_deref().unwrap())
+    );
+}

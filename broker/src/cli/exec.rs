@@ -29,7 +29,7 @@ pub struct ExecArgs {
     /// Create the leases persistent: they stay after COMMAND exits, until `membroker rm`.
     /// Without it they go back to their pools when COMMAND exits, but also after a broker
     /// restart or upgrade while it runs, since COMMAND cannot re-attach: use it for a VM that
-    /// must live through one.
+    /// must live through one. Device-dax leases must be persistent.
     #[arg(long)]
     persistent: bool,
     /// Pool to create the leases in [default: the first pool serving their page size].
@@ -217,6 +217,14 @@ pub fn run(socket: &Path, args: ExecArgs) -> Result<(), String> {
     let mut leases = Vec::new();
     for spec in &args.leases {
         let lease = attach(&mut client, spec, &args)?;
+        if lease.info().device.is_some() && !lease.info().persistent {
+            // COMMAND cannot re-attach after a broker restart: the broker would then release
+            // the lease and scrub the device under the running program.
+            return Err(format!(
+                "lease {} is a device-dax lease and not persistent: after a broker restart or                  upgrade the program could not re-attach and the broker would scrub the device                  under it; use --persistent (and membroker rm it afterwards)",
+                spec.name
+            ));
+        }
         inherit(lease.as_fd(), &format!("lease {}", spec.name))?;
         fds.insert(spec.name.clone(), lease.as_fd().as_raw_fd());
         leases.push(lease);
