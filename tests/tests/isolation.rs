@@ -4,41 +4,19 @@
 //! accounting are untouched. (The device-dax side runs in the dax VM: `devdax_isolation.rs`.)
 
 use std::os::fd::AsFd;
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use membroker_client::{CreateLease, PoolInfo};
-use membroker_tests::{Helper, TestBroker, bin_path, stdout_ok, wait_until};
+use membroker_tests::tenant::{
+    VICTIM, attack_as_nobody, reader_refused_everywhere, refused as errno, victim_lease,
+};
+use membroker_tests::{TestBroker, stdout_ok, wait_until};
 use rustix::io::Errno;
 
 const MIB: u64 = 1 << 20;
-const VICTIM: &[u8] = b"the victim's own bytes";
 
 fn pool(broker: &TestBroker) -> PoolInfo {
     broker.client().df().unwrap().remove(0)
-}
-
-/// Runs `mb-tenant SOCKET attack NAME MODE` as uid/gid 65534: its lines up to "done".
-fn attack_as_nobody(broker: &TestBroker, name: &str, mode: &str) -> Vec<String> {
-    let mut cmd = Command::new(bin_path("mb-tenant"));
-    cmd.arg(broker.socket())
-        .args(["attack", name, mode])
-        .uid(65534)
-        .gid(65534)
-        .stderr(Stdio::piped());
-    let mut helper = Helper::spawn(cmd);
-    let mut lines = Vec::new();
-    loop {
-        match helper.line() {
-            done if done == "done" => return lines,
-            line => lines.push(line),
-        }
-    }
-}
-
-fn errno(route: &str, e: Errno) -> String {
-    format!("{route} errno {}", e.raw_os_error())
 }
 
 fn read_victim(fd: std::os::fd::BorrowedFd<'_>) -> Vec<u8> {
@@ -58,27 +36,9 @@ fn a_reader_cannot_write_by_any_route() {
         "this test must run as root (it switches to uid 65534)"
     );
     let broker = TestBroker::start(&["--pool", "memfd:t:64M", "--socket-group", "65534"]);
-    let mut owner = broker.client();
-    let lease = owner
-        .create(
-            CreateLease::new("root/shared", 4 * MIB)
-                .persistent(true)
-                .mode(0o644),
-        )
-        .unwrap();
-    lease.map().unwrap().write_at(0, VICTIM).unwrap();
+    let lease = victim_lease(&broker, 4 * MIB);
     let before = pool(&broker);
-    let expected = vec![
-        errno("mmap-write", Errno::ACCESS),
-        errno("write", Errno::BADF),
-        errno("reopen-rw", Errno::ACCESS),
-        "reopen-ro ok".to_string(),
-        errno("fchmod", Errno::PERM),
-        errno("fchown", Errno::PERM),
-        errno("fallocate-punch", Errno::BADF),
-        errno("add-seals", Errno::PERM),
-        errno("ftruncate", Errno::INVAL),
-    ];
+    let expected = reader_refused_everywhere();
     assert_eq!(attack_as_nobody(&broker, "root/shared", "ro"), expected);
 
     // The inode keeps its owner across an upgrade (a re-exec handing the memfds over): the
