@@ -149,3 +149,90 @@ fn ex_holders_keeping_fds_keep_no_memory() {
     assert_eq!(rustix::fs::fstat(&kept[0]).unwrap().st_blocks, 8);
     assert_eq!(pool(&broker).used, 0);
 }
+
+/// A memory cgroup of its own (v1 `memory` hierarchy or v2), removed on drop.
+struct MemoryCgroup {
+    dir: std::path::PathBuf,
+    usage: &'static str,
+}
+
+impl MemoryCgroup {
+    fn new(name: &str) -> MemoryCgroup {
+        let (root, usage) = if std::path::Path::new("/sys/fs/cgroup/memory/cgroup.procs").exists() {
+            ("/sys/fs/cgroup/memory", "memory.usage_in_bytes")
+        } else {
+            ("/sys/fs/cgroup", "memory.current")
+        };
+        let dir = std::path::Path::new(root).join(format!("{name}-{}", std::process::id()));
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        assert!(
+            dir.join(usage).exists(),
+            "{} has no memory controller",
+            dir.display()
+        );
+        MemoryCgroup { dir, usage }
+    }
+
+    fn enter(&self, pid: u32) {
+        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string()).unwrap();
+    }
+
+    fn usage(&self) -> u64 {
+        let text = std::fs::read_to_string(self.dir.join(self.usage)).unwrap();
+        text.trim().parse().unwrap()
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "needs root: run with --features privileged (scripts/test does)"
+)]
+fn an_ex_holder_writing_again_pays_for_it_itself() {
+    // Made first, so that they are removed after the processes in them are gone.
+    let (broker_cg, tenant_cg) = (
+        MemoryCgroup::new("mb-broker"),
+        MemoryCgroup::new("mb-tenant"),
+    );
+    let broker = TestBroker::start(&["--pool", "memfd:t:256M", "--socket-group", "65534"]);
+    broker_cg.enter(broker.pid());
+    broker
+        .client()
+        .create(
+            CreateLease::new("vm/ram", 128 * MIB)
+                .persistent(true)
+                .owner(65534),
+        )
+        .unwrap();
+    assert!(
+        broker_cg.usage() >= 128 * MIB,
+        "the broker pays for a lease"
+    );
+    let mut tenant = membroker_tests::tenant::as_nobody(&broker, &["keep", "vm/ram"]);
+    assert_eq!(tenant.line(), "released");
+    tenant_cg.enter(tenant.child.id());
+    stdout_ok(&broker.run_cli(&["rm", "vm/ram"]));
+    wait_until(
+        Duration::from_secs(10),
+        "the broker to give the memory back",
+        || broker_cg.usage() < 32 * MIB,
+    );
+    use std::io::Write;
+    writeln!(tenant.child.stdin.as_mut().unwrap(), "write").unwrap();
+    assert_eq!(tenant.line(), "write ok");
+    let (paid_by_tenant, paid_by_broker) = (tenant_cg.usage(), broker_cg.usage());
+    assert!(
+        paid_by_tenant >= 128 * MIB && paid_by_broker < 32 * MIB,
+        "the ex-holder's writes are charged to it ({} MiB), not to the broker ({} MiB)",
+        paid_by_tenant / MIB,
+        paid_by_broker / MIB
+    );
+    let df = pool(&broker);
+    assert_eq!((df.used, df.free), (0, 256 * MIB));
+}

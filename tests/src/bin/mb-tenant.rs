@@ -8,8 +8,10 @@
 //!                                      mapping, print "released", then fill the mapping with
 //!                                      0xA5 over and over, printing "pass N" after each pass
 //! mb-tenant SOCKET keep NAME           open NAME rw, release it keeping the fd, print
-//!                                      "released"; on each stdin line map the kept fd anew and
-//!                                      write 0xA5 over it: "remap ok" or "remap errno N"
+//!                                      "released"; then for each stdin line "remap": map the
+//!                                      kept fd anew and write 0xA5 over it ("remap ok" or
+//!                                      "remap errno N"); "write": write(2) 0xA5 over all of it
+//!                                      ("write ok" or "write errno N")
 //! ```
 //! It waits for stdin to close (or a kill) before exiting, so the test decides when it goes.
 
@@ -49,8 +51,11 @@ fn main() {
         "keep" => {
             client.release(name).expect("release");
             println!("released");
-            for _ in std::io::stdin().lock().lines() {
-                println!("{}", outcome("remap", remap(&lease)));
+            for line in std::io::stdin().lock().lines() {
+                match line.expect("read stdin").as_str() {
+                    "write" => println!("{}", outcome("write", write_all(&lease))),
+                    _ => println!("{}", outcome("remap", remap(&lease))),
+                }
             }
         }
         other => panic!("unknown command {other}"),
@@ -75,6 +80,17 @@ fn remap(lease: &Lease) -> rustix::io::Result<()> {
     for offset in (0..map.len()).step_by(4096) {
         map.write_at(offset, &[0xA5; 64])
             .map_err(|_| rustix::io::Errno::IO)?;
+    }
+    Ok(())
+}
+
+/// Writes 0xA5 over the whole kept lease through its fd (write(2), no mapping).
+fn write_all(lease: &Lease) -> rustix::io::Result<()> {
+    let chunk = vec![0xA5u8; 1 << 20];
+    let mut offset = 0;
+    while offset < lease.size() {
+        let len = chunk.len().min((lease.size() - offset) as usize);
+        offset += rustix::io::pwrite(lease, &chunk[..len], offset)? as u64;
     }
     Ok(())
 }
