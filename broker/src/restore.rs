@@ -106,6 +106,14 @@ pub fn restore(
     let mut ns = Namespace::new(accounts, replayed.next_id);
     for (id, memory) in memory {
         let lease = &replayed.leases[&id];
+        // A memfd's inode keeps its owner and mode; a device rebound after a crash has a
+        // fresh node (root, 0600): give the memory its lease's owner again either way.
+        let l = &lease.lease;
+        if let Some(pool) = pools.iter().find(|p| p.name == l.pool)
+            && let Err(e) = pool.set_owner(&memory, l.uid, l.gid, l.mode)
+        {
+            tracing::warn!(lease = %l.name, error = %error_chain(&e), "cannot give the lease memory its owner back");
+        }
         if let Err(why) = ns.restore(lease, memory) {
             lost.push((id, format!("cannot restore it: {why}")));
         }

@@ -14,6 +14,7 @@ use membroker_client::Client;
 
 pub mod sys;
 pub mod systemd;
+pub mod tenant;
 
 /// Path of a binary built by this workspace (`membroker`, `mb-holder`, …).
 pub fn bin_path(name: &str) -> PathBuf {
@@ -505,6 +506,29 @@ pub fn reset_dax_region() {
             std::fs::write(region.join("delete"), &name).expect("delete");
         }
     }
+}
+
+/// Turns namespace0.0 of the dax VM's pmem (`run-in-vm --pmem`) into a devdax namespace with
+/// 2 MiB alignment: a static region, `region0`.
+pub fn make_pmem_devdax() {
+    let out = Command::new("ndctl")
+        .args([
+            "create-namespace",
+            "-f",
+            "-e",
+            "namespace0.0",
+            "-m",
+            "devdax",
+            "-a",
+            "2M",
+        ])
+        .output()
+        .expect("run ndctl");
+    assert!(
+        out.status.success(),
+        "ndctl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// splitmix64: a small seedable generator for seeded test storms (print the seed, replay it).

@@ -64,3 +64,25 @@ pub fn inject_hwpoison(addr: *mut u8, len: usize) -> Result<Option<Sigbus>, std:
         lsb: LSB.load(Ordering::SeqCst) as u32,
     }))
 }
+
+/// Tries a shared, writable mapping of `len` bytes of `fd` and unmaps it at once: whether the
+/// kernel lets this fd write the memory through a mapping.
+pub fn try_map_shared_writable(
+    fd: std::os::fd::BorrowedFd<'_>,
+    len: usize,
+) -> Result<(), rustix::io::Errno> {
+    use rustix::mm::{MapFlags, ProtFlags};
+    // SAFETY: a fresh mapping at a kernel-chosen address, unmapped below without being used.
+    let ptr = unsafe {
+        rustix::mm::mmap(
+            std::ptr::null_mut(),
+            len,
+            ProtFlags::READ | ProtFlags::WRITE,
+            MapFlags::SHARED,
+            fd,
+            0,
+        )
+    }?;
+    // SAFETY: exactly the range mmap returned above, never used.
+    unsafe { rustix::mm::munmap(ptr, len) }
+}

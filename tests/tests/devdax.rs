@@ -624,24 +624,7 @@ fn a_static_region_serves_whole_device_leases_only() {
     ) {
         return;
     }
-    let out = Command::new("ndctl")
-        .args([
-            "create-namespace",
-            "-f",
-            "-e",
-            "namespace0.0",
-            "-m",
-            "devdax",
-            "-a",
-            "2M",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ndctl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    membroker_tests::make_pmem_devdax();
     let whole: u64 = sysfs("/sys/bus/dax/devices/dax0.0/size").parse().unwrap();
     let broker = TestBroker::start(&["--pool", "devdax:pmem:region0"]);
     let mut client = broker.client();

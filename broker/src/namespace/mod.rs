@@ -118,6 +118,13 @@ pub struct Reservation {
     persistent: bool,
 }
 
+impl Reservation {
+    /// The lease-to-be's owner uid, gid and mode.
+    pub fn owner(&self) -> (u32, u32, u32) {
+        (self.uid, self.gid, self.mode)
+    }
+}
+
 /// A lease as the namespace keeps it: what the journal records, and what only lives as long
 /// as this process (its memory, holders, state).
 #[derive(Debug)]

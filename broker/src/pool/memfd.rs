@@ -1,5 +1,7 @@
 //! memfd pools: each lease is its own sealed memfd (shmem, or hugetlb with 2 MiB / 1 GiB pages).
 
+use std::os::fd::BorrowedFd;
+
 use rustix::fs::{FallocateFlags, MemfdFlags, SealFlags};
 use rustix::io::Errno;
 
@@ -78,6 +80,20 @@ impl MemfdPool {
             device: None,
         })
     }
+}
+
+/// Frees every page of a memfd lease nobody holds any more (`PUNCH_HOLE|KEEP_SIZE`), before
+/// the broker closes its fd: the pages the broker was charged for are gone even if an
+/// ex-holder kept an fd or a mapping. Such an ex-holder reads zeros, and what it writes again
+/// is new memory charged to its own memory cgroup, never to the broker's.
+pub fn punch(fd: BorrowedFd<'_>) -> rustix::io::Result<()> {
+    let size = rustix::fs::fstat(fd)?.st_size as u64;
+    rustix::fs::fallocate(
+        fd,
+        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+        0,
+        size,
+    )
 }
 
 /// Checks a memfd handed over by the previous broker: at least `size` bytes and sealed.

@@ -310,12 +310,43 @@ impl Pool {
         }
     }
 
-    /// Takes back the memory of lease `id`, which nobody holds any more. A memfd is simply
-    /// closed; a device is scrubbed off the request path, then destroyed, then its extents are
+    /// Gives a lease's memory the lease's owner and mode: the memfd inode, or the device-dax
+    /// node. The kernel checks them whenever a holder reopens its fd by path
+    /// (`/proc/self/fd/N`), so only who may write the lease can reopen it writable. Call it
+    /// before the memory is delivered and whenever the lease's owner or mode change.
+    pub fn set_owner(&self, memory: &Allocation, uid: u32, gid: u32, mode: u32) -> Result<()> {
+        let sys = |op| {
+            move |source| PoolError::Sys {
+                pool: self.name.clone(),
+                op,
+                source,
+            }
+        };
+        match rustix::fs::fchown(
+            &memory.fd,
+            Some(rustix::fs::Uid::from_raw(uid)),
+            Some(rustix::fs::Gid::from_raw(gid)),
+        ) {
+            // A broker that is not root cannot give memory away: the inode stays its own, and
+            // the mode alone is then stricter than the lease (others' bits for everyone).
+            Err(rustix::io::Errno::PERM) if !rustix::process::geteuid().is_root() => {}
+            other => other.map_err(sys("fchown"))?,
+        }
+        rustix::fs::fchmod(&memory.fd, rustix::fs::Mode::from_raw_mode(mode & 0o777))
+            .map_err(sys("fchmod"))
+    }
+
+    /// Takes back the memory of lease `id`, which nobody holds any more. A memfd's pages are
+    /// punched out, then it is closed; a device is scrubbed off the request path, then destroyed, then its extents are
     /// free (and journaled so).
     pub fn release(&self, id: u64, memory: Arc<Allocation>) {
         match &self.backend {
-            Backend::Memfd(_) => drop(memory),
+            Backend::Memfd(_) => {
+                if let Err(e) = memfd::punch(memory.fd.as_fd()) {
+                    tracing::error!(pool = %self.name, id, error = %e, "cannot punch out a freed memfd lease; its pages live until its last fd closes");
+                }
+                drop(memory);
+            }
             Backend::Devdax(pool) => pool.release(id, memory),
         }
     }

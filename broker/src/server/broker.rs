@@ -299,6 +299,15 @@ impl Broker {
                 return Reply::error(e.code(), format!("lease {}: {}", req.name, error_chain(&e)));
             }
         };
+        // Before anyone has the fd: reopening it by path is then checked against the lease's
+        // own owner and mode.
+        let (uid, gid, mode) = reservation.owner();
+        if let Err(e) = pool.set_owner(&allocation, uid, gid, mode) {
+            self.ns.lock().abort(reservation);
+            pool.discard(allocation);
+            tracing::error!(lease = %req.name, error = %e, "cannot give the lease memory its owner");
+            return Reply::error(e.code(), format!("lease {}: {}", req.name, error_chain(&e)));
+        }
         // Durable before the reply that hands the lease out.
         let durable = |record: &Record| match &self.journal {
             Some(journal) => journal.append(record).map_err(|e| error_chain(&e)),

@@ -3,9 +3,11 @@
 //! A `/dev/daxR.N` fd lets its holder map any offset of that device, so each lease gets a
 //! device of its own: created in the region, given the lease's align, its `mapping` written
 //! range by range while unbound (a bound device oopses on new ranges), bound to device_dax,
-//! opened, delivered. Release scrubs the device (zeroes every byte) off the request path, then
-//! unbinds, shrinks and deletes it; only then are its extents free again. A static region
-//! (pmem namespace) cannot be subdivided and serves whole-device leases only.
+//! opened, delivered. Release, off the request path, first unbinds and deletes the device
+//! (every holder's mapping and fd is dead from then on), then zeroes its extents through a
+//! fresh device only the broker opens, deleted in turn; only then are the extents free again.
+//! A static region (pmem namespace) cannot be subdivided and serves whole-device leases only;
+//! its device is re-created by the kernel (see `sysfs::recreate_static`) before it is zeroed.
 
 mod restore;
 mod scrub;
@@ -84,6 +86,14 @@ pub enum DaxError {
     },
     #[error("the state journal refused the change: {0}")]
     Journal(String),
+    #[error("zeroing {device} failed")]
+    Zero {
+        device: String,
+        #[source]
+        source: rustix::io::Errno,
+    },
+    #[error("cannot re-create the static device {device}: {problem}")]
+    Recreate { device: String, problem: String },
     #[error("no space: {free} bytes free in aligned extents")]
     NoSpace { free: u64 },
     #[error("device node {} did not appear", .0.display())]
@@ -167,7 +177,7 @@ impl DevdaxPool {
                 scrub_workers,
                 extents.clone(),
                 sysfs_lock.clone(),
-                region.clone(),
+                (region.clone(), align.bytes()),
                 journal.clone(),
             );
             tracing::info!(pool = name, device = %device.name, size = device.size, "static dax region: whole-device leases");
@@ -221,7 +231,7 @@ impl DevdaxPool {
             scrub_workers,
             extents.clone(),
             sysfs_lock.clone(),
-            region.clone(),
+            (region.clone(), align.bytes()),
             journal,
         );
         Ok(DevdaxPool {
@@ -319,28 +329,7 @@ impl DevdaxPool {
     }
 
     fn configure(&self, device: &str, extents: &[Extent], size: u64) -> Result<OwnedFd, DaxError> {
-        sysfs::set_align(device, self.align.bytes())?;
-        for extent in extents {
-            // The allocator aligns; the kernel accepts a misaligned start and fails the bind
-            // with a WARNING, so check again here where it matters.
-            assert!(
-                extent.start % self.align.bytes() == 0 && extent.len % self.align.bytes() == 0,
-                "misaligned extent {extent:?}"
-            );
-            sysfs::add_mapping(device, extent.start, extent.len)?;
-        }
-        let actual = sysfs::size(device)?;
-        if actual != size {
-            return Err(DaxError::SizeMismatch {
-                device: device.to_string(),
-                expected: size,
-                actual,
-            });
-        }
-        sysfs::bind(device)?;
-        let node = sysfs::wait_for_node(device)?;
-        rustix::fs::open(&node, OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())
-            .map_err(|source| DaxError::Open { path: node, source })
+        configure(device, self.align.bytes(), extents, size)
     }
 
     fn allocate_whole(
@@ -385,7 +374,10 @@ impl DevdaxPool {
     pub fn release(&self, id: u64, memory: Arc<Allocation>) {
         match &self.whole {
             // Zeroed off the request path too; the device stays leased until it is done.
-            Some((_, _, leased)) => self.scrubber.submit_whole(id, memory, leased.clone()),
+            Some((device, _, leased)) => {
+                self.scrubber
+                    .submit_whole(id, memory, device.clone(), leased.clone())
+            }
             // The extents stay leased (never allocatable) until the device is zeroed and gone.
             None => self.scrubber.submit(id, memory),
         }
@@ -477,6 +469,32 @@ impl DevdaxPool {
             quarantined: alloc.quarantined_bytes() + alloc.poisoned_leased_bytes(),
         }
     }
+}
+
+/// Gives a new, empty device its align and `extents` (while unbound), binds it and opens it.
+fn configure(device: &str, align: u64, extents: &[Extent], size: u64) -> Result<OwnedFd, DaxError> {
+    sysfs::set_align(device, align)?;
+    for extent in extents {
+        // The allocator aligns; the kernel accepts a misaligned start and fails the bind
+        // with a WARNING, so check again here where it matters.
+        assert!(
+            extent.start % align == 0 && extent.len % align == 0,
+            "misaligned extent {extent:?}"
+        );
+        sysfs::add_mapping(device, extent.start, extent.len)?;
+    }
+    let actual = sysfs::size(device)?;
+    if actual != size {
+        return Err(DaxError::SizeMismatch {
+            device: device.to_string(),
+            expected: size,
+            actual,
+        });
+    }
+    sysfs::bind(device)?;
+    let node = sysfs::wait_for_node(device)?;
+    rustix::fs::open(&node, OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())
+        .map_err(|source| DaxError::Open { path: node, source })
 }
 
 /// Leased extents straight back to free (poisoned parts to quarantine).

@@ -3,7 +3,8 @@
 //!
 //! The devices of live leases persist by themselves: each is checked against the journal
 //! (same ranges), rebound if a crash left it unbound, reopened, and its extents claimed.
-//! Leases that were being scrubbed are scrubbed again. Devices the journal does not know are
+//! Leases that were being scrubbed are scrubbed again (through a fresh device when theirs was
+//! already destroyed). Devices the journal does not know are
 //! reported and their ranges kept out of use — never destroyed.
 
 use std::sync::Arc;
@@ -74,6 +75,7 @@ impl DevdaxPool {
             return out;
         }
         let mut known = std::collections::BTreeSet::new();
+        let mut rescrub: Vec<(u64, Vec<Extent>)> = Vec::new();
         for l in leases {
             let Some(device) = l.lease.device.clone() else {
                 out.lost
@@ -96,9 +98,14 @@ impl DevdaxPool {
                     }
                 }
                 Err(why) if l.scrubbing && !sysfs::exists(&device) => {
-                    // The crash came after the device was deleted: its memory is free.
-                    tracing::info!(%device, why, "scrubbed device already gone");
-                    self.scrubber.journal_freed(l.lease.id);
+                    // The crash came after the holders' device was destroyed, perhaps before
+                    // its memory was zeroed: zero it again through a fresh device (once a
+                    // half-done scrub device on exactly these extents is destroyed, below).
+                    tracing::info!(%device, why, "released device already gone; scrubbing its extents again");
+                    match self.extents.lock().claim(&l.lease.extents) {
+                        Ok(()) => rescrub.push((l.lease.id, l.lease.extents.clone())),
+                        Err(e) => out.lost.push((l.lease.id, e.to_string())),
+                    }
                 }
                 Err(why) => out.lost.push((l.lease.id, why)),
             }
@@ -119,6 +126,22 @@ impl DevdaxPool {
                     .into_iter()
                     .map(|(start, len)| Extent { start, len })
                     .collect();
+                if rescrub.iter().any(|(_, extents)| *extents == ranges) {
+                    // A scrub device the broker made for itself, never delivered.
+                    let destroyed = {
+                        let _sysfs = self.sysfs.lock();
+                        super::scrub::destroy(&self.region, &device)
+                    };
+                    match destroyed {
+                        Ok(()) => {
+                            tracing::info!(%device, "destroyed the device of an interrupted scrub")
+                        }
+                        Err(e) => {
+                            tracing::error!(%device, error = %crate::error::error_chain(&e), "cannot destroy the device of an interrupted scrub")
+                        }
+                    }
+                    continue;
+                }
                 if let Some(i) = creating.iter().position(|c| **c == ranges) {
                     creating.remove(i);
                     let destroyed = {
@@ -142,6 +165,10 @@ impl DevdaxPool {
                 tracing::warn!(%device, size = state.size, "device-dax device not in the journal: left alone, its memory kept out of use");
                 out.unknown.push(device);
             }
+        }
+        out.rescrubbing += rescrub.len();
+        for (id, extents) in rescrub {
+            self.scrubber.submit_extents(id, extents);
         }
         // Creations that had not made a device yet: nothing to undo.
         for extents in creating {

@@ -1,12 +1,13 @@
 //! Scrubbing released device leases on worker threads, off the request path.
 
-use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Sender, unbounded};
+use membroker_client::proto::Extent;
 use parking_lot::Mutex;
+use rustix::fs::{Mode, OFlags};
 
 use super::sysfs::{self, Region};
 use super::{Allocation, DaxError};
@@ -32,36 +33,51 @@ pub struct Scrubber {
     workers: Vec<JoinHandle<()>>,
     /// Bytes queued or being zeroed.
     pending: Arc<AtomicU64>,
-    journal: Option<Arc<Journal>>,
+}
+
+/// What a worker needs of the region: sysfs, and the align of the devices it makes.
+#[derive(Debug, Clone)]
+struct Workshop {
+    extents: Arc<Mutex<ExtentAllocator>>,
+    sysfs: Arc<Mutex<()>>,
+    region: Region,
+    align: u64,
 }
 
 impl Scrubber {
+    /// `region`: the region and the align of its lease devices.
     pub fn new(
         workers: usize,
         extents: Arc<Mutex<ExtentAllocator>>,
         sysfs: Arc<Mutex<()>>,
-        region: Region,
+        (region, align): (Region, u64),
         journal: Option<Arc<Journal>>,
     ) -> Scrubber {
         let (tx, rx) = unbounded::<Job>();
         let pending = Arc::new(AtomicU64::new(0));
+        let shop = Workshop {
+            extents,
+            sysfs,
+            region,
+            align,
+        };
         let workers = (0..workers.max(1))
             .map(|i| {
-                let (rx, extents, sysfs, region) =
-                    (rx.clone(), extents.clone(), sysfs.clone(), region.clone());
+                let (rx, shop) = (rx.clone(), shop.clone());
                 let (pending, journal) = (pending.clone(), journal.clone());
                 std::thread::Builder::new()
                     .name(format!("scrub-{i}"))
                     .spawn(move || {
                         for job in rx {
+                            let len = job.len();
                             let done = match &job.whole {
-                                Some(leased) => scrub_whole(&job.memory, leased),
-                                None => scrub_one(&job.memory, &extents, &sysfs, &region),
+                                Some((device, leased)) => scrub_whole(job.memory, device, leased),
+                                None => scrub_one(job.memory, &job.extents, &shop),
                             };
                             if done {
                                 freed(journal.as_deref(), job.id);
                             }
-                            pending.fetch_sub(lease_len(&job.memory), Ordering::Relaxed);
+                            pending.fetch_sub(len, Ordering::Relaxed);
                         }
                     })
                     .expect("spawn a scrub worker")
@@ -71,38 +87,51 @@ impl Scrubber {
             jobs: Some(tx),
             workers,
             pending,
-            journal,
         }
     }
 
-    /// Journals that lease `id`'s memory is free again.
-    pub fn journal_freed(&self, id: u64) {
-        freed(self.journal.as_deref(), id);
-    }
-
-    /// Queues a released lease; its extents stay leased until it is zeroed and destroyed.
+    /// Queues a released lease; its extents stay leased until its device is destroyed and
+    /// its memory zeroed.
     pub fn submit(&self, id: u64, memory: Arc<Allocation>) {
         self.send(Job {
             id,
-            memory,
+            extents: memory.extents.clone(),
+            memory: Some(memory),
             whole: None,
         });
     }
 
-    /// Queues the released lease of a static region's only device: zeroed, never destroyed;
-    /// `leased` is cleared when it is done.
-    pub fn submit_whole(&self, id: u64, memory: Arc<Allocation>, leased: Arc<AtomicBool>) {
+    /// Queues the extents of a released lease whose device is already gone (a restart after
+    /// the broker destroyed it and before the memory was zeroed); the caller claimed them.
+    pub fn submit_extents(&self, id: u64, extents: Vec<Extent>) {
         self.send(Job {
             id,
-            memory,
-            whole: Some(leased),
+            extents,
+            memory: None,
+            whole: None,
+        });
+    }
+
+    /// Queues the released lease of a static region's only device `device`: re-created and
+    /// zeroed; `leased` is cleared when it is done.
+    pub fn submit_whole(
+        &self,
+        id: u64,
+        memory: Arc<Allocation>,
+        device: String,
+        leased: Arc<AtomicBool>,
+    ) {
+        self.send(Job {
+            id,
+            extents: memory.extents.clone(),
+            memory: Some(memory),
+            whole: Some((device, leased)),
         });
     }
 
     fn send(&self, job: Job) {
         if let Some(jobs) = &self.jobs {
-            self.pending
-                .fetch_add(lease_len(&job.memory), Ordering::Relaxed);
+            self.pending.fetch_add(job.len(), Ordering::Relaxed);
             if jobs.send(job).is_err() {
                 tracing::error!("scrub workers are gone; the lease's memory stays out of use");
             }
@@ -119,51 +148,106 @@ impl Scrubber {
 #[derive(Debug)]
 struct Job {
     id: u64,
-    memory: Arc<Allocation>,
-    /// For a static region's device: its `leased` flag.
-    whole: Option<Arc<AtomicBool>>,
+    extents: Vec<Extent>,
+    /// The device holders had, with the broker's own fd of it (gone after a restart that
+    /// found it destroyed).
+    memory: Option<Arc<Allocation>>,
+    /// For a static region: its device and its `leased` flag.
+    whole: Option<(String, Arc<AtomicBool>)>,
 }
 
-fn scrub_whole(memory: &Allocation, leased: &AtomicBool) -> bool {
-    let len = lease_len(memory);
-    if let Err(e) = zero(&memory.fd, len) {
-        tracing::error!(error = %e, "scrubbing the static device failed; it stays out of use");
+impl Job {
+    fn len(&self) -> u64 {
+        self.extents.iter().map(|e| e.len).sum()
+    }
+}
+
+/// A static region's device cannot be destroyed: the kernel re-creates it (its pmem
+/// namespace's dax device is unbound from its driver and bound again), which kills every
+/// mapping and fd of the old one for good; then the new device is zeroed through an fd only
+/// the broker has.
+fn scrub_whole(memory: Option<Arc<Allocation>>, device: &str, leased: &AtomicBool) -> bool {
+    let Some(memory) = memory else { return false };
+    let len = memory.extents.iter().map(|e| e.len).sum();
+    drop(memory);
+    let zeroed = sysfs::recreate_static(device).and_then(|node| {
+        let fd = rustix::fs::open(&node, OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())
+            .map_err(|source| DaxError::Open { path: node, source })?;
+        zero(&fd, len).map_err(|source| DaxError::Zero {
+            device: device.to_string(),
+            source,
+        })
+    });
+    if let Err(e) = zeroed {
+        tracing::error!(%device, error = %crate::error::error_chain(&e), "scrubbing the static device failed; it stays out of use");
         return false;
     }
     leased.store(false, Ordering::Release);
-    tracing::info!(bytes = len, "static device scrubbed");
+    tracing::info!(%device, bytes = len, "static device re-created and scrubbed");
     true
 }
 
-fn scrub_one(
-    memory: &Allocation,
-    extents: &Mutex<ExtentAllocator>,
-    sysfs: &Mutex<()>,
-    region: &Region,
-) -> bool {
-    let device = memory.device.as_deref().unwrap_or("?");
-    let len = lease_len(memory);
+/// Hand-over of a dynamic lease: the device holders had is unbound and destroyed first (the
+/// kernel unmaps it everywhere and refuses every fault and mmap through its fds from then
+/// on, for good: a destroyed device is never bound again), then its extents get a fresh
+/// device only the broker opens, which zeroes them and is destroyed in turn. Only then are
+/// the extents free.
+fn scrub_one(memory: Option<Arc<Allocation>>, extents: &[Extent], shop: &Workshop) -> bool {
     let started = std::time::Instant::now();
-    let fd: BorrowedFd<'_> = std::os::fd::AsFd::as_fd(&memory.fd);
+    let len: u64 = extents.iter().map(|e| e.len).sum();
+    if let Some(memory) = memory {
+        let device = memory.device.clone().unwrap_or_default();
+        drop(memory);
+        let destroyed = {
+            let _guard = shop.sysfs.lock();
+            destroy(&shop.region, &device)
+        };
+        if let Err(e) = destroyed {
+            tracing::error!(%device, error = %crate::error::error_chain(&e), "cannot destroy a released device; its extents stay out of use");
+            return false;
+        }
+    }
+    let fresh = {
+        let _guard = shop.sysfs.lock();
+        shop.region.create_device().and_then(|device| {
+            match super::configure(&device, shop.align, extents, len) {
+                Ok(fd) => Ok((device, fd)),
+                Err(e) => {
+                    if let Err(undo) = destroy(&shop.region, &device) {
+                        tracing::error!(%device, error = %undo, "cannot destroy a half-made scrub device");
+                    }
+                    Err(e)
+                }
+            }
+        })
+    };
+    let (device, fd) = match fresh {
+        Ok(fresh) => fresh,
+        Err(e) => {
+            tracing::error!(error = %crate::error::error_chain(&e), "cannot make a device to scrub released extents; they stay out of use");
+            return false;
+        }
+    };
     if let Err(e) = zero(&fd, len) {
         // Never hand out memory that was not zeroed: the extents stay leased.
-        tracing::error!(device, error = %e, "scrub failed; its extents stay out of use");
+        tracing::error!(%device, error = %e, "scrub failed; its extents stay out of use");
         return false;
     }
+    drop(fd);
     let destroyed = {
-        let _guard = sysfs.lock();
-        destroy(region, device)
+        let _guard = shop.sysfs.lock();
+        destroy(&shop.region, &device)
     };
     if let Err(e) = destroyed {
-        tracing::error!(device, error = %crate::error::error_chain(&e), "cannot destroy a scrubbed device; its extents stay out of use");
+        tracing::error!(%device, error = %crate::error::error_chain(&e), "cannot destroy a scrub device; its extents stay out of use");
         return false;
     }
-    super::give_back(extents, &memory.extents);
+    super::give_back(&shop.extents, extents);
     tracing::info!(
-        device,
+        %device,
         bytes = len,
         ms = started.elapsed().as_millis() as u64,
-        "scrubbed and destroyed"
+        "released device destroyed; its extents scrubbed and destroyed through a fresh device"
     );
     true
 }
@@ -174,10 +258,6 @@ fn freed(journal: Option<&Journal>, id: u64) {
     {
         tracing::error!(id, error = %crate::error::error_chain(&e), "cannot journal a scrubbed lease as free");
     }
-}
-
-fn lease_len(memory: &Allocation) -> u64 {
-    memory.extents.iter().map(|e| e.len).sum()
 }
 
 impl Drop for Scrubber {

@@ -247,3 +247,41 @@ pub fn mappings(name: &str) -> Result<Vec<(u64, u64)>, DaxError> {
 pub fn exists(name: &str) -> bool {
     device_dir(name).exists()
 }
+
+/// Re-creates the device of a static region (a pmem namespace in devdax mode): its parent, the
+/// namespace's dax device on the nd bus, is unbound from its driver (dax_pmem) and bound again.
+/// The kernel tears the old device down — its mappings are gone and its fds refuse every mmap
+/// and fault for good, since a torn-down device is never brought back — and makes a new one
+/// of the same name on the same memory. Returns the new device's node.
+pub fn recreate_static(name: &str) -> Result<PathBuf, DaxError> {
+    let problem = |problem: &str| DaxError::Recreate {
+        device: name.to_string(),
+        problem: problem.to_string(),
+    };
+    let device = std::fs::canonicalize(device_dir(name)).map_err(|source| DaxError::Read {
+        path: device_dir(name),
+        source,
+    })?;
+    let parent = device
+        .parent()
+        .ok_or_else(|| problem("it has no parent device"))?;
+    let parent_name = parent
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| problem("it has no parent device"))?;
+    let driver = std::fs::canonicalize(parent.join("driver"))
+        .map_err(|_| problem("its parent device has no driver"))?;
+    write(&driver.join("unbind"), &parent_name)?;
+    write(&driver.join("bind"), &parent_name)?;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while device_state(name)
+        .map(|d| d.driver.is_none())
+        .unwrap_or(true)
+    {
+        if Instant::now() > deadline {
+            return Err(problem("the new device did not appear bound to device_dax"));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    wait_for_node(name)
+}
