@@ -19,7 +19,8 @@ pub struct ServeArgs {
     /// pools; the first is the default. Without any: memfd:default:SIZE:4K, SIZE half of RAM.
     #[arg(long = "pool", value_name = "SPEC")]
     pools: Vec<PoolSpec>,
-    /// Group (name or gid) whose members, like root, may manage every lease.
+    /// Group (name or gid) whose members (primary or supplementary), like root, may manage
+    /// every lease and directory.
     #[arg(long, value_name = "GROUP")]
     admin_group: Option<String>,
     /// Threads that zero released device-dax leases before their memory is reused.

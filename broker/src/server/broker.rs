@@ -145,7 +145,7 @@ pub struct Broker {
 
 impl Broker {
     /// A broker over `pools` (the first is the default) and the namespace restored for them;
-    /// members of `admin_gid` (by primary group) and root may manage every lease.
+    /// members of `admin_gid` (primary or supplementary group) and root may manage every lease.
     pub fn new(
         pools: Vec<Pool>,
         ns: Namespace,
