@@ -189,3 +189,18 @@ fn others_see_only_what_they_may_read_and_no_holders_or_extents() {
             .any(|r| matches!(r, JournalRecord::Meta { mode: 0o640, .. }))
     );
 }
+
+#[test]
+fn a_create_racing_another_into_a_new_directory_is_checked_again() {
+    let mut ns = Namespace::new(pools(), 1);
+    let (alice, bob) = (peer(1, 1000), peer(2, 1001));
+    let res = ns.reserve(&bob, &lease("a/y")).unwrap();
+    create(&mut ns, &alice, lease("a/x")).unwrap();
+    let failed = ns.commit(&bob, res, memory(), |_| Ok(())).unwrap_err();
+    assert!(
+        matches!(failed.0, NsError::DirDenied { .. }),
+        "{}",
+        failed.0
+    );
+    assert_eq!(used(&ns, 0), 4096, "bob's charge given back");
+}

@@ -435,6 +435,11 @@ impl Namespace {
         durable: impl FnOnce(&[JournalRecord]) -> std::result::Result<(), String>,
     ) -> std::result::Result<Committed, Box<(NsError, Allocation)>> {
         self.pending.remove(&res.name);
+        // Another create may have made the directory above meanwhile (its owner's, 0700).
+        if let Err(e) = self.may_create(peer, &res.name) {
+            self.pools[res.pool].used -= res.size;
+            return Err(Box::new((e, memory)));
+        }
         let id = self.next_id;
         let created = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

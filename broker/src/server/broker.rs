@@ -360,7 +360,7 @@ impl Broker {
             }
             Err(failed) => {
                 let (e, memory) = *failed;
-                tracing::error!(error = %e, "create not journaled; memory given back");
+                tracing::warn!(error = %e, "create not committed; memory given back");
                 pool.discard(memory);
                 Reply::failed(&e)
             }
