@@ -292,7 +292,10 @@ impl Namespace {
                 req.mode
             )));
         }
-        let uid = req.owner.unwrap_or(peer.uid);
+        // A top-level `uid-N` is N's unless said otherwise.
+        let uid = req
+            .owner
+            .unwrap_or_else(|| owner_on_the_way(path, peer.uid));
         let gid = req.group.unwrap_or(peer.gid);
         self.may_give(peer, path, uid, gid)?;
         if self.dirs.get(path).is_some() {
@@ -484,7 +487,9 @@ impl Namespace {
         fits: impl FnMut(&DirInfo) -> bool,
     ) -> (Vec<DirInfo>, bool) {
         let visible = name::range_under(&self.dirs.map, prefix, after)
-            .filter(|(_, m)| access::allowed(peer, m.uid, m.gid, m.mode, Access::Read))
+            .filter(|(_, m)| {
+                peer.sees_all_of(m.uid) || access::allowed(peer, m.uid, m.gid, m.mode, Access::Read)
+            })
             .map(|(path, m)| DirInfo {
                 path: path.clone(),
                 uid: m.uid,

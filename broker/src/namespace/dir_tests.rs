@@ -204,3 +204,14 @@ fn a_create_racing_another_into_a_new_directory_is_checked_again() {
     );
     assert_eq!(used(&ns, 0), 4096, "bob's charge given back");
 }
+
+#[test]
+fn an_admin_makes_uid_directories_for_their_uid() {
+    let mut ns = Namespace::new(pools(), 1);
+    ns.set_root_mode(0o755);
+    ns.mkdir(&admin(), &mkdir("uid-1000", 0o700, None, false))
+        .unwrap();
+    create(&mut ns, &peer(1, 1000), lease("uid-1000/vm/ram0")).unwrap();
+    let (dirs, _) = ns.dirs(&admin(), "uid-1000", None, |_| true);
+    assert_eq!((dirs[0].uid, dirs[0].auto), (1000, false));
+}

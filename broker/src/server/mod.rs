@@ -217,6 +217,11 @@ pub fn run(broker: Arc<Broker>, listener: Listener) -> Result<(), ServeError> {
         // Group permissions and the admin group count supplementary groups too.
         let groups = match crate::sys::peer_groups(sock.as_fd()) {
             Ok(groups) => groups,
+            // A kernel before 4.13: fewer groups only ever mean less access.
+            Err(Errno::NOPROTOOPT) => {
+                tracing::warn!("SO_PEERGROUPS unsupported: supplementary groups do not count");
+                Vec::new()
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "SO_PEERGROUPS failed; connection refused");
                 continue;
