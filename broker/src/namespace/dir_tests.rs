@@ -182,6 +182,12 @@ fn others_see_only_what_they_may_read_and_no_holders_or_extents() {
     };
     assert!(ns.stat(&member, "private").is_ok(), "a supplementary group");
     ns.chown(&alice, "private", None, Some(4242)).unwrap_err();
+    let in_50 = Peer {
+        groups: Arc::from([50]),
+        ..alice.clone()
+    };
+    ns.chown(&in_50, "private", None, Some(50)).unwrap();
+    assert_eq!(ns.stat(&alice, "private").unwrap().gid, 50);
     let records = ns.take_records();
     assert!(
         records
