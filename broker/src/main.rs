@@ -34,6 +34,9 @@ enum Command {
         /// Machine-readable output (a JSON array of leases).
         #[arg(long)]
         json: bool,
+        /// Directories too (`NAME/`), in name order with the leases.
+        #[arg(short = 'd', long)]
+        dirs: bool,
         /// Only leases at or under this name.
         prefix: Option<String>,
     },
@@ -47,8 +50,24 @@ enum Command {
     /// Create a lease. From the CLI nobody holds it afterwards, so it is always persistent:
     /// it stays until `membroker rm`.
     Create(cli::CreateArgs),
-    /// Remove a lease; its memory returns to the pool once no holder has it open.
+    /// Remove a lease (its memory returns to the pool once no holder has it open), or an
+    /// empty directory.
     Rm { name: String },
+    /// Make a directory of the lease namespace: who may make names under it is decided by
+    /// its owner, group and mode, like a file system's.
+    Mkdir(cli::dirs::MkdirArgs),
+    /// Change the mode of a lease (0777 bits) or a directory (01777: with the sticky bit).
+    Chmod {
+        /// Octal bits, e.g. 0640 or 1777.
+        mode: String,
+        name: String,
+    },
+    /// Change the owner (root and the admin group) and/or group of a lease or a directory.
+    Chown {
+        /// UID, UID:GID or :GID (numbers).
+        owner: String,
+        name: String,
+    },
     /// Re-execute the running broker (the binary now on disk) in place, keeping every lease;
     /// clients see at most a reconnect.
     Upgrade,
@@ -71,12 +90,18 @@ fn main() -> ExitCode {
         .unwrap_or_else(membroker_client::default_socket_path);
     let result = match args.command {
         Command::Serve(serve) => cli::serve::run(&socket, serve),
-        Command::Ls { long, json, prefix } => {
-            cli::ls(&socket, prefix.as_deref().unwrap_or(""), long, json)
-        }
+        Command::Ls {
+            long,
+            json,
+            dirs,
+            prefix,
+        } => cli::ls(&socket, prefix.as_deref().unwrap_or(""), long, json, dirs),
         Command::Stat { name, json } => cli::stat(&socket, &name, json),
         Command::Create(create) => cli::create(&socket, create),
         Command::Rm { name } => cli::rm(&socket, &name),
+        Command::Mkdir(args) => cli::dirs::mkdir(&socket, args),
+        Command::Chmod { mode, name } => cli::dirs::chmod(&socket, &mode, &name),
+        Command::Chown { owner, name } => cli::dirs::chown(&socket, &owner, &name),
         Command::Df { json } => cli::df(&socket, json),
         Command::Upgrade => cli::upgrade(&socket),
         Command::Exec(exec) => cli::exec::run(&socket, exec),

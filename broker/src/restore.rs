@@ -9,7 +9,8 @@
 //!    over (upgrade) or systemd kept (fd store); a device-dax lease from its device in sysfs,
 //!    which persists by itself (`pool/devdax/restore.rs`);
 //! 4. inherited memfds no lease claims are closed and dropped from systemd's fd store;
-//! 5. the namespace gets the leases back, held by nobody until their holders re-attach;
+//! 5. the namespace gets its directories and the leases back, the leases held by nobody until
+//!    their holders re-attach;
 //! 6. leases whose memory did not survive are journaled as freed, and the journal is compacted.
 
 use std::collections::HashMap;
@@ -104,6 +105,9 @@ pub fn restore(
 
     let accounts = pools.iter().map(PoolAccount::of).collect();
     let mut ns = Namespace::new(accounts, replayed.next_id);
+    for dir in replayed.dirs.values() {
+        ns.restore_dir(dir);
+    }
     for (id, memory) in memory {
         let lease = &replayed.leases[&id];
         // A memfd's inode keeps its owner and mode; a device rebound after a crash has a
@@ -133,10 +137,11 @@ pub fn restore(
             "more leases lost across the restart"
         );
     }
-    let freed: Vec<Record> = lost
-        .iter()
-        .map(|(id, _)| Record::Freed { id: *id })
-        .collect();
+    // Directories the namespace made for leases of an older journal or removed with the
+    // leases that were lost, then the losses.
+    ns.prune_empty_dirs();
+    let mut freed: Vec<Record> = ns.take_records();
+    freed.extend(lost.iter().map(|(id, _)| Record::Freed { id: *id }));
     if let Err(e) = journal.append_all(&freed) {
         tracing::error!(error = %error_chain(&e), "cannot journal the lost leases as freed");
     }

@@ -1,4 +1,5 @@
-//! The broker's only unsafe code: mapping a device to zero it.
+//! The broker's only unsafe code: mapping a device to zero it, `execve`, reading a peer's
+//! supplementary groups.
 #![allow(unsafe_code)]
 
 use std::os::fd::BorrowedFd;
@@ -101,4 +102,38 @@ pub fn execve(
     // `envp` for the duration of the call, and both arrays end with a null pointer.
     unsafe { libc::execve(path.as_ptr(), argv_ptrs.as_ptr(), envp_ptrs.as_ptr()) };
     std::io::Error::last_os_error()
+}
+
+/// The supplementary groups of the peer of a connected Unix socket (`SO_PEERGROUPS`, the
+/// groups it had when it connected).
+pub fn peer_groups(sock: BorrowedFd<'_>) -> Result<Vec<u32>, Errno> {
+    use std::os::fd::AsRawFd;
+    // Most processes are in a few groups; the kernel says how many bytes it needs when the
+    // buffer is too small (ERANGE), up to NGROUPS_MAX (65536).
+    let mut groups: Vec<libc::gid_t> = vec![0; 32];
+    loop {
+        let mut len = libc::socklen_t::try_from(std::mem::size_of_val(groups.as_slice()))
+            .map_err(|_| Errno::RANGE)?;
+        // SAFETY: `groups` is a writable buffer of exactly `len` bytes, and `len` a valid
+        // in/out length; the kernel writes at most `len` bytes.
+        let ret = unsafe {
+            libc::getsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let needed = len as usize / std::mem::size_of::<libc::gid_t>();
+        if ret == 0 {
+            groups.truncate(needed);
+            return Ok(groups);
+        }
+        let err = Errno::from_io_error(&std::io::Error::last_os_error()).unwrap_or(Errno::INVAL);
+        if err != Errno::RANGE || needed <= groups.len() || needed > 65536 {
+            return Err(err);
+        }
+        groups.resize(needed, 0);
+    }
 }

@@ -51,6 +51,15 @@ pub struct LostLease {
     pub reason: String,
 }
 
+/// A lease this connection holds, as the broker described it when it was received.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Held {
+    writable: bool,
+    /// Its owner and size: a re-attach by name after a restart must find the same.
+    owner: u32,
+    size: u64,
+}
+
 /// A failed exchange, and whether the request reached the socket (so the broker may have
 /// applied it).
 struct CallError {
@@ -82,8 +91,8 @@ pub struct Client {
     version: u16,
     server: String,
     buf: Vec<u8>,
-    /// Leases this connection holds: name → writable.
-    held: BTreeMap<String, bool>,
+    /// Leases this connection holds, by name.
+    held: BTreeMap<String, Held>,
     lost: Vec<LostLease>,
     reconnect_timeout: Duration,
     reconnects: u64,
@@ -180,7 +189,7 @@ struct Fresh {
 fn attempt_reconnect(
     path: &Path,
     buf: &mut [u8],
-    held: &BTreeMap<String, bool>,
+    held: &BTreeMap<String, Held>,
     skip: Option<&str>,
     left: Duration,
 ) -> Step<Fresh, Error> {
@@ -200,14 +209,29 @@ fn attempt_reconnect(
         Err(e) => return step(e),
     };
     let mut lost = Vec::new();
-    for (name, &writable) in held.iter().filter(|(n, _)| Some(n.as_str()) != skip) {
+    for (name, &Held { writable, .. }) in held.iter().filter(|(n, _)| Some(n.as_str()) != skip) {
         let open = Request::Open {
             name: name.clone(),
             writable,
         };
         match exchange(&sock, version, buf, &open) {
             // The client keeps using its own fd; this one only made it a holder again.
-            Ok((Response::Lease(_), fds)) => drop(fds),
+            Ok((Response::Lease(info), fds)) => {
+                drop(fds);
+                if let Some(changed) = not_the_same(&held[name], &info) {
+                    // Somebody else's lease under the same name: do not keep it alive.
+                    let release = Request::Release { name: name.clone() };
+                    if let Err(e) = exchange(&sock, version, buf, &release) {
+                        return step(e.err);
+                    }
+                    lost.push(LostLease {
+                        name: name.clone(),
+                        writable,
+                        code: ErrorCode::PermissionDenied,
+                        reason: changed,
+                    });
+                }
+            }
             Ok((other, _)) => return Step::Fail(unexpected(&other)),
             Err(CallError {
                 err: Error::Broker { code, message },
@@ -232,6 +256,23 @@ fn attempt_reconnect(
         version,
         server,
         lost,
+    })
+}
+
+/// Why the lease `info` found by name is not the one this client held, if it is not.
+fn not_the_same(held: &Held, info: &LeaseInfo) -> Option<String> {
+    if info.uid != held.owner {
+        return Some(format!(
+            "lease {} now belongs to uid {}, not to uid {} as when this client held it: not \
+             re-attached",
+            info.name, info.uid, held.owner
+        ));
+    }
+    (info.size != held.size).then(|| {
+        format!(
+            "lease {} is now {} bytes, not {} as when this client held it: not re-attached",
+            info.name, info.size, held.size
+        )
     })
 }
 
@@ -297,7 +338,7 @@ impl Client {
     /// The leases this connection holds (and re-opens after a reconnect): name and whether
     /// writable, in name order.
     pub fn held_leases(&self) -> impl Iterator<Item = (&str, bool)> {
-        self.held.iter().map(|(n, &w)| (n.as_str(), w))
+        self.held.iter().map(|(n, h)| (n.as_str(), h.writable))
     }
 
     /// Leases that could not be re-opened after a reconnect (removed meanwhile, refused), in
@@ -442,19 +483,24 @@ impl Client {
     }
 
     /// A `Create` whose reply was lost found the name taken on retry: most likely its own
-    /// lease, so open it; if what is there does not match the request, report `exists`.
+    /// lease, so open it; if what is there does not match the request (another owner
+    /// included: a lease someone else made first is never adopted), report `exists`.
     fn adopt_created(
         &mut self,
         create: &CreateLease,
         exists: Error,
     ) -> Result<(Response, Vec<OwnedFd>)> {
+        let owner = create
+            .owner
+            .unwrap_or_else(|| rustix::process::geteuid().as_raw());
         let open = Request::Open {
             name: create.name.clone(),
             writable: true,
         };
         match exchange(&self.sock, self.version, &mut self.buf, &open) {
             Ok((Response::Lease(info), fds))
-                if info.size == create.size
+                if info.uid == owner
+                    && info.size == create.size
                     && create.page_size.is_none_or(|p| p == info.page_size)
                     && create.pool.as_ref().is_none_or(|p| *p == info.pool)
                     && info.persistent == create.persistent =>
@@ -476,7 +522,12 @@ impl Client {
     fn track(&mut self, req: &Request, resp: &Response) {
         match (req, resp) {
             (Request::Create(_) | Request::Open { .. }, Response::Lease(info)) => {
-                *self.held.entry(info.name.clone()).or_insert(false) |= info.writable;
+                let held = Held {
+                    writable: false,
+                    owner: info.uid,
+                    size: info.size,
+                };
+                self.held.entry(info.name.clone()).or_insert(held).writable |= info.writable;
             }
             (Request::Release { name } | Request::Remove { name }, Response::Ok) => {
                 self.held.remove(name);
@@ -495,7 +546,7 @@ impl Client {
         }
     }
 
-    fn ok_call(&mut self, req: &Request) -> Result<()> {
+    pub(crate) fn ok_call(&mut self, req: &Request) -> Result<()> {
         match self.call(req)? {
             (Response::Ok, _) => Ok(()),
             (other, _) => Err(unexpected(&other)),
@@ -544,23 +595,36 @@ impl Client {
 
     /// Describes every visible lease under `prefix` (`""` for all), in name order.
     pub fn list(&mut self, prefix: &str) -> Result<Vec<LeaseInfo>> {
-        let mut all: Vec<LeaseInfo> = Vec::new();
-        loop {
-            let after = all.last().map(|l| l.name.clone());
-            match self.call(&Request::List {
+        self.all_pages(
+            |after| Request::List {
                 prefix: prefix.into(),
                 after,
-            })? {
-                (Response::List { leases, more }, _) => {
-                    if more && leases.is_empty() {
-                        return Err(Error::Protocol("empty list page with more to come".into()));
-                    }
-                    all.extend(leases);
-                    if !more {
-                        return Ok(all);
-                    }
-                }
-                (other, _) => return Err(unexpected(&other)),
+            },
+            |resp| match resp {
+                Response::List { leases, more } => Ok((leases, more)),
+                other => Err(unexpected(&other)),
+            },
+            |l| l.name.clone(),
+        )
+    }
+
+    /// Asks for pages (`request(after)`) until the broker says no more follow.
+    pub(crate) fn all_pages<T>(
+        &mut self,
+        request: impl Fn(Option<String>) -> Request,
+        page: impl Fn(Response) -> Result<(Vec<T>, bool)>,
+        key: impl Fn(&T) -> String,
+    ) -> Result<Vec<T>> {
+        let mut all: Vec<T> = Vec::new();
+        loop {
+            let (resp, _) = self.call(&request(all.last().map(&key)))?;
+            let (items, more) = page(resp)?;
+            if more && items.is_empty() {
+                return Err(Error::Protocol("empty page with more to come".into()));
+            }
+            all.extend(items);
+            if !more {
+                return Ok(all);
             }
         }
     }
@@ -580,6 +644,6 @@ impl AsFd for Client {
     }
 }
 
-fn unexpected(resp: &Response) -> Error {
+pub(crate) fn unexpected(resp: &Response) -> Error {
     Error::Protocol(format!("unexpected reply kind {:#06x}", resp.kind()))
 }

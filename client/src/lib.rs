@@ -63,6 +63,7 @@
 
 mod client;
 pub mod codec;
+mod dirs;
 mod error;
 #[cfg(feature = "vm-memory")]
 mod guest;
@@ -78,7 +79,9 @@ pub use client::{Client, LostLease, SOCKET_ENV, default_socket_path};
 pub use error::{Error, Result, error_chain};
 pub use lease::{Backing, LEASE_SEALS, Lease};
 pub use mapping::Mapping;
-pub use proto::{CreateLease, ErrorCode, LeaseInfo, LeaseState, PageSize, PoolInfo, PoolKind};
+pub use proto::{
+    CreateLease, DirInfo, ErrorCode, LeaseInfo, LeaseState, Mkdir, PageSize, PoolInfo, PoolKind,
+};
 pub use reconnect::DEFAULT_RECONNECT_TIMEOUT;
 /// The `vm-memory` this crate builds guest regions with, for VMMs that want the same version.
 #[cfg(feature = "vm-memory")]

@@ -105,6 +105,38 @@ pub enum Request {
     /// The broker answers `Ok`, then either closes the connection (the new broker took over)
     /// or sends an `Error` (the exec failed; the old broker goes on serving).
     Upgrade,
+    /// Make a directory of the lease namespace (see [`Mkdir`]).
+    Mkdir(Mkdir),
+    /// Change the permission bits of a lease (`0o777`) or a directory (`0o1777`, with the
+    /// sticky bit). Its owner, root and the admin group may.
+    Chmod { name: String, mode: u32 },
+    /// Change the owner and/or group of a lease or directory. Only root and the admin group
+    /// give an object to another uid; its owner may change its group to one of their own.
+    Chown {
+        name: String,
+        uid: Option<u32>,
+        gid: Option<u32>,
+    },
+    /// Describe the directories at or under `prefix`, in path order, after `after`; paged
+    /// like [`Request::List`].
+    Dirs {
+        prefix: String,
+        after: Option<String>,
+    },
+}
+
+/// Parameters of [`Request::Mkdir`].
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct Mkdir {
+    pub path: String,
+    /// Permission bits and the sticky bit (`0o1777`).
+    pub mode: u32,
+    /// Owner uid; only root or the admin group may give a directory to someone else.
+    pub owner: Option<u32>,
+    /// Owner group; others than root and the admin group name one of their own groups.
+    pub group: Option<u32>,
+    /// Make missing parents too, and succeed if the directory exists (`mkdir -p`).
+    pub parents: bool,
 }
 
 /// Parameters of [`Request::Create`].
@@ -143,6 +175,10 @@ pub enum Response {
         code: ErrorCode,
         message: String,
     },
+    Dirs {
+        dirs: Vec<DirInfo>,
+        more: bool,
+    },
 }
 
 impl Request {
@@ -159,6 +195,10 @@ impl Request {
             Request::Df => 8,
             Request::ReportPoison { .. } => 9,
             Request::Upgrade => 10,
+            Request::Mkdir(_) => 11,
+            Request::Chmod { .. } => 12,
+            Request::Chown { .. } => 13,
+            Request::Dirs { .. } => 14,
         }
     }
 }
@@ -175,6 +215,7 @@ impl Response {
                 Response::List { .. } => 5,
                 Response::Df(_) => 6,
                 Response::Error { .. } => 7,
+                Response::Dirs { .. } => 8,
             }
     }
 
@@ -257,6 +298,18 @@ pub struct LeaseInfo {
     pub writable: bool,
     /// The device-dax device behind the lease (`dax0.3`), if any.
     pub device: Option<String>,
+}
+
+/// Everything the broker tells about a directory of the lease namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize)]
+pub struct DirInfo {
+    pub path: String,
+    pub uid: u32,
+    pub gid: u32,
+    /// Permission bits and the sticky bit (`0o1777`).
+    pub mode: u32,
+    /// Made on the way to a lease, and removed with its last entry (not by `mkdir`).
+    pub auto: bool,
 }
 
 /// Kind of memory a pool hands out.

@@ -60,6 +60,10 @@ pub enum ShimError {
     },
     #[error("mapping lease {name} over guest RAM failed (errno {errno})")]
     Map { name: String, errno: i32 },
+    #[error(
+        "lease {name} belongs to uid {owner}, not to this process's uid {uid}: refusing to put guest RAM on memory another uid controls (choose another MEMBROKER_LEASE_PREFIX, or have its owner or an admin remove it)"
+    )]
+    NotOwner { name: String, owner: u32, uid: u32 },
     #[error("more than {SLOTS} RAM blocks redirected")]
     TableFull,
     #[error(
@@ -84,6 +88,7 @@ impl ShimError {
             },
             ShimError::SizeMismatch { .. } | ShimError::Misaligned { .. } => libc::EINVAL,
             ShimError::Map { errno, .. } => *errno,
+            ShimError::NotOwner { .. } => libc::EACCES,
             ShimError::TableFull => libc::ENOMEM,
             ShimError::NameTooLong { .. } => libc::EINVAL,
         }
@@ -296,7 +301,8 @@ pub fn acquire(len: u64) -> Result<Acquired, ShimError> {
     }
     let index = st.next_index;
     st.next_index += 1;
-    let name = cfg.lease_name(index, pid);
+    let uid = rustix::process::geteuid().as_raw();
+    let name = cfg.lease_name(index, pid, uid);
     if name.len() > NAME_MAX {
         return Err(ShimError::NameTooLong { name });
     }
@@ -328,6 +334,16 @@ pub fn acquire(len: u64) -> Result<Acquired, ShimError> {
     let release = |conn: &mut Conn| {
         let _ = conn.client.release(&name);
     };
+    // Re-attach only to this uid's own lease: another uid may have made the name first
+    // (with a mode that lets anyone open it) to read or write this guest's RAM.
+    if lease.info().uid != uid {
+        release(conn);
+        return Err(ShimError::NotOwner {
+            name,
+            owner: lease.info().uid,
+            uid,
+        });
+    }
     if lease.size() != len {
         release(conn);
         return Err(ShimError::SizeMismatch {

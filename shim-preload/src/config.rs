@@ -114,11 +114,12 @@ impl Config {
         })
     }
 
-    /// Name of the `index`-th redirected RAM block of process `pid`.
-    pub fn lease_name(&self, index: u32, pid: u32) -> String {
+    /// Name of the `index`-th redirected RAM block of process `pid` running as `uid`. The
+    /// default prefix lies under `uid-UID`, which the broker lets no other uid make.
+    pub fn lease_name(&self, index: u32, pid: u32, uid: u32) -> String {
         match &self.prefix {
             Some(prefix) => format!("{prefix}/ram{index}"),
-            None => format!("qemu-{pid}/ram{index}"),
+            None => format!("uid-{uid}/qemu-{pid}/ram{index}"),
         }
     }
 }
@@ -146,7 +147,7 @@ mod tests {
         assert_eq!(c.pool, None);
         assert_eq!(c.page_size, None);
         assert_eq!(c.fallback, Fallback::Fail);
-        assert_eq!(c.lease_name(2, 77), "qemu-77/ram2");
+        assert_eq!(c.lease_name(2, 77, 1000), "uid-1000/qemu-77/ram2");
     }
 
     #[test]
@@ -167,7 +168,7 @@ mod tests {
         assert_eq!(c.pool.as_deref(), Some("fast"));
         assert_eq!(c.page_size, Some(PageSize::Huge2M));
         assert_eq!(c.fallback, Fallback::Anon);
-        assert_eq!(c.lease_name(0, 1), "tenant/vm1/ram0");
+        assert_eq!(c.lease_name(0, 1, 1000), "tenant/vm1/ram0");
     }
 
     #[test]

@@ -718,3 +718,108 @@ fn shim_reattaches_and_rearms_poison_reports_after_an_upgrade() {
 fn shim_reattaches_and_rearms_poison_reports_after_kill9_and_restart() {
     shim_reattaches_and_rearms_poison_reports(Restart::Kill9);
 }
+
+/// `fake_info` of a lease another uid owns.
+fn squatted_info(name: &str, size: u64) -> LeaseInfo {
+    LeaseInfo {
+        uid: 65534,
+        gid: 65534,
+        mode: 0o666,
+        ..fake_info(name, size)
+    }
+}
+
+#[test]
+fn create_meeting_another_uids_lease_on_retry_reports_exists() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fake.sock");
+    let server = fake_broker(
+        &path,
+        vec![
+            |conn, buf| {
+                recv_request(&conn, buf);
+            },
+            |conn, buf| {
+                recv_request(&conn, buf);
+                reply(
+                    &conn,
+                    &Response::Error {
+                        code: ErrorCode::Exists,
+                        message: "lease vm/ram0 exists".into(),
+                    },
+                    None,
+                );
+                assert!(matches!(recv_request(&conn, buf), Request::Open { .. }));
+                // The right size and open to all, but somebody else's: never adopted.
+                let fd = sealed_memfd(2 * MIB);
+                reply(
+                    &conn,
+                    &Response::Lease(squatted_info("vm/ram0", 2 * MIB)),
+                    Some(&fd),
+                );
+                let req = recv_request(&conn, buf);
+                assert!(matches!(req, Request::Release { .. }), "{req:?}");
+                reply(&conn, &Response::Ok, None);
+                let _ = transport::recv(&conn, buf);
+            },
+        ],
+    );
+    let mut client = Client::connect(&path).unwrap();
+    let err = client
+        .create(CreateLease::new("vm/ram0", 2 * MIB))
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Exists), "{err:?}");
+    assert_eq!(client.held_leases().count(), 0);
+    drop(client);
+    server.join().unwrap();
+}
+
+#[test]
+fn reconnect_does_not_reattach_to_a_lease_another_uid_made_under_the_same_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fake.sock");
+    let server = fake_broker(
+        &path,
+        vec![
+            // The client opens its lease; then the broker goes away.
+            |conn, buf| {
+                assert!(matches!(recv_request(&conn, buf), Request::Open { .. }));
+                let fd = sealed_memfd(2 * MIB);
+                reply(
+                    &conn,
+                    &Response::Lease(fake_info("vm/ram0", 2 * MIB)),
+                    Some(&fd),
+                );
+            },
+            // Meanwhile another uid took the name: the re-open finds its lease.
+            |conn, buf| {
+                assert!(matches!(recv_request(&conn, buf), Request::Open { .. }));
+                let fd = sealed_memfd(2 * MIB);
+                reply(
+                    &conn,
+                    &Response::Lease(squatted_info("vm/ram0", 2 * MIB)),
+                    Some(&fd),
+                );
+                let req = recv_request(&conn, buf);
+                assert!(matches!(req, Request::Release { .. }), "{req:?}");
+                reply(&conn, &Response::Ok, None);
+                assert_eq!(recv_request(&conn, buf), Request::Df);
+                reply(&conn, &Response::Df(Vec::new()), None);
+                let _ = transport::recv(&conn, buf);
+            },
+        ],
+    );
+    let mut client = Client::connect(&path).unwrap();
+    let _lease = client.open("vm/ram0", true).unwrap();
+    client.df().unwrap();
+    let lost = client.take_lost_leases();
+    assert_eq!(lost.len(), 1, "{lost:?}");
+    assert_eq!(lost[0].code, ErrorCode::PermissionDenied);
+    assert!(
+        lost[0].reason.contains("now belongs to uid 65534"),
+        "{lost:?}"
+    );
+    assert_eq!(client.held_leases().count(), 0);
+    drop(client);
+    server.join().unwrap();
+}

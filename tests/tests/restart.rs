@@ -758,7 +758,7 @@ fn journal_lines(journal: &Path) -> usize {
 /// A broker with three idle persistent leases, stopped cleanly (the fd store keeps them).
 fn stopped_with_three_leases() -> Service {
     let mut svc = start("memfd:t:64M");
-    for name in ["j/0", "j/1", "j/2"] {
+    for name in ["j0", "j1", "j2"] {
         stdout_ok(&svc.run_cli(&["create", name, "--size", "256K"]));
     }
     assert_eq!(svc.terminate(), Some(0));
@@ -780,10 +780,10 @@ fn bit_flip_in_the_last_record_drops_it_with_a_warning() {
         svc.log_tail(20)
     );
     let ls = stdout_ok(&svc.run_cli(&["ls"]));
-    assert_eq!(ls, "j/0\nj/1\n");
+    assert_eq!(ls, "j0\nj1\n");
 
     // A torn last record (a crash mid-write) too.
-    stdout_ok(&svc.run_cli(&["create", "j/3", "--size", "4K"]));
+    stdout_ok(&svc.run_cli(&["create", "j3", "--size", "4K"]));
     assert_eq!(svc.terminate(), Some(0));
     let data = std::fs::read(&journal).unwrap();
     std::fs::write(&journal, &data[..data.len() - 7]).unwrap();
@@ -795,7 +795,7 @@ fn bit_flip_in_the_last_record_drops_it_with_a_warning() {
         2
     );
     let ls = stdout_ok(&svc.run_cli(&["ls"]));
-    assert_eq!(ls, "j/0\nj/1\n");
+    assert_eq!(ls, "j0\nj1\n");
     // The dropped leases' memfds are closed by the broker. (That they stay in the fd store is
     // checked by fd_store_is_cleared_of_fds_that_belong_to_no_lease.)
     let problems: Vec<String> = check_accounting(&svc, &mut svc.client())
@@ -835,7 +835,7 @@ fn journal_of_a_pool_no_longer_configured_is_refused() {
     let args = serve_args("memfd:t:64M");
     svc.set_args(&args.iter().map(String::as_str).collect::<Vec<_>>());
     svc.restart();
-    assert_eq!(stdout_ok(&svc.run_cli(&["ls"])), "j/0\nj/1\nj/2\n");
+    assert_eq!(stdout_ok(&svc.run_cli(&["ls"])), "j0\nj1\nj2\n");
 }
 
 // ---- crash torture ------------------------------------------------------------------------

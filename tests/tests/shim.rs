@@ -212,11 +212,12 @@ fn non_persistent_lease_goes_back_to_the_pool_on_munmap() {
     let broker = TestBroker::start(&["--pool", "memfd:t:256M"]);
     let mut h = shim_helper(broker.socket(), &[]);
     let (i, _) = h.alloc(128 * MIB);
-    let name = format!("qemu-{}/ram0", h.pid);
+    let uid = rustix::process::geteuid().as_raw();
+    let name = format!("uid-{uid}/qemu-{}/ram0", h.pid);
     assert!(!lease(&broker, &name).persistent);
     assert_eq!(h.ok(&format!("free {i}")), vec!["0"]);
     wait_until(Duration::from_secs(5), "lease gone", || {
-        leases(&broker, &format!("qemu-{}", h.pid)).is_empty()
+        leases(&broker, &format!("uid-{uid}/qemu-{}", h.pid)).is_empty()
     });
     // The capacity is back: a second 128 MiB + 128 MiB fits again.
     h.alloc(128 * MIB);

@@ -1,5 +1,7 @@
-//! The admin CLI: ls, stat, create, rm, df, exec. Each talks to a running broker.
+//! The admin CLI: ls, stat, create, rm, mkdir, chmod, chown, df, exec. Each talks to a
+//! running broker.
 
+pub mod dirs;
 pub mod exec;
 pub mod serve;
 mod table;
@@ -39,14 +41,29 @@ fn state(lease: &LeaseInfo) -> String {
     format!("{:?}", lease.state).to_lowercase()
 }
 
-pub fn ls(socket: &Path, prefix: &str, long: bool, as_json: bool) -> Result<(), String> {
-    let leases = connect(socket)?.list(prefix).map_err(|e| text(&e))?;
+pub fn ls(
+    socket: &Path,
+    prefix: &str,
+    long: bool,
+    as_json: bool,
+    with_dirs: bool,
+) -> Result<(), String> {
+    let mut client = connect(socket)?;
+    let leases = client.list(prefix).map_err(|e| text(&e))?;
     if as_json {
         return json(&leases);
     }
+    let dirs = if with_dirs {
+        client.dirs(prefix).map_err(|e| text(&e))?
+    } else {
+        Vec::new()
+    };
     if !long {
-        for lease in &leases {
-            println!("{}", lease.name);
+        let mut names: Vec<String> = leases.iter().map(|l| l.name.clone()).collect();
+        names.extend(dirs.iter().map(|d| format!("{}/", d.path)));
+        names.sort();
+        for name in names {
+            println!("{name}");
         }
         return Ok(());
     }
@@ -59,22 +76,43 @@ pub fn ls(socket: &Path, prefix: &str, long: bool, as_json: bool) -> Result<(), 
             false, false, false, true, true, false, false, false, true, false,
         ],
     );
+    let mut rows: Vec<(String, Vec<String>)> = dirs
+        .iter()
+        .map(|d| (format!("{}/", d.path), dirs::long_row(d, &names)))
+        .collect();
     for l in &leases {
-        t.row(vec![
-            mode_string(l.mode),
-            names.user(l.uid),
-            names.group(l.gid),
-            format_size(l.size),
-            l.page_size.to_string(),
-            l.pool.clone(),
-            if l.persistent { "yes" } else { "no" }.into(),
-            state(l),
-            l.holders.len().to_string(),
+        rows.push((
             l.name.clone(),
-        ]);
+            vec![
+                mode_string(l.mode),
+                names.user(l.uid),
+                names.group(l.gid),
+                format_size(l.size),
+                l.page_size.to_string(),
+                l.pool.clone(),
+                if l.persistent { "yes" } else { "no" }.into(),
+                state(l),
+                l.holders.len().to_string(),
+                l.name.clone(),
+            ],
+        ));
+    }
+    rows.sort();
+    for (_, row) in rows {
+        t.row(row);
     }
     print!("{}", t.render());
     Ok(())
+}
+
+/// The `owner:` and `mode:` lines of `stat`.
+fn print_owner(names: &Names, uid: u32, gid: u32, mode: u32, bits: &str) {
+    println!(
+        "owner:      {} ({uid}), group {} ({gid})",
+        names.user(uid),
+        names.group(gid),
+    );
+    println!("mode:       {mode:04o} ({bits})");
 }
 
 fn print_lease(l: &LeaseInfo) {
@@ -83,14 +121,7 @@ fn print_lease(l: &LeaseInfo) {
     println!("size:       {} ({} bytes)", format_size(l.size), l.size);
     println!("page size:  {}", l.page_size);
     println!("pool:       {}", l.pool);
-    println!(
-        "owner:      {} ({}), group {} ({})",
-        names.user(l.uid),
-        l.uid,
-        names.group(l.gid),
-        l.gid
-    );
-    println!("mode:       {:04o} ({})", l.mode, mode_string(l.mode));
+    print_owner(&names, l.uid, l.gid, l.mode, &mode_string(l.mode));
     println!("persistent: {}", if l.persistent { "yes" } else { "no" });
     println!("state:      {}", state(l));
     println!("created:    {} (unix time)", l.created);
@@ -127,7 +158,23 @@ fn print_lease(l: &LeaseInfo) {
 }
 
 pub fn stat(socket: &Path, name: &str, as_json: bool) -> Result<(), String> {
-    let lease = connect(socket)?.stat(name).map_err(|e| text(&e))?;
+    let mut client = connect(socket)?;
+    let lease = match client.stat(name) {
+        Ok(lease) => lease,
+        Err(e) if e.code() == Some(membroker_client::ErrorCode::NotFound) => {
+            let path = name.trim_end_matches('/');
+            let dirs = client.dirs(path).map_err(|e| text(&e))?;
+            let Some(dir) = dirs.iter().find(|d| d.path == path) else {
+                return Err(text(&e));
+            };
+            if as_json {
+                return json(dir);
+            }
+            dirs::print_dir(dir);
+            return Ok(());
+        }
+        Err(e) => return Err(text(&e)),
+    };
     if as_json {
         return json(&lease);
     }

@@ -19,12 +19,19 @@ pub struct ServeArgs {
     /// pools; the first is the default. Without any: memfd:default:SIZE:4K, SIZE half of RAM.
     #[arg(long = "pool", value_name = "SPEC")]
     pools: Vec<PoolSpec>,
-    /// Group (name or gid) whose members, like root, may manage every lease.
+    /// Group (name or gid) whose members (primary or supplementary), like root, may manage
+    /// every lease and directory.
     #[arg(long, value_name = "GROUP")]
     admin_group: Option<String>,
     /// Threads that zero released device-dax leases before their memory is reused.
     #[arg(long, value_name = "N", default_value_t = 2)]
     scrub_workers: usize,
+    /// Mode of the lease namespace's root directory (owned by root). The default 1777 lets
+    /// anyone make top-level names, which only their owner may remove; on a multi-tenant
+    /// host use 0755 and hand out subtrees (`membroker mkdir --owner UID tenant`). Each uid
+    /// may always make its own top-level `uid-UID`.
+    #[arg(long, value_name = "MODE", default_value = "1777", value_parser = parse_root_mode)]
+    root_mode: u32,
     /// Group (name or gid) that owns the socket (mode 0660): its members may connect.
     #[arg(long, value_name = "GROUP")]
     socket_group: Option<String>,
@@ -56,6 +63,13 @@ pub fn default_state_dir() -> PathBuf {
         .or_else(|| env("HOME").map(|h| h.join(".local/state")))
         .unwrap_or_else(|| PathBuf::from("."))
         .join("membroker")
+}
+
+fn parse_root_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s, 8)
+        .ok()
+        .filter(|m| *m <= 0o1777)
+        .ok_or_else(|| format!("mode {s:?}: use octal bits such as 1777 or 0755"))
 }
 
 /// Resolves a group name or number.
@@ -99,7 +113,7 @@ pub fn run(socket: &Path, args: ServeArgs) -> Result<(), String> {
         args.pools
     };
     let notifier = crate::notify::Notifier::from_env();
-    let (pools, namespace) = restore::restore(
+    let (pools, mut namespace) = restore::restore(
         &specs,
         &replayed,
         inherited.leases,
@@ -107,6 +121,7 @@ pub fn run(socket: &Path, args: ServeArgs) -> Result<(), String> {
         args.scrub_workers,
         notifier.as_ref(),
     )?;
+    namespace.set_root_mode(args.root_mode);
     let broker = Arc::new(Broker::new(
         pools,
         namespace,

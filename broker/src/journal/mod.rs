@@ -25,6 +25,9 @@
 //! | `Creating` | a device is about to be made, before the first sysfs write | the device-dax pool |
 //! | `Abandoned` | a `Creating` that delivered nothing is undone | the device-dax pool, the restore |
 //! | `Freed` (lost) | at start, a lease whose memory did not survive the restart | the restore |
+//! | `Dir` | `mkdir`, a directory made on the way to a new lease, `chmod`/`chown` of a directory | the namespace |
+//! | `Rmdir` | `rm` of an empty directory, or the last entry of an automatic one went | the namespace |
+//! | `Meta` | `chmod`/`chown` of a lease | the namespace |
 //!
 //! The namespace's records are appended while the namespace lock is held, so the journal's
 //! order is the namespace's order (the server's `Broker::change` sees to it).
@@ -67,7 +70,7 @@ use std::path::{Path, PathBuf};
 
 use parking_lot::Mutex;
 
-pub use record::{LeaseRecord, Record, ReplayedLease};
+pub use record::{DirRecord, LeaseRecord, Record, ReplayedLease};
 pub use replay::Replayed;
 
 #[cfg(test)]

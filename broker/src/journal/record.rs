@@ -21,6 +21,19 @@ pub struct LeaseRecord {
     pub device: Option<String>,
 }
 
+/// A directory of the lease namespace: made by `mkdir`, or on the way to a new lease
+/// (`auto`: removed again with its last entry).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirRecord {
+    pub path: String,
+    pub uid: u32,
+    pub gid: u32,
+    /// Permission bits and the sticky bit (`0o1777`).
+    pub mode: u32,
+    #[serde(default)]
+    pub auto: bool,
+}
+
 /// One journal entry. Unknown fields are refused, so a record is never half-understood.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
@@ -43,6 +56,17 @@ pub enum Record {
     Creating { pool: String, extents: Vec<Extent> },
     /// A `Creating` whose device was not delivered and is gone again.
     Abandoned { pool: String, extents: Vec<Extent> },
+    /// A directory exists, or its owner or mode changed (the record replaces the last one).
+    Dir(DirRecord),
+    /// An empty directory was removed.
+    Rmdir { path: String },
+    /// A lease's owner or mode changed (`chown`, `chmod`).
+    Meta {
+        id: u64,
+        uid: u32,
+        gid: u32,
+        mode: u32,
+    },
 }
 
 /// A lease rebuilt from the journal.

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use membroker_client::proto::{Extent, PoisonInfo};
 
-use super::{JournalError, MAX_ID, Record, ReplayedLease, Result};
+use super::{DirRecord, JournalError, MAX_ID, Record, ReplayedLease, Result};
 
 /// What the journal records amount to: the leases, quarantine and work in flight.
 #[derive(Debug, Default, Clone)]
@@ -26,6 +26,8 @@ pub struct Replayed {
     pub dropped_tail: bool,
     /// Device creations that started and were never resolved (pool, extents).
     pub creating: Vec<(String, Vec<Extent>)>,
+    /// The namespace's directories, by path.
+    pub dirs: BTreeMap<String, DirRecord>,
 }
 
 impl Replayed {
@@ -37,10 +39,11 @@ impl Replayed {
         }
     }
 
-    /// The records that rebuild this state, in an order replay accepts: quarantine, then each
-    /// lease followed by what happened to it, then device creations in flight.
+    /// The records that rebuild this state, in an order replay accepts: directories and
+    /// quarantine, then each lease followed by what happened to it, then device creations in
+    /// flight.
     pub fn snapshot(&self) -> Vec<Record> {
-        let mut out = Vec::new();
+        let mut out: Vec<Record> = self.dirs.values().cloned().map(Record::Dir).collect();
         for (pool, e) in &self.quarantine {
             out.push(Record::Quarantine {
                 pool: pool.clone(),
@@ -141,9 +144,15 @@ pub(super) fn check(
             Err(format!("lease id {} is out of range", l.id))
         }
         Record::Lease(l) if known(&l.id) => Err(format!("lease {} recorded twice", l.id)),
-        Record::Unnamed { id } | Record::Poison { id, .. } | Record::Scrub { id } if !known(id) => {
+        Record::Unnamed { id }
+        | Record::Poison { id, .. }
+        | Record::Scrub { id }
+        | Record::Meta { id, .. }
+            if !known(id) =>
+        {
             Err(format!("lease {id} is not known"))
         }
+        Record::Dir(d) if d.path.is_empty() => Err("a directory with an empty path".into()),
         _ => Ok(()),
     }
 }
@@ -185,6 +194,17 @@ pub(super) fn apply(state: &mut Replayed, record: Record) -> std::result::Result
         }
         Record::Creating { pool, extents } => state.creating.push((pool, extents)),
         Record::Abandoned { pool, extents } => resolve(&mut state.creating, &pool, &extents),
+        Record::Dir(d) => {
+            state.dirs.insert(d.path.clone(), d);
+        }
+        // Like `Freed`, idempotent: an automatic directory may go in the batch that made it.
+        Record::Rmdir { path } => {
+            state.dirs.remove(&path);
+        }
+        Record::Meta { id, uid, gid, mode } => {
+            let l = &mut lease(state, id).lease;
+            (l.uid, l.gid, l.mode) = (uid, gid, mode);
+        }
     }
     Ok(())
 }

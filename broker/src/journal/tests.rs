@@ -313,3 +313,60 @@ proptest! {
         prop_assert_eq!(state.dropped_tail, cut > 0 && data[cut - 1] != b'\n');
     }
 }
+
+#[test]
+fn directories_and_owners_survive_replay_and_compaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |path: &str, uid, mode| {
+        Record::Dir(DirRecord {
+            path: path.into(),
+            uid,
+            gid: uid,
+            mode,
+            auto: false,
+        })
+    };
+    let records = vec![
+        d("tenant", 0, 0o755),
+        d("tenant/a", 1000, 0o750),
+        d("gone", 1000, 0o700),
+        lease(1),
+        Record::Meta {
+            id: 1,
+            uid: 1001,
+            gid: 50,
+            mode: 0o640,
+        },
+        d("tenant", 1000, 0o1777),
+        Record::Rmdir {
+            path: "gone".into(),
+        },
+    ];
+    write_all(dir.path(), &records);
+    let check = |state: &Replayed| {
+        let dirs: Vec<_> = state
+            .dirs
+            .values()
+            .map(|d| (d.path.as_str(), d.uid, d.mode))
+            .collect();
+        assert_eq!(dirs, [("tenant", 1000, 0o1777), ("tenant/a", 1000, 0o750)]);
+        let l = &state.leases[&1].lease;
+        assert_eq!((l.uid, l.gid, l.mode), (1001, 50, 0o640));
+    };
+    let (journal, state) = Journal::open(dir.path(), true).unwrap();
+    check(&state);
+    journal.compact().unwrap();
+    drop(journal);
+    let (_, again) = Journal::open(dir.path(), true).unwrap();
+    check(&again);
+    let (journal, _) = Journal::open(dir.path(), true).unwrap();
+    let err = journal
+        .append(&Record::Meta {
+            id: 9,
+            uid: 0,
+            gid: 0,
+            mode: 0,
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("lease 9 is not known"), "{err}");
+}

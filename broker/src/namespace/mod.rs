@@ -12,6 +12,7 @@
 //! order is the namespace's order).
 
 mod access;
+mod dir;
 mod name;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -28,6 +29,7 @@ use membroker_client::proto::{
 use membroker_client::size::format_size;
 
 pub use access::{Access, Peer};
+pub use dir::{DEFAULT_ROOT_MODE, STICKY};
 pub use name::{check_name, is_under};
 
 /// Why a namespace operation was refused. Messages are for the person at the CLI.
@@ -48,6 +50,22 @@ pub enum NsError {
         uid: u32,
         mode: u32,
     },
+    #[error(
+        "directory {dir}: permission denied to {op} (owner uid {uid}, mode {mode:04o}); ask its owner or an admin"
+    )]
+    DirDenied {
+        dir: String,
+        op: String,
+        uid: u32,
+        mode: u32,
+    },
+    #[error(
+        "{name}: permission denied: the top-level {top}/ is reserved for uid {uid} (and root and the admin group)"
+    )]
+    Reserved { name: String, top: String, uid: u32 },
+    /// A change only the object's owner (or root, or the admin group) may make.
+    #[error("{0}")]
+    NotYours(String),
     #[error("{0}")]
     Invalid(String),
     #[error("lease {name}: pool {pool} has {free} free, {asked} asked")]
@@ -68,7 +86,10 @@ impl WireError for NsError {
         match self {
             NsError::NotFound(_) | NsError::NotHeld(_) => ErrorCode::NotFound,
             NsError::Exists(_) | NsError::NameConflict { .. } => ErrorCode::Exists,
-            NsError::Denied { .. } => ErrorCode::PermissionDenied,
+            NsError::Denied { .. }
+            | NsError::DirDenied { .. }
+            | NsError::Reserved { .. }
+            | NsError::NotYours(_) => ErrorCode::PermissionDenied,
             NsError::Invalid(_) => ErrorCode::InvalidArgument,
             NsError::NoSpace { .. } => ErrorCode::NoSpace,
             NsError::Journal { .. } => ErrorCode::Internal,
@@ -168,6 +189,7 @@ pub struct Namespace {
     pending: BTreeSet<String>,
     held: HashMap<u64, BTreeSet<u64>>,
     next_id: u64,
+    dirs: dir::Dirs,
     /// Records of changes made since the owner last took them (see [`Namespace::take_records`]).
     unjournaled: Vec<JournalRecord>,
 }
@@ -184,8 +206,15 @@ impl Namespace {
             pending: BTreeSet::new(),
             held: HashMap::new(),
             next_id: next_id.max(1),
+            dirs: dir::Dirs::new(DEFAULT_ROOT_MODE),
             unjournaled: Vec::new(),
         }
+    }
+
+    /// Sets the root directory's mode (`serve --root-mode`): `0o755` lets only root and the
+    /// admin group make top-level names (besides each uid's own `uid-N`).
+    pub fn set_root_mode(&mut self, mode: u32) {
+        self.dirs.set_root_mode(mode);
     }
 
     /// The journal records of the changes made since the last call, in order. The owner
@@ -224,6 +253,10 @@ impl Namespace {
             return Err(format!("name {} is taken twice", lease.name));
         }
         let id = lease.id;
+        // Journals from before directories were objects name none: make them.
+        let dirs = self.missing_dirs(&lease.name, lease.uid, lease.gid, lease.mode);
+        self.add_dirs(&dirs);
+        self.unjournaled.extend(dirs);
         self.pools[pool].used += lease.size;
         self.pools[pool].leases += 1;
         self.names.insert(lease.name.clone(), id);
@@ -307,6 +340,9 @@ impl Namespace {
         if self.names.contains_key(name) || self.pending.contains(name) {
             return Err(NsError::Exists(name.to_string()));
         }
+        if self.dirs.get(name).is_some() {
+            return Err(NsError::Exists(format!("{name}/ (a directory)")));
+        }
         for ancestor in name::ancestors(name) {
             if self.names.contains_key(ancestor) || self.pending.contains(ancestor) {
                 return Err(NsError::NameConflict {
@@ -355,6 +391,8 @@ impl Namespace {
             });
         }
         let pool = self.choose_pool(req)?;
+        self.check_name_free(&req.name)?;
+        self.may_create(peer, &req.name)?;
         let account = &self.pools[pool];
         let page = account.page_size;
         if req.size == 0 || !req.size.is_multiple_of(page.bytes()) {
@@ -363,7 +401,6 @@ impl Namespace {
                 req.name, req.size, account.name
             )));
         }
-        self.check_name_free(&req.name)?;
         let free = account.size - account.used;
         if req.size > free {
             return Err(NsError::NoSpace {
@@ -393,17 +430,23 @@ impl Namespace {
         self.pending.remove(&res.name);
     }
 
-    /// Records the lease made for `res`; `peer` holds it. `durable` must put the new lease's
-    /// journal record on disk before the lease becomes visible; if it fails, nothing changed,
-    /// the charge is given back and the memory is returned for the pool to discard.
+    /// Records the lease made for `res`; `peer` holds it. `durable` must put the journal
+    /// records of the new lease (and of the directories made on its way) on disk before the
+    /// lease becomes visible; if it fails, nothing changed, the charge is given back and the
+    /// memory is returned for the pool to discard.
     pub fn commit(
         &mut self,
         peer: &Peer,
         res: Reservation,
         memory: Allocation,
-        durable: impl FnOnce(&JournalRecord) -> std::result::Result<(), String>,
+        durable: impl FnOnce(&[JournalRecord]) -> std::result::Result<(), String>,
     ) -> std::result::Result<Committed, Box<(NsError, Allocation)>> {
         self.pending.remove(&res.name);
+        // Another create may have made the directory above meanwhile (its owner's, 0700).
+        if let Err(e) = self.may_create(peer, &res.name) {
+            self.pools[res.pool].used -= res.size;
+            return Err(Box::new((e, memory)));
+        }
         let id = self.next_id;
         let created = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -422,10 +465,11 @@ impl Namespace {
             extents: memory.extents.clone(),
             device: memory.device.clone(),
         };
-        let record = JournalRecord::Lease(lease);
-        if let Err(problem) = durable(&record) {
+        let mut records = self.missing_dirs(&lease.name, lease.uid, lease.gid, lease.mode);
+        records.push(JournalRecord::Lease(lease));
+        if let Err(problem) = durable(&records) {
             self.pools[res.pool].used -= res.size;
-            let JournalRecord::Lease(lease) = record else {
+            let Some(JournalRecord::Lease(lease)) = records.pop() else {
                 unreachable!("built above")
             };
             let error = NsError::Journal {
@@ -434,9 +478,10 @@ impl Namespace {
             };
             return Err(Box::new((error, memory)));
         }
-        let JournalRecord::Lease(lease) = record else {
+        let Some(JournalRecord::Lease(lease)) = records.pop() else {
             unreachable!("built above")
         };
+        self.add_dirs(&records);
         self.next_id += 1;
         self.pools[res.pool].leases += 1;
         self.names.insert(lease.name.clone(), id);
@@ -454,7 +499,7 @@ impl Namespace {
         );
         self.hold(peer, id);
         let entry = &self.leases[&id];
-        Ok((id, self.info(entry, true), entry.memory.clone()))
+        Ok((id, self.info(peer, entry, true), entry.memory.clone()))
     }
 
     /// Every lease's id, pool and memory (for the upgrade hand-over).
@@ -519,30 +564,46 @@ impl Namespace {
         }
         self.hold(peer, id);
         let entry = &self.leases[&id];
-        Ok((self.info(entry, writable), entry.memory.clone()))
+        Ok((self.info(peer, entry, writable), entry.memory.clone()))
     }
 
-    /// `peer` stops holding a lease.
+    /// `peer` stops holding a lease: the one of that name it holds, even if the name was
+    /// removed since (then its memory goes back to the pool when the last holder lets go).
     pub fn release(&mut self, peer: &Peer, name: &str) -> Result<Freed> {
-        let (id, _) = self.lookup(name)?;
-        let held = self
-            .held
-            .get_mut(&peer.conn)
-            .is_some_and(|ids| ids.remove(&id));
-        if !held {
+        let empty = BTreeSet::new();
+        let held = self.held.get(&peer.conn).unwrap_or(&empty);
+        let named = self.names.get(name).copied().filter(|id| held.contains(id));
+        let removed = || {
+            held.iter().copied().find(|id| {
+                let e = &self.leases[id];
+                e.removed && e.lease.name == name
+            })
+        };
+        let Some(id) = named.or_else(removed) else {
+            self.lookup(name)?;
             return Err(NsError::NotHeld(name.to_string()));
+        };
+        if let Some(ids) = self.held.get_mut(&peer.conn) {
+            ids.remove(&id);
         }
         Ok(self.drop_holder(peer.conn, id).into_iter().collect())
     }
 
     /// Removes a lease's name; its memory goes back to the pool when nobody holds it.
+    /// An empty directory is removed too.
     pub fn remove(&mut self, peer: &Peer, name: &str) -> Result<Freed> {
+        let name = name.trim_end_matches('/');
+        if !self.names.contains_key(name) && self.dirs.get(name).is_some() {
+            return self.rmdir(peer, name).map(|()| Vec::new());
+        }
         let (id, entry) = self.lookup(name)?;
         let l = &entry.lease;
-        if !(peer.uid == l.uid || access::allowed(peer, l.uid, l.gid, l.mode, Access::Write)) {
+        let writable = access::allowed(peer, l.uid, l.gid, l.mode, Access::Write);
+        if !self.may_remove(peer, name, l.uid, writable) {
             return Err(Self::denied(entry, "remove it"));
         }
         self.names.remove(name);
+        self.prune_dirs(name);
         let entry = self.leases.get_mut(&id).expect("named lease exists");
         entry.removed = true;
         let freed: Freed = self.free_if_unused(id).into_iter().collect();
@@ -574,6 +635,7 @@ impl Namespace {
         let entry = self.leases.remove(&id)?;
         if !entry.removed {
             self.names.remove(&entry.lease.name);
+            self.prune_dirs(&entry.lease.name);
         }
         let pool = &mut self.pools[entry.pool];
         pool.used -= entry.lease.size;
@@ -625,7 +687,9 @@ impl Namespace {
         Ok((entry.pool, entry.memory.clone()))
     }
 
-    fn info(&self, entry: &Entry, writable: bool) -> LeaseInfo {
+    /// A lease's description for `viewer`: holders, physical extents and the device only for
+    /// its owner, root and the admin group (others see them empty).
+    fn info(&self, viewer: &Peer, entry: &Entry, writable: bool) -> LeaseInfo {
         let state = if entry.removed {
             LeaseState::Removed
         } else if entry.holders.is_empty() {
@@ -634,7 +698,7 @@ impl Namespace {
             LeaseState::Held
         };
         let l = &entry.lease;
-        LeaseInfo {
+        let mut info = LeaseInfo {
             name: l.name.clone(),
             size: l.size,
             page_size: l.page_size,
@@ -650,48 +714,44 @@ impl Namespace {
             poison: entry.poison.clone(),
             writable,
             device: l.device.clone(),
+        };
+        if !viewer.sees_all_of(l.uid) {
+            info.extents.clear();
+            info.holders.clear();
+            info.device = None;
         }
+        info
     }
 
-    /// Describes one lease.
-    pub fn stat(&self, name: &str) -> Result<LeaseInfo> {
+    /// Whether `peer` may see that a lease exists: its owner, or whoever may read it.
+    fn visible(peer: &Peer, entry: &Entry) -> bool {
+        let l = &entry.lease;
+        peer.sees_all_of(l.uid) || access::allowed(peer, l.uid, l.gid, l.mode, Access::Read)
+    }
+
+    /// Describes one lease to a peer that may see it.
+    pub fn stat(&self, peer: &Peer, name: &str) -> Result<LeaseInfo> {
         let (_, entry) = self.lookup(name)?;
-        Ok(self.info(entry, false))
+        if !Self::visible(peer, entry) {
+            return Err(Self::denied(entry, "see it"));
+        }
+        Ok(self.info(peer, entry, false))
     }
 
-    /// Leases under `prefix` after `after`, in name order, while `fits` accepts them; says
-    /// whether more remain.
+    /// Leases under `prefix` after `after` that `peer` may read, in name order, while `fits`
+    /// accepts them; says whether more remain.
     pub fn list(
         &self,
+        peer: &Peer,
         prefix: &str,
         after: Option<&str>,
-        mut fits: impl FnMut(&LeaseInfo) -> bool,
+        fits: impl FnMut(&LeaseInfo) -> bool,
     ) -> (Vec<LeaseInfo>, bool) {
-        use std::ops::Bound;
-        let base = prefix.trim_end_matches('/');
-        let start = match after {
-            Some(a) if a >= base => Bound::Excluded(a.to_string()),
-            _ => Bound::Included(base.to_string()),
-        };
-        let mut out = Vec::new();
-        for (name, id) in self.names.range((start, Bound::Unbounded)) {
-            if !name.starts_with(base) {
-                break; // sorted: nothing further can be under the prefix
-            }
-            if !is_under(name, prefix) {
-                continue; // e.g. `a-b` sorts between `a` and `a/b`
-            }
-            let info = self.info(&self.leases[id], false);
-            if !fits(&info) {
-                if out.is_empty() {
-                    // Never return an empty page with more to come: one lease always goes.
-                    out.push(info);
-                }
-                return (out, true);
-            }
-            out.push(info);
-        }
-        (out, false)
+        let visible = name::range_under(&self.names, prefix, after)
+            .map(|(_, id)| &self.leases[id])
+            .filter(|entry| Self::visible(peer, entry))
+            .map(|entry| self.info(peer, entry, false));
+        name::page(visible, fits)
     }
 
     /// Pool usage.

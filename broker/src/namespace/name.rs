@@ -42,6 +42,42 @@ pub fn is_under(name: &str, prefix: &str) -> bool {
     }
 }
 
+/// The entries of a map keyed by name that lie at or under `prefix`, after `after`, in name
+/// order.
+pub fn range_under<'a, V>(
+    map: &'a std::collections::BTreeMap<String, V>,
+    prefix: &'a str,
+    after: Option<&str>,
+) -> impl Iterator<Item = (&'a String, &'a V)> {
+    use std::ops::Bound;
+    let base = prefix.trim_end_matches('/');
+    let start = match after {
+        Some(a) if a >= base => Bound::Excluded(a.to_string()),
+        _ => Bound::Included(base.to_string()),
+    };
+    map.range((start, Bound::Unbounded))
+        // sorted: nothing further can be under the prefix
+        .take_while(move |(name, _)| name.starts_with(base))
+        // e.g. `a-b` sorts between `a` and `a/b`
+        .filter(move |(name, _)| is_under(name, prefix))
+}
+
+/// One page of `items`: as many as `fits` accepts, and whether more remain. Never an empty
+/// page with more to come: the first item always goes.
+pub fn page<T>(items: impl Iterator<Item = T>, mut fits: impl FnMut(&T) -> bool) -> (Vec<T>, bool) {
+    let mut out = Vec::new();
+    for item in items {
+        if !fits(&item) {
+            if out.is_empty() {
+                out.push(item);
+            }
+            return (out, true);
+        }
+        out.push(item);
+    }
+    (out, false)
+}
+
 /// The proper ancestors of a name: `a/b/c` → `a`, `a/b`.
 pub fn ancestors(name: &str) -> impl Iterator<Item = &str> {
     name.match_indices('/').map(move |(i, _)| &name[..i])

@@ -22,8 +22,14 @@ fn peer(conn: u64, uid: u32) -> Peer {
         pid: 100 + conn as u32,
         uid,
         gid: uid,
+        groups: Arc::from([]),
         admin: uid == 0,
     }
+}
+
+/// An admin connection that looks without holding anything.
+fn admin() -> Peer {
+    peer(999, 0)
 }
 
 fn memory() -> Allocation {
@@ -126,10 +132,13 @@ fn names_are_files_and_directories() {
         create(&mut ns, &p, CreateLease::new("t/vm1/ram0", 4096)),
         Err(NsError::Exists(_))
     ));
-    assert!(matches!(
-        create(&mut ns, &p, CreateLease::new("t/vm1", 4096)),
-        Err(NsError::NameConflict { .. })
-    ));
+    assert!(
+        matches!(
+            create(&mut ns, &p, CreateLease::new("t/vm1", 4096)),
+            Err(NsError::Exists(_))
+        ),
+        "t/vm1 is a directory"
+    );
     assert!(matches!(
         create(&mut ns, &p, CreateLease::new("t/vm1/ram0/x", 4096)),
         Err(NsError::NameConflict { .. })
@@ -147,7 +156,7 @@ fn names_are_files_and_directories() {
     )
     .unwrap();
     let names = |prefix: &str| {
-        ns.list(prefix, None, |_| true)
+        ns.list(&admin(), prefix, None, |_| true)
             .0
             .into_iter()
             .map(|l| l.name)
@@ -156,9 +165,9 @@ fn names_are_files_and_directories() {
     assert_eq!(names("t/vm1"), ["t/vm1/ram0"]);
     assert_eq!(names("t/vm1/"), ["t/vm1/ram0"]);
     assert_eq!(names(""), ["t/vm1-b", "t/vm1/ram0", "t/vm10/ram0"]);
-    let (page, more) = ns.list("", None, |_| false);
+    let (page, more) = ns.list(&admin(), "", None, |_| false);
     assert_eq!((page.len(), more), (1, true));
-    let (rest, more) = ns.list("", Some("t/vm1-b"), |_| true);
+    let (rest, more) = ns.list(&admin(), "", Some("t/vm1-b"), |_| true);
     assert_eq!((rest.len(), more), (2, false));
 }
 
@@ -218,7 +227,7 @@ fn remove_while_held_keeps_the_charge_until_the_holder_goes() {
     .unwrap();
     assert_eq!(info.state, LeaseState::Held);
     assert!(ns.remove(&alice, "l").unwrap().is_empty());
-    assert!(matches!(ns.stat("l"), Err(NsError::NotFound(_))));
+    assert!(matches!(ns.stat(&admin(), "l"), Err(NsError::NotFound(_))));
     assert_eq!(used(&ns, 0), 8 << 20);
     create(&mut ns, &alice, CreateLease::new("l", 4096)).unwrap();
     assert_eq!(ns.disconnect(alice.conn).len(), 2);
@@ -237,11 +246,11 @@ fn persistent_lease_outlives_its_holder_and_release() {
     .unwrap();
     assert!(ns.release(&alice, "p").unwrap().is_empty());
     assert!(matches!(ns.release(&alice, "p"), Err(NsError::NotHeld(_))));
-    assert_eq!(ns.stat("p").unwrap().state, LeaseState::Idle);
+    assert_eq!(ns.stat(&admin(), "p").unwrap().state, LeaseState::Idle);
     let again = peer(2, 1000);
     ns.open(&again, "p", true).unwrap();
     assert_eq!(
-        ns.stat("p").unwrap().holders,
+        ns.stat(&admin(), "p").unwrap().holders,
         vec![HolderInfo {
             pid: 102,
             uid: 1000
@@ -267,7 +276,7 @@ fn poison_reports_are_checked_and_recorded() {
     ns.report_poison(&alice, "p", 8192, 4096).unwrap();
     ns.report_poison(&alice, "p", 8192, 4096).unwrap();
     assert_eq!(
-        ns.stat("p").unwrap().poison,
+        ns.stat(&admin(), "p").unwrap().poison,
         vec![PoisonInfo {
             offset: 8192,
             len: 4096
@@ -346,3 +355,6 @@ proptest! {
         prop_assert!(ns.leases.is_empty());
     }
 }
+
+#[path = "dir_tests.rs"]
+mod dir_tests;

@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use membroker_client::codec::{MAX_PAYLOAD, encoded_len};
 use membroker_client::proto::{
-    ErrorCode, LeaseInfo, PROTOCOL_MAX, PROTOCOL_MIN, PoolInfo, PoolKind, Request, Response,
+    DirInfo, ErrorCode, LeaseInfo, PROTOCOL_MAX, PROTOCOL_MIN, PoolInfo, PoolKind, Request,
+    Response,
 };
 use parking_lot::Mutex;
 use rustix::fs::{Mode, OFlags};
@@ -92,6 +93,20 @@ impl Reply {
     }
 }
 
+/// Whether the next item still fits a page of a listing. Both the wire size and the count
+/// are bounded, so a page always decodes within the client's allocation budget
+/// (codec::MAX_DECODED).
+fn page_fits<T>(encoded_len: fn(&T) -> usize) -> impl FnMut(&T) -> bool {
+    const MAX_PAGE: usize = 256;
+    let budget = MAX_PAYLOAD - 1024;
+    let (mut used, mut count) = (0usize, 0usize);
+    move |item: &T| {
+        used = used.saturating_add(encoded_len(item));
+        count += 1;
+        used <= budget && count <= MAX_PAGE
+    }
+}
+
 /// One connection's protocol state: who it is and the version the handshake agreed on.
 #[derive(Debug)]
 pub struct Session {
@@ -130,7 +145,7 @@ pub struct Broker {
 
 impl Broker {
     /// A broker over `pools` (the first is the default) and the namespace restored for them;
-    /// members of `admin_gid` (by primary group) and root may manage every lease.
+    /// members of `admin_gid` (primary or supplementary group) and root may manage every lease.
     pub fn new(
         pools: Vec<Pool>,
         ns: Namespace,
@@ -169,16 +184,19 @@ impl Broker {
         *self.handover.lock() = Some((listener, lock));
     }
 
-    /// The identity of a connection.
-    pub fn peer(&self, conn: u64, pid: u32, uid: u32, gid: u32) -> Peer {
-        let admin = uid == 0 || self.admin_gid == Some(gid);
-        Peer {
+    /// The identity of a connection: `groups` are its supplementary groups; root and members
+    /// of the admin group (primary or supplementary) are admins.
+    pub fn peer(&self, conn: u64, pid: u32, uid: u32, gid: u32, groups: Vec<u32>) -> Peer {
+        let mut peer = Peer {
             conn,
             pid,
             uid,
             gid,
-            admin,
-        }
+            groups: groups.into(),
+            admin: uid == 0,
+        };
+        peer.admin |= self.admin_gid.is_some_and(|admin| peer.in_group(admin));
+        peer
     }
 
     /// Answers one decoded request of a connection; `version` is the one its header carries.
@@ -228,11 +246,11 @@ impl Broker {
                 }
                 reply
             }
-            Request::Stat { name } => match self.ns.lock().stat(&name) {
+            Request::Stat { name } => match self.ns.lock().stat(peer, &name) {
                 Ok(info) => Reply::new(Response::Stat(info)),
                 Err(e) => Reply::failed(&e),
             },
-            Request::List { prefix, after } => self.list(&prefix, after.as_deref()),
+            Request::List { prefix, after } => self.list(peer, &prefix, after.as_deref()),
             Request::Df => Reply::new(Response::Df(self.df())),
             Request::ReportPoison { name, offset, len } => {
                 match self.change(|ns| ns.report_poison(peer, &name, offset, len)) {
@@ -244,6 +262,30 @@ impl Broker {
                     Err(e) => Reply::failed(&e),
                 }
             }
+            Request::Mkdir(req) => self.meta(&req.path, "mkdir", |ns| ns.mkdir(peer, &req)),
+            Request::Chmod { name, mode } => {
+                self.meta(&name, "chmod", |ns| ns.chmod(peer, &name, mode))
+            }
+            Request::Chown { name, uid, gid } => {
+                self.meta(&name, "chown", |ns| ns.chown(peer, &name, uid, gid))
+            }
+            Request::Dirs { prefix, after } => self.dirs(peer, &prefix, after.as_deref()),
+        }
+    }
+
+    /// A change of names, owners or modes: journaled before the reply.
+    fn meta(
+        &self,
+        name: &str,
+        what: &'static str,
+        op: impl FnOnce(&mut Namespace) -> Result<(), crate::namespace::NsError>,
+    ) -> Reply {
+        match self.change(op) {
+            Ok(()) => {
+                tracing::info!(name, what, "namespace changed");
+                Reply::new(Response::Ok)
+            }
+            Err(e) => Reply::failed(&e),
         }
     }
 
@@ -309,8 +351,8 @@ impl Broker {
             return Reply::error(e.code(), format!("lease {}: {}", req.name, error_chain(&e)));
         }
         // Durable before the reply that hands the lease out.
-        let durable = |record: &Record| match &self.journal {
-            Some(journal) => journal.append(record).map_err(|e| error_chain(&e)),
+        let durable = |records: &[Record]| match &self.journal {
+            Some(journal) => journal.append_all(records).map_err(|e| error_chain(&e)),
             None => Ok(()),
         };
         let committed = self
@@ -327,7 +369,7 @@ impl Broker {
             }
             Err(failed) => {
                 let (e, memory) = *failed;
-                tracing::error!(error = %e, "create not journaled; memory given back");
+                tracing::warn!(error = %e, "create not committed; memory given back");
                 pool.discard(memory);
                 Reply::failed(&e)
             }
@@ -401,19 +443,20 @@ impl Broker {
         pools
     }
 
-    fn list(&self, prefix: &str, after: Option<&str>) -> Reply {
-        // Both the wire size and the count are bounded, so a page always decodes within the
-        // client's allocation budget (codec::MAX_DECODED).
-        const MAX_PAGE: usize = 256;
-        let budget = MAX_PAYLOAD - 1024;
-        let (mut used, mut count) = (0usize, 0usize);
-        let fits = |info: &LeaseInfo| {
-            used = used.saturating_add(encoded_len(info));
-            count += 1;
-            used <= budget && count <= MAX_PAGE
-        };
-        let (leases, more) = self.ns.lock().list(prefix, after, fits);
+    fn list(&self, peer: &Peer, prefix: &str, after: Option<&str>) -> Reply {
+        let (leases, more) =
+            self.ns
+                .lock()
+                .list(peer, prefix, after, page_fits(encoded_len::<LeaseInfo>));
         Reply::new(Response::List { leases, more })
+    }
+
+    fn dirs(&self, peer: &Peer, prefix: &str, after: Option<&str>) -> Reply {
+        let (dirs, more) =
+            self.ns
+                .lock()
+                .dirs(peer, prefix, after, page_fits(encoded_len::<DirInfo>));
+        Reply::new(Response::Dirs { dirs, more })
     }
 
     /// Re-executes `exe` with the same arguments, handing over the listening socket, the lock

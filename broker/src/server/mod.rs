@@ -214,6 +214,19 @@ pub fn run(broker: Arc<Broker>, listener: Listener) -> Result<(), ServeError> {
                 continue;
             }
         };
+        // Group permissions and the admin group count supplementary groups too.
+        let groups = match crate::sys::peer_groups(sock.as_fd()) {
+            Ok(groups) => groups,
+            // A kernel before 4.13: fewer groups only ever mean less access.
+            Err(Errno::NOPROTOOPT) => {
+                tracing::warn!("SO_PEERGROUPS unsupported: supplementary groups do not count");
+                Vec::new()
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "SO_PEERGROUPS failed; connection refused");
+                continue;
+            }
+        };
         threads.retain(|t| !t.is_finished());
         if active.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
             tracing::warn!(uid = cred.uid.as_raw(), "too many connections; refused");
@@ -225,6 +238,7 @@ pub fn run(broker: Arc<Broker>, listener: Listener) -> Result<(), ServeError> {
             cred.pid.as_raw_nonzero().get() as u32,
             cred.uid.as_raw(),
             cred.gid.as_raw(),
+            groups,
         );
         active.fetch_add(1, Ordering::Relaxed);
         let (broker, shutdown_rx, counter) = (broker.clone(), shutdown_rx.clone(), active.clone());

@@ -4,12 +4,12 @@
 
 use std::path::Path;
 
-use membroker::journal::{LeaseRecord, Record};
+use membroker::journal::{DirRecord, LeaseRecord, Record};
 use membroker_client::PageSize;
 use membroker_client::codec::{encode_request, encode_response};
 use membroker_client::proto::{
-    CreateLease, ErrorCode, Extent, HolderInfo, LeaseInfo, LeaseState, PoisonInfo, PoolInfo,
-    PoolKind, Request, Response,
+    CreateLease, DirInfo, ErrorCode, Extent, HolderInfo, LeaseInfo, LeaseState, Mkdir, PoisonInfo,
+    PoolInfo, PoolKind, Request, Response,
 };
 use membroker_fuzz::journal::encode_input;
 
@@ -73,6 +73,26 @@ fn requests() -> Vec<Request> {
             len: 0x1000,
         },
         Request::Upgrade,
+        Request::Mkdir(Mkdir {
+            path: "tenant/vm1".into(),
+            mode: 0o1750,
+            owner: Some(1000),
+            group: Some(50),
+            parents: true,
+        }),
+        Request::Chmod {
+            name: "tenant".into(),
+            mode: 0o755,
+        },
+        Request::Chown {
+            name: "tenant/vm1/ram0".into(),
+            uid: None,
+            gid: Some(50),
+        },
+        Request::Dirs {
+            prefix: "tenant".into(),
+            after: None,
+        },
     ]
 }
 
@@ -104,6 +124,16 @@ fn responses() -> Vec<Response> {
         Response::Error {
             code: ErrorCode::NoSpace,
             message: "no".into(),
+        },
+        Response::Dirs {
+            dirs: vec![DirInfo {
+                path: "uid-1000".into(),
+                uid: 1000,
+                gid: 1000,
+                mode: 0o700,
+                auto: true,
+            }],
+            more: false,
         },
     ]
 }
@@ -146,6 +176,22 @@ fn journals() -> Vec<(&'static str, Vec<u8>)> {
             len: 2 << 20,
         },
         Record::Freed { id: 1 },
+        Record::Dir(DirRecord {
+            path: "tenant".into(),
+            uid: 0,
+            gid: 0,
+            mode: 0o1777,
+            auto: false,
+        }),
+        Record::Meta {
+            id: 3,
+            uid: 1001,
+            gid: 50,
+            mode: 0o640,
+        },
+        Record::Rmdir {
+            path: "tenant".into(),
+        },
     ]);
     // The same journal as a raw file (mode byte 0): the CRCs are the real ones.
     let mut raw = vec![0u8];
