@@ -58,6 +58,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show quotas: each limit and what counts against it (yours; an admin sees all).
+    Quota {
+        /// Machine-readable output (a JSON array of quotas).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show quarantined memory per pool and the leases with reported poison; `clear` returns
+    /// a quarantined range to its pool.
+    Quarantine {
+        /// Machine-readable output (a JSON array of pools).
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        command: Option<cli::QuarantineCommand>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -75,6 +90,8 @@ fn main() -> ExitCode {
         Command::Rm { name } => cli::rm(&socket, &name),
         Command::Df { json } => cli::df(&socket, json),
         Command::Upgrade => cli::upgrade(&socket),
+        Command::Quota { json } => cli::quota(&socket, json),
+        Command::Quarantine { json, command } => cli::quarantine(&socket, command, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

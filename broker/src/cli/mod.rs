@@ -1,5 +1,6 @@
 //! The admin CLI: ls, stat, create, rm, df. Each talks to a running broker.
 
+mod quota;
 pub mod serve;
 mod table;
 
@@ -10,6 +11,7 @@ use membroker_client::proto::{LeaseInfo, PoolInfo};
 use membroker_client::size::{format_size, parse_size};
 use membroker_client::{Client, CreateLease, Error, PageSize};
 
+pub use quota::{QuarantineCommand, quarantine, quota};
 use table::{Names, Table, mode_string};
 
 fn connect(socket: &Path) -> Result<Client, String> {
