@@ -8,8 +8,8 @@ use membroker::journal::{LeaseRecord, Record};
 use membroker_client::PageSize;
 use membroker_client::codec::{encode_request, encode_response};
 use membroker_client::proto::{
-    CreateLease, ErrorCode, Extent, HolderInfo, LeaseInfo, LeaseState, PoisonInfo, PoolInfo,
-    PoolKind, Request, Response,
+    CreateLease, ErrorCode, Extent, HolderInfo, LeaseInfo, LeaseState, PoisonInfo, PoisonedLease,
+    PoolInfo, PoolKind, QuarantineInfo, QuotaInfo, Request, Response,
 };
 use membroker_fuzz::journal::encode_input;
 
@@ -73,6 +73,13 @@ fn requests() -> Vec<Request> {
             len: 0x1000,
         },
         Request::Upgrade,
+        Request::Quota,
+        Request::Quarantine,
+        Request::ClearQuarantine {
+            pool: "dax".into(),
+            start: 1 << 32,
+            len: 2 << 20,
+        },
     ]
 }
 
@@ -105,6 +112,31 @@ fn responses() -> Vec<Response> {
             code: ErrorCode::NoSpace,
             message: "no".into(),
         },
+        Response::Quota(vec![QuotaInfo {
+            scope: "uid".into(),
+            id: 1000,
+            label: "uid 1000".into(),
+            default: false,
+            bytes_limit: Some(8 << 30),
+            leases_limit: None,
+            bytes_used: 2 << 20,
+            leases_used: 1,
+        }]),
+        Response::Quarantine(vec![QuarantineInfo {
+            pool: "dax".into(),
+            kind: PoolKind::Devdax,
+            ranges: vec![Extent {
+                start: 1 << 32,
+                len: 2 << 20,
+            }],
+            leases: vec![PoisonedLease {
+                name: "vm1".into(),
+                poison: vec![PoisonInfo {
+                    offset: 0,
+                    len: 2 << 20,
+                }],
+            }],
+        }]),
     ]
 }
 
@@ -146,6 +178,11 @@ fn journals() -> Vec<(&'static str, Vec<u8>)> {
             len: 2 << 20,
         },
         Record::Freed { id: 1 },
+        Record::Unquarantine {
+            pool: "dax".into(),
+            start: 1 << 32,
+            len: 1 << 20,
+        },
     ]);
     // The same journal as a raw file (mode byte 0): the CRCs are the real ones.
     let mut raw = vec![0u8];
