@@ -426,7 +426,8 @@ impl DevdaxPool {
             }
             file_offset += extent.len;
         }
-        drop(alloc);
+        // Journaled before the lock goes, so a concurrent `unquarantine` of the same range is
+        // journaled after it, in the allocator's order.
         let records: Vec<Record> = ranges
             .iter()
             .map(|range| Record::Quarantine {
@@ -440,6 +441,7 @@ impl DevdaxPool {
         {
             tracing::error!(error = %error_chain(&e), "cannot journal quarantined memory; it is out of use until the broker restarts");
         }
+        drop(alloc);
     }
 
     /// Quarantined physical ranges, lowest first (a static region keeps none).
