@@ -81,6 +81,21 @@ enum Command {
     /// it inherits their fds and this connection, and `{fd:NAME}` in its arguments becomes
     /// the number of lease NAME's fd.
     Exec(cli::exec::ExecArgs),
+    /// Show quotas: each limit and what counts against it (yours; an admin sees all).
+    Quota {
+        /// Machine-readable output (a JSON array of quotas).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show quarantined memory per pool and the leases with reported poison; `clear` returns
+    /// a quarantined range to its pool.
+    Quarantine {
+        /// Machine-readable output (a JSON array of pools).
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        command: Option<cli::QuarantineCommand>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -105,6 +120,8 @@ fn main() -> ExitCode {
         Command::Df { json } => cli::df(&socket, json),
         Command::Upgrade => cli::upgrade(&socket),
         Command::Exec(exec) => cli::exec::run(&socket, exec),
+        Command::Quota { json } => cli::quota(&socket, json),
+        Command::Quarantine { json, command } => cli::quarantine(&socket, command, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -123,6 +123,14 @@ pub enum Request {
         prefix: String,
         after: Option<String>,
     },
+    /// Describe the quotas and their usage (an admin sees all, anybody else their own).
+    Quota,
+    /// Describe quarantined memory: per pool, the quarantined physical ranges and the leases
+    /// with reported poison.
+    Quarantine,
+    /// Return a quarantined physical range of a device-dax pool to its free memory (root or
+    /// admin group): a report turned out false.
+    ClearQuarantine { pool: String, start: u64, len: u64 },
 }
 
 /// Parameters of [`Request::Mkdir`].
@@ -179,6 +187,8 @@ pub enum Response {
         dirs: Vec<DirInfo>,
         more: bool,
     },
+    Quota(Vec<QuotaInfo>),
+    Quarantine(Vec<QuarantineInfo>),
 }
 
 impl Request {
@@ -199,6 +209,9 @@ impl Request {
             Request::Chmod { .. } => 12,
             Request::Chown { .. } => 13,
             Request::Dirs { .. } => 14,
+            Request::Quota => 15,
+            Request::Quarantine => 16,
+            Request::ClearQuarantine { .. } => 17,
         }
     }
 }
@@ -216,6 +229,8 @@ impl Response {
                 Response::Df(_) => 6,
                 Response::Error { .. } => 7,
                 Response::Dirs { .. } => 8,
+                Response::Quota(_) => 9,
+                Response::Quarantine(_) => 10,
             }
     }
 
@@ -333,4 +348,38 @@ pub struct PoolInfo {
     pub quarantined: u64,
     pub leases: u64,
     pub default: bool,
+}
+
+/// A quota and what counts against it.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize)]
+pub struct QuotaInfo {
+    /// `uid`, `gid` or `default` (the default rule itself, before any uid uses it).
+    pub scope: String,
+    pub id: u32,
+    /// For people: `uid 1000`, `group kvm (gid 100)`.
+    pub label: String,
+    /// The uid is limited by the default rule, not one of its own.
+    pub default: bool,
+    pub bytes_limit: Option<u64>,
+    pub leases_limit: Option<u64>,
+    pub bytes_used: u64,
+    pub leases_used: u64,
+}
+
+/// A lease with reported memory errors.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize)]
+pub struct PoisonedLease {
+    pub name: String,
+    pub poison: Vec<PoisonInfo>,
+}
+
+/// A pool's quarantined memory.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize)]
+pub struct QuarantineInfo {
+    pub pool: String,
+    pub kind: PoolKind,
+    /// Physical ranges out of use for good (device-dax), until cleared.
+    pub ranges: Vec<Extent>,
+    /// Leases with reported poison (their device-dax memory goes to quarantine on release).
+    pub leases: Vec<PoisonedLease>,
 }

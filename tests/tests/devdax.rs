@@ -10,7 +10,7 @@ use std::time::Duration;
 use membroker_client::proto::Extent;
 use membroker_client::{CreateLease, ErrorCode, LeaseInfo, PageSize};
 use membroker_tests::{
-    Helper, TestBroker, bin_path, in_dax_vm, physical_address, stderr_err, wait_until,
+    Helper, TestBroker, bin_path, in_dax_vm, physical_address, stderr_err, stdout_ok, wait_until,
 };
 
 const MIB: u64 = 1 << 20;
@@ -662,4 +662,95 @@ fn a_static_region_serves_whole_device_leases_only() {
         vec!["dax0.0".to_string()],
         "the static device is never deleted"
     );
+}
+
+/// The physical range behind `[offset, offset + len)` of a lease (inside one extent).
+fn physical(info: &LeaseInfo, offset: u64, len: u64) -> Extent {
+    let mut file_offset = 0;
+    for e in &info.extents {
+        if offset < file_offset + e.len {
+            return Extent {
+                start: e.start + offset - file_offset,
+                len,
+            };
+        }
+        file_offset += e.len;
+    }
+    panic!("offset {offset} is outside {info:?}")
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "devdax"),
+    ignore = "boots the dax VM: run with --features devdax (scripts/test does)"
+)]
+fn a_false_poison_report_is_listed_and_cleared_across_restarts() {
+    if !in_dax_vm(
+        "a_false_poison_report_is_listed_and_cleared_across_restarts",
+        &["--dax-size", "256M"],
+    ) {
+        return;
+    }
+    let mut broker =
+        TestBroker::start(&["--pool", "devdax:dax:region0:2M", "--socket-group", "65534"]);
+    let mut client = broker.client();
+    let lease = client.create(CreateLease::new("vm/ram", 8 * MIB)).unwrap();
+    // One byte reported: the whole 2 MiB page is poisoned, nothing is cleared while leased.
+    client.report_poison("vm/ram", 2 * MIB + 1, 1).unwrap();
+    let info = client.stat("vm/ram").unwrap();
+    assert_eq!(
+        info.poison,
+        vec![membroker_client::proto::PoisonInfo {
+            offset: 2 * MIB,
+            len: 2 * MIB
+        }]
+    );
+    let bad = physical(&info, 2 * MIB, 2 * MIB);
+    let listed = client.quarantine().unwrap();
+    assert!(listed[0].ranges.is_empty(), "{listed:?}");
+    assert_eq!(listed[0].leases[0].name, "vm/ram");
+    let err = client
+        .clear_quarantine("dax", bad.start, bad.len)
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::InvalidArgument), "{err}");
+    drop(lease);
+    client.release("vm/ram").unwrap();
+    wait_scrubbed(&broker);
+    assert_eq!(client.quarantine().unwrap()[0].ranges, vec![bad]);
+    assert_eq!(client.df().unwrap()[0].quarantined, 2 * MIB);
+
+    broker.kill9();
+    broker.restart();
+    let mut client = broker.client();
+    assert_eq!(
+        client.quarantine().unwrap()[0].ranges,
+        vec![bad],
+        "quarantine survives a restart"
+    );
+    let start = format!("{:#x}", bad.start);
+    let out = broker
+        .cli()
+        .args(["quarantine", "clear", "dax", &start])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let err = stderr_err(&out);
+    assert!(err.contains("only root and the admin group"), "{err}");
+    let text = stdout_ok(&broker.run_cli(&["quarantine", "clear", "dax", &start]));
+    assert!(text.contains("back in the free memory"), "{text}");
+    assert!(client.quarantine().unwrap()[0].ranges.is_empty());
+
+    broker.kill9();
+    broker.restart();
+    let mut client = broker.client();
+    assert!(
+        client.quarantine().unwrap()[0].ranges.is_empty(),
+        "the clear was journaled"
+    );
+    let df = client.df().unwrap()[0].clone();
+    assert_eq!((df.free, df.quarantined), (256 * MIB, 0));
+    client
+        .create(CreateLease::new("vm/all", 256 * MIB))
+        .expect("every page is usable again");
 }

@@ -3,6 +3,7 @@
 
 pub mod dirs;
 pub mod exec;
+mod quota;
 pub mod serve;
 mod table;
 
@@ -13,6 +14,7 @@ use membroker_client::proto::{LeaseInfo, PoolInfo};
 use membroker_client::size::{format_size, parse_size};
 use membroker_client::{Client, CreateLease, Error, PageSize};
 
+pub use quota::{QuarantineCommand, quarantine, quota};
 use table::{Names, Table, mode_string};
 
 fn connect(socket: &Path) -> Result<Client, String> {

@@ -8,6 +8,7 @@ use clap::Args;
 
 use crate::error::error_chain;
 use crate::journal::Journal;
+use crate::namespace::quota::{QuotaSpec, Quotas, SpecScope, Subject};
 use crate::pool::{Pool, PoolSpec};
 use crate::restore;
 use crate::server::{self, Broker, Listener};
@@ -47,6 +48,33 @@ pub struct ServeArgs {
     /// before it is released.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     reattach_grace: u64,
+    /// A quota on what a uid or group may own: uid:UID:LIMITS, gid:GROUP:LIMITS (name or gid;
+    /// shared by the group's leases) or default:LIMITS (each uid but root without a rule of
+    /// its own), LIMITS being bytes=SIZE and/or leases=N, e.g. uid:1000:bytes=8G,leases=16.
+    /// Repeat for more. A lease counts against its owner and its group.
+    #[arg(long = "quota", value_name = "SPEC")]
+    quotas: Vec<QuotaSpec>,
+}
+
+/// The quota rules of `--quota` arguments, groups resolved.
+fn quotas(specs: &[QuotaSpec]) -> Result<Quotas, String> {
+    let mut rules = Vec::new();
+    let mut names = std::collections::HashMap::new();
+    for spec in specs {
+        let subject = match &spec.scope {
+            SpecScope::Uid(uid) => Subject::Uid(*uid),
+            SpecScope::Default => Subject::Default,
+            SpecScope::Group(group) => {
+                let gid = group_id(group)?;
+                if group.parse::<u32>().is_err() {
+                    names.insert(gid, group.clone());
+                }
+                Subject::Gid(gid)
+            }
+        };
+        rules.push((subject, spec.limit));
+    }
+    Ok(Quotas::new(rules, names))
 }
 
 /// The default state directory.
@@ -91,6 +119,7 @@ pub fn run(socket: &Path, args: ServeArgs) -> Result<(), String> {
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let admin_gid = args.admin_group.as_deref().map(group_id).transpose()?;
     let socket_gid = args.socket_group.as_deref().map(group_id).transpose()?;
+    let quotas = quotas(&args.quotas)?;
     let started = Instant::now();
     let listener = match (inherited.listener, inherited.lock) {
         (Some(sock), Some(lock)) => Listener::adopt(sock, lock, socket),
@@ -122,6 +151,7 @@ pub fn run(socket: &Path, args: ServeArgs) -> Result<(), String> {
         notifier.as_ref(),
     )?;
     namespace.set_root_mode(args.root_mode);
+    namespace.set_quotas(quotas);
     let broker = Arc::new(Broker::new(
         pools,
         namespace,

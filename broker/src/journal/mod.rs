@@ -22,6 +22,7 @@
 //! | `Scrub` | the last holder of a device lease let go: its scrub starts | the namespace |
 //! | `Freed` (device-dax) | the scrub zeroed and destroyed the device; its extents are free | the device-dax scrubber |
 //! | `Quarantine` | a reported memory error's physical range leaves a device-dax pool | the device-dax pool |
+//! | `Unquarantine` | an admin returns a quarantined range to its pool (`membroker quarantine clear`), before the allocator frees it | the device-dax pool |
 //! | `Creating` | a device is about to be made, before the first sysfs write | the device-dax pool |
 //! | `Abandoned` | a `Creating` that delivered nothing is undone | the device-dax pool, the restore |
 //! | `Freed` (lost) | at start, a lease whose memory did not survive the restart | the restore |
@@ -70,7 +71,7 @@ use std::path::{Path, PathBuf};
 
 use parking_lot::Mutex;
 
-pub use record::{DirRecord, LeaseRecord, Record, ReplayedLease};
+pub use record::{DirRecord, LeaseRecord, Record, ReplayedLease, add_poison};
 pub use replay::Replayed;
 
 #[cfg(test)]

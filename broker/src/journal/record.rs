@@ -50,6 +50,8 @@ pub enum Record {
     Freed { id: u64 },
     /// Physical memory of a pool with memory errors: never leased again.
     Quarantine { pool: String, start: u64, len: u64 },
+    /// An operator returned quarantined physical memory to its pool (a false report).
+    Unquarantine { pool: String, start: u64, len: u64 },
     /// A device is about to be made on these extents (before any sysfs write). Resolved by the
     /// `Lease` with the same pool and extents, or by `Abandoned`; an unresolved one after a
     /// crash names a half-made device the broker may destroy (it was never delivered).
@@ -78,4 +80,34 @@ pub struct ReplayedLease {
     pub poison: Vec<PoisonInfo>,
     /// Released and being scrubbed when the broker stopped.
     pub scrubbing: bool,
+}
+
+/// Adds `report` to a lease's sorted poison ranges, merging it with those it overlaps or
+/// touches; returns whether any byte was new. The namespace and replay share it, so a lease's
+/// ranges are the same live and after a restart.
+pub fn add_poison(ranges: &mut Vec<PoisonInfo>, report: PoisonInfo) -> bool {
+    let (mut start, mut end) = (report.offset, report.offset.saturating_add(report.len));
+    let covered = ranges
+        .iter()
+        .any(|r| r.offset <= start && end <= r.offset + r.len);
+    if covered || start == end {
+        return false;
+    }
+    ranges.retain(|r| {
+        let apart = r.offset + r.len < start || end < r.offset;
+        if !apart {
+            start = start.min(r.offset);
+            end = end.max(r.offset + r.len);
+        }
+        apart
+    });
+    let at = ranges.partition_point(|r| r.offset < start);
+    ranges.insert(
+        at,
+        PoisonInfo {
+            offset: start,
+            len: end - start,
+        },
+    );
+    true
 }

@@ -9,6 +9,7 @@ use std::path::Path;
 
 use membroker_client::proto::{Extent, PoisonInfo};
 
+use super::record::add_poison;
 use super::{DirRecord, JournalError, MAX_ID, Record, ReplayedLease, Result};
 
 /// What the journal records amount to: the leases, quarantine and work in flight.
@@ -153,6 +154,11 @@ pub(super) fn check(
             Err(format!("lease {id} is not known"))
         }
         Record::Dir(d) if d.path.is_empty() => Err("a directory with an empty path".into()),
+        Record::Unquarantine { start, len, .. }
+            if *len == 0 || start.checked_add(*len).is_none() =>
+        {
+            Err(format!("unquarantine of {start:#x}+{len} is not a range"))
+        }
         _ => Ok(()),
     }
 }
@@ -181,7 +187,7 @@ pub(super) fn apply(state: &mut Replayed, record: Record) -> std::result::Result
         }
         Record::Unnamed { id } => lease(state, id).named = false,
         Record::Poison { id, offset, len } => {
-            lease(state, id).poison.push(PoisonInfo { offset, len })
+            add_poison(&mut lease(state, id).poison, PoisonInfo { offset, len });
         }
         Record::Scrub { id } => lease(state, id).scrubbing = true,
         // A scrub that ends after a compaction frees a lease the compacted journal no longer
@@ -191,6 +197,9 @@ pub(super) fn apply(state: &mut Replayed, record: Record) -> std::result::Result
         }
         Record::Quarantine { pool, start, len } => {
             state.quarantine.push((pool, Extent { start, len }))
+        }
+        Record::Unquarantine { pool, start, len } => {
+            unquarantine(&mut state.quarantine, &pool, start, start + len)
         }
         Record::Creating { pool, extents } => state.creating.push((pool, extents)),
         Record::Abandoned { pool, extents } => resolve(&mut state.creating, &pool, &extents),
@@ -207,6 +216,37 @@ pub(super) fn apply(state: &mut Replayed, record: Record) -> std::result::Result
         }
     }
     Ok(())
+}
+
+/// Cuts `[start, end)` out of `pool`'s quarantined ranges (splitting those it falls inside).
+fn unquarantine(quarantine: &mut Vec<(String, Extent)>, pool: &str, start: u64, end: u64) {
+    let mut kept = Vec::with_capacity(quarantine.len() + 1);
+    for (p, e) in quarantine.drain(..) {
+        let e_end = e.start + e.len;
+        if p != pool || e_end <= start || end <= e.start {
+            kept.push((p, e));
+            continue;
+        }
+        if e.start < start {
+            kept.push((
+                p.clone(),
+                Extent {
+                    start: e.start,
+                    len: start - e.start,
+                },
+            ));
+        }
+        if end < e_end {
+            kept.push((
+                p,
+                Extent {
+                    start: end,
+                    len: e_end - end,
+                },
+            ));
+        }
+    }
+    *quarantine = kept;
 }
 
 /// Drops the creation of `extents` in `pool` from `creating`.

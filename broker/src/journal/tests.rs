@@ -370,3 +370,69 @@ fn directories_and_owners_survive_replay_and_compaction() {
         .unwrap_err();
     assert!(err.to_string().contains("lease 9 is not known"), "{err}");
 }
+
+#[test]
+fn unquarantine_cuts_ranges_and_compaction_keeps_the_rest() {
+    let q = |pool: &str, start: u64, len: u64| Record::Quarantine {
+        pool: pool.into(),
+        start,
+        len,
+    };
+    let mut state = Replayed::new();
+    for r in [
+        q("dax", 0, 8 << 20),
+        q("other", 0, 8 << 20),
+        Record::Unquarantine {
+            pool: "dax".into(),
+            start: 2 << 20,
+            len: 2 << 20,
+        },
+    ] {
+        apply(&mut state, r).unwrap();
+    }
+    let zero = Record::Unquarantine {
+        pool: "dax".into(),
+        start: 0,
+        len: 0,
+    };
+    assert!(apply(&mut state, zero).is_err());
+    let ext = |start, len| Extent { start, len };
+    let expected = vec![
+        ("other".to_string(), ext(0, 8 << 20)),
+        ("dax".to_string(), ext(0, 2 << 20)),
+        ("dax".to_string(), ext(4 << 20, 4 << 20)),
+    ];
+    let mut got = state.quarantine.clone();
+    got.sort_by_key(|(p, e)| (p != "other", e.start));
+    assert_eq!(got, expected);
+    let mut again = Replayed::new();
+    for r in state.snapshot() {
+        apply(&mut again, r).unwrap();
+    }
+    assert_eq!(
+        again.quarantine, state.quarantine,
+        "carried through compaction"
+    );
+}
+
+#[test]
+fn replayed_poison_is_merged() {
+    let mut state = Replayed::new();
+    apply(&mut state, lease(1)).unwrap();
+    for (offset, len) in [(0, 4096), (4096, 4096), (0, 8192), (16384, 4096)] {
+        apply(&mut state, Record::Poison { id: 1, offset, len }).unwrap();
+    }
+    assert_eq!(
+        state.leases[&1].poison,
+        vec![
+            PoisonInfo {
+                offset: 0,
+                len: 8192
+            },
+            PoisonInfo {
+                offset: 16384,
+                len: 4096
+            }
+        ]
+    );
+}

@@ -14,6 +14,8 @@
 mod access;
 mod dir;
 mod name;
+mod poison;
+pub mod quota;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -27,6 +29,7 @@ use membroker_client::proto::{
     CreateLease, ErrorCode, HolderInfo, LeaseInfo, LeaseState, PoisonInfo, PoolInfo, PoolKind,
 };
 use membroker_client::size::format_size;
+use quota::Quotas;
 
 pub use access::{Access, Peer};
 pub use dir::{DEFAULT_ROOT_MODE, STICKY};
@@ -79,6 +82,12 @@ pub enum NsError {
     NotHeld(String),
     #[error("lease {name}: the state journal refused the change, nothing was done: {problem}")]
     Journal { name: String, problem: String },
+    /// A quota refused a create; the text names the quota, the usage and the ask.
+    #[error("{0}")]
+    Quota(String),
+    /// A limit on poison reports (per lease or per uid).
+    #[error("{0}")]
+    PoisonLimit(String),
 }
 
 impl WireError for NsError {
@@ -91,7 +100,9 @@ impl WireError for NsError {
             | NsError::Reserved { .. }
             | NsError::NotYours(_) => ErrorCode::PermissionDenied,
             NsError::Invalid(_) => ErrorCode::InvalidArgument,
-            NsError::NoSpace { .. } => ErrorCode::NoSpace,
+            NsError::NoSpace { .. } | NsError::Quota(_) | NsError::PoisonLimit(_) => {
+                ErrorCode::NoSpace
+            }
             NsError::Journal { .. } => ErrorCode::Internal,
         }
     }
@@ -155,6 +166,8 @@ struct Entry {
     pool: usize,
     memory: Arc<Allocation>,
     holders: BTreeMap<u64, HolderInfo>,
+    /// Holders whose fd is writable (they may report poison).
+    writers: BTreeSet<u64>,
     poison: Vec<PoisonInfo>,
     removed: bool,
     /// Restored after a broker restart without its holders: a non-persistent lease waits for
@@ -192,6 +205,9 @@ pub struct Namespace {
     dirs: dir::Dirs,
     /// Records of changes made since the owner last took them (see [`Namespace::take_records`]).
     unjournaled: Vec<JournalRecord>,
+    quotas: Quotas,
+    /// Pages of poison each uid reported since the broker started (see [`poison`]).
+    poison_reported: HashMap<u32, u64>,
 }
 
 impl Namespace {
@@ -208,6 +224,8 @@ impl Namespace {
             next_id: next_id.max(1),
             dirs: dir::Dirs::new(DEFAULT_ROOT_MODE),
             unjournaled: Vec::new(),
+            quotas: Quotas::default(),
+            poison_reported: HashMap::new(),
         }
     }
 
@@ -215,6 +233,16 @@ impl Namespace {
     /// admin group make top-level names (besides each uid's own `uid-N`).
     pub fn set_root_mode(&mut self, mode: u32) {
         self.dirs.set_root_mode(mode);
+    }
+
+    /// The operator's quota rules; usage already counted (restored leases) is kept.
+    pub fn set_quotas(&mut self, quotas: Quotas) {
+        self.quotas.set_rules(quotas);
+    }
+
+    /// Quotas and their usage: every one for an admin, else those that limit `peer`.
+    pub fn quotas(&self, peer: &Peer) -> Vec<membroker_client::proto::QuotaInfo> {
+        self.quotas.view(peer.uid, peer.gid, peer.admin)
     }
 
     /// The journal records of the changes made since the last call, in order. The owner
@@ -259,6 +287,7 @@ impl Namespace {
         self.unjournaled.extend(dirs);
         self.pools[pool].used += lease.size;
         self.pools[pool].leases += 1;
+        self.quotas.charge(lease.uid, lease.gid, lease.size);
         self.names.insert(lease.name.clone(), id);
         self.next_id = self.next_id.max(id + 1);
         self.leases.insert(
@@ -268,6 +297,7 @@ impl Namespace {
                 pool,
                 memory: Arc::new(memory),
                 holders: BTreeMap::new(),
+                writers: BTreeSet::new(),
                 poison: replayed.poison.clone(),
                 removed: false,
                 orphan: true,
@@ -401,6 +431,9 @@ impl Namespace {
                 req.name, req.size, account.name
             )));
         }
+        self.quotas
+            .admit(&req.name, uid, peer.gid, req.size)
+            .map_err(NsError::Quota)?;
         let free = account.size - account.used;
         if req.size > free {
             return Err(NsError::NoSpace {
@@ -411,6 +444,7 @@ impl Namespace {
             });
         }
         self.pools[pool].used += req.size;
+        self.quotas.charge(uid, peer.gid, req.size);
         self.pending.insert(req.name.clone());
         Ok(Reservation {
             pool,
@@ -427,6 +461,7 @@ impl Namespace {
     /// Gives a failed create's charge back.
     pub fn abort(&mut self, res: Reservation) {
         self.pools[res.pool].used -= res.size;
+        self.quotas.credit(res.uid, res.gid, res.size);
         self.pending.remove(&res.name);
     }
 
@@ -445,6 +480,7 @@ impl Namespace {
         // Another create may have made the directory above meanwhile (its owner's, 0700).
         if let Err(e) = self.may_create(peer, &res.name) {
             self.pools[res.pool].used -= res.size;
+            self.quotas.credit(res.uid, res.gid, res.size);
             return Err(Box::new((e, memory)));
         }
         let id = self.next_id;
@@ -469,6 +505,7 @@ impl Namespace {
         records.push(JournalRecord::Lease(lease));
         if let Err(problem) = durable(&records) {
             self.pools[res.pool].used -= res.size;
+            self.quotas.credit(res.uid, res.gid, res.size);
             let Some(JournalRecord::Lease(lease)) = records.pop() else {
                 unreachable!("built above")
             };
@@ -492,12 +529,13 @@ impl Namespace {
                 pool: res.pool,
                 memory: Arc::new(memory),
                 holders: BTreeMap::new(),
+                writers: BTreeSet::new(),
                 poison: Vec::new(),
                 removed: false,
                 orphan: false,
             },
         );
-        self.hold(peer, id);
+        self.hold(peer, id, true);
         let entry = &self.leases[&id];
         Ok((id, self.info(peer, entry, true), entry.memory.clone()))
     }
@@ -510,9 +548,12 @@ impl Namespace {
             .collect()
     }
 
-    fn hold(&mut self, peer: &Peer, id: u64) {
+    fn hold(&mut self, peer: &Peer, id: u64, writable: bool) {
         if let Some(entry) = self.leases.get_mut(&id) {
             entry.orphan = false;
+            if writable {
+                entry.writers.insert(peer.conn);
+            }
             entry.holders.insert(
                 peer.conn,
                 HolderInfo {
@@ -562,7 +603,7 @@ impl Namespace {
         if writable {
             self.check(peer, entry, Access::Write, "open it for writing")?;
         }
-        self.hold(peer, id);
+        self.hold(peer, id, writable);
         let entry = &self.leases[&id];
         Ok((self.info(peer, entry, writable), entry.memory.clone()))
     }
@@ -622,7 +663,9 @@ impl Namespace {
     }
 
     fn drop_holder(&mut self, conn: u64, id: u64) -> Option<FreedLease> {
-        self.leases.get_mut(&id)?.holders.remove(&conn);
+        let entry = self.leases.get_mut(&id)?;
+        entry.holders.remove(&conn);
+        entry.writers.remove(&conn);
         self.free_if_unused(id)
     }
 
@@ -640,6 +683,8 @@ impl Namespace {
         let pool = &mut self.pools[entry.pool];
         pool.used -= entry.lease.size;
         pool.leases -= 1;
+        let l = &entry.lease;
+        self.quotas.credit(l.uid, l.gid, l.size);
         // A device lease is scrubbed first; its pool journals `Freed` when that is done.
         self.unjournaled.push(match pool.kind {
             PoolKind::Memfd => JournalRecord::Freed { id },
@@ -650,41 +695,6 @@ impl Namespace {
             id,
             memory: entry.memory,
         })
-    }
-
-    /// Records a memory error a holder or owner reported; returns the lease's pool and memory
-    /// so the pool can quarantine it.
-    pub fn report_poison(
-        &mut self,
-        peer: &Peer,
-        name: &str,
-        offset: u64,
-        len: u64,
-    ) -> Result<(usize, Arc<Allocation>)> {
-        let (id, entry) = self.lookup(name)?;
-        let holder = entry.holders.contains_key(&peer.conn);
-        if !holder && !peer.admin && peer.uid != entry.lease.uid {
-            return Err(Self::denied(entry, "report poison on it"));
-        }
-        let size = entry.lease.size;
-        let end = offset
-            .checked_add(len)
-            .filter(|&end| len > 0 && end <= size);
-        if end.is_none() {
-            return Err(NsError::Invalid(format!(
-                "lease {name}: poison range {offset}+{len} is outside its {size} bytes"
-            )));
-        }
-        let entry = self.leases.get_mut(&id).expect("named lease exists");
-        let report = PoisonInfo { offset, len };
-        if !entry.poison.contains(&report) {
-            entry.poison.push(report);
-            entry.poison.sort_by_key(|p| p.offset);
-            self.unjournaled
-                .push(JournalRecord::Poison { id, offset, len });
-        }
-        let entry = &self.leases[&id];
-        Ok((entry.pool, entry.memory.clone()))
     }
 
     /// A lease's description for `viewer`: holders, physical extents and the device only for

@@ -1,3 +1,4 @@
+use super::poison::{MAX_POISON_PAGES_PER_UID, MAX_POISON_RANGES};
 use super::*;
 use proptest::prelude::*;
 
@@ -281,6 +282,145 @@ fn poison_reports_are_checked_and_recorded() {
             offset: 8192,
             len: 4096
         }]
+    );
+}
+
+#[test]
+fn poison_needs_a_writable_holder_the_owner_or_an_admin() {
+    let mut ns = Namespace::new(pools(), 1);
+    let alice = peer(1, 1000);
+    create(
+        &mut ns,
+        &alice,
+        CreateLease::new("p", 1 << 20).persistent(true).mode(0o666),
+    )
+    .unwrap();
+    let (reader, writer) = (peer(2, 2000), peer(3, 3000));
+    ns.open(&reader, "p", false).unwrap();
+    let err = ns.report_poison(&reader, "p", 0, 1).unwrap_err();
+    assert!(
+        err.to_string().contains("a read-only holder may not"),
+        "{err}"
+    );
+    ns.open(&writer, "p", true).unwrap();
+    ns.report_poison(&writer, "p", 0, 1).unwrap();
+    ns.report_poison(&peer(4, 0), "p", 8192, 1).unwrap();
+    ns.disconnect(writer.conn);
+    assert!(
+        ns.report_poison(&writer, "p", 0, 1).is_err(),
+        "no longer a holder"
+    );
+}
+
+#[test]
+fn poison_is_widened_to_pages_merged_and_capped() {
+    let mut ns = Namespace::new(pools(), 1);
+    let alice = peer(1, 1000);
+    create(
+        &mut ns,
+        &alice,
+        CreateLease::new("p", 4 << 20).persistent(true),
+    )
+    .unwrap();
+    create(
+        &mut ns,
+        &alice,
+        CreateLease::new("h", 4 << 20)
+            .persistent(true)
+            .page_size(PageSize::Huge2M),
+    )
+    .unwrap();
+    let r = ns.report_poison(&alice, "p", 4097, 1).unwrap();
+    assert_eq!((r.offset, r.len, r.new), (4096, 4096, true));
+    assert!(
+        !ns.report_poison(&alice, "p", 5000, 10).unwrap().new,
+        "covered"
+    );
+    // Touching neighbours merge into one range.
+    ns.report_poison(&alice, "p", 8192, 1).unwrap();
+    ns.report_poison(&alice, "p", 0, 1).unwrap();
+    let poison = |ns: &Namespace, name| ns.stat(&admin(), name).unwrap().poison;
+    assert_eq!(
+        poison(&ns, "p"),
+        vec![PoisonInfo {
+            offset: 0,
+            len: 3 * 4096
+        }]
+    );
+    // A 2 MiB pool's lease widens to 2 MiB pages.
+    let r = ns.report_poison(&alice, "h", (2 << 20) + 5, 1).unwrap();
+    assert_eq!((r.offset, r.len), (2 << 20, 2 << 20));
+    // Distinct ranges per lease are capped; a range covering them all is still taken.
+    let admin = peer(9, 0);
+    for i in 1..MAX_POISON_RANGES as u64 {
+        ns.report_poison(&admin, "p", (2 * i + 8) * 4096, 1)
+            .unwrap();
+    }
+    let err = ns.report_poison(&admin, "p", 1 << 21, 1).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::NoSpace);
+    assert!(err.to_string().contains("at most 64"), "{err}");
+    assert!(poison(&ns, "p").len() <= MAX_POISON_RANGES);
+    ns.report_poison(&admin, "p", 0, 4 << 20).unwrap();
+    assert_eq!(poison(&ns, "p").len(), 1);
+    // The replayed journal merges the same way.
+    let records = ns.take_records();
+    let mut merged = Vec::new();
+    for r in records {
+        if let JournalRecord::Poison { id: 1, offset, len } = r {
+            crate::journal::add_poison(&mut merged, PoisonInfo { offset, len });
+        }
+    }
+    assert_eq!(merged, poison(&ns, "p"));
+}
+
+#[test]
+fn poison_pages_per_uid_are_limited() {
+    let mut ns = Namespace::new(pools(), 1);
+    let alice = peer(1, 1000);
+    create(
+        &mut ns,
+        &alice,
+        CreateLease::new("p", 1 << 20).persistent(true),
+    )
+    .unwrap();
+    ns.report_poison(&alice, "p", 0, MAX_POISON_PAGES_PER_UID * 4096)
+        .unwrap();
+    let err = ns.report_poison(&alice, "p", 1 << 19, 4096).unwrap_err();
+    assert!(err.to_string().contains("uid 1000 reported 64"), "{err}");
+    ns.report_poison(&alice, "p", 0, 4096).unwrap();
+    ns.report_poison(&peer(2, 0), "p", 1 << 19, 4096).unwrap();
+}
+
+#[test]
+fn quotas_refuse_creates_and_count_until_free() {
+    use quota::{Limit, Quotas, Subject};
+    let mut ns = Namespace::new(pools(), 1);
+    let limit = Limit {
+        bytes: Some(8 << 20),
+        leases: Some(2),
+    };
+    ns.set_quotas(Quotas::new(
+        vec![(Subject::Uid(1000), limit)],
+        HashMap::new(),
+    ));
+    let alice = peer(1, 1000);
+    create(&mut ns, &alice, CreateLease::new("a", 6 << 20)).unwrap();
+    let err = create(&mut ns, &alice, CreateLease::new("b", 4 << 20)).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::NoSpace);
+    assert_eq!(
+        err.to_string(),
+        "lease b: quota of uid 1000 is 8 MiB, 6 MiB used, 4 MiB asked"
+    );
+    create(&mut ns, &alice, CreateLease::new("b", 1 << 20)).unwrap();
+    let err = create(&mut ns, &alice, CreateLease::new("c", 4096)).unwrap_err();
+    assert!(err.to_string().contains("is 2 leases, 2 used"), "{err}");
+    let mine = ns.quotas(&alice);
+    assert_eq!((mine[0].bytes_used, mine[0].leases_used), (7 << 20, 2));
+    ns.disconnect(alice.conn);
+    assert_eq!(
+        ns.quotas(&alice)[0].leases_used,
+        0,
+        "freed leases no longer count"
     );
 }
 

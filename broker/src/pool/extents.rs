@@ -306,6 +306,31 @@ impl ExtentAllocator {
         Ok(())
     }
 
+    /// An operator's verdict that a quarantined range was a false report: it becomes free again.
+    /// Only quarantined bytes qualify; a poisoned part of a live lease is refused (clear it once
+    /// the lease is released and its memory went to quarantine). Quarantined memory was zeroed
+    /// before it got there (a released lease is scrubbed first) or was never handed out. Err,
+    /// changing nothing, if any part is not quarantined.
+    pub fn unquarantine(&mut self, range: Extent) -> Result<()> {
+        self.check_unquarantine(range)?;
+        self.apply(range.start, range.start + range.len, |_| RangeState::Free);
+        Ok(())
+    }
+
+    /// What [`ExtentAllocator::unquarantine`] would refuse, changing nothing.
+    pub fn check_unquarantine(&self, range: Extent) -> Result<()> {
+        self.check(&[range], "unquarantine", "quarantined", |s| {
+            s == RangeState::Quarantined
+        })
+    }
+
+    /// Quarantined ranges (not counting poisoned parts of live leases), lowest first.
+    pub fn quarantined(&self) -> impl Iterator<Item = Extent> + '_ {
+        self.ranges()
+            .filter(|(_, s)| *s == RangeState::Quarantined)
+            .map(|(e, _)| e)
+    }
+
     /// Bytes that can be allocated (at any alignment).
     pub fn free_bytes(&self) -> u64 {
         self.bytes[RangeState::Free.index()]

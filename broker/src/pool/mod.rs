@@ -49,6 +49,11 @@ pub enum PoolError {
         free: String,
         asked: String,
     },
+    #[error(
+        "pool {pool} is a memfd pool: it quarantines no memory (the kernel retires a memfd's \
+         poisoned pages)"
+    )]
+    NoQuarantine { pool: String },
     #[error("pool {pool}")]
     Dax {
         pool: String,
@@ -66,8 +71,12 @@ impl WireError for PoolError {
                 source: DaxError::StaticBusy { .. },
                 ..
             } => ErrorCode::NoSpace,
-            PoolError::Dax {
-                source: DaxError::StaticWholeOnly { .. },
+            PoolError::NoQuarantine { .. }
+            | PoolError::Dax {
+                source:
+                    DaxError::StaticWholeOnly { .. }
+                    | DaxError::NotQuarantined(_)
+                    | DaxError::StaticNoQuarantine { .. },
                 ..
             } => ErrorCode::InvalidArgument,
             _ => ErrorCode::Internal,
@@ -364,6 +373,27 @@ impl Pool {
     pub fn quarantine(&self, memory: &Allocation, offset: u64, len: u64) {
         if let Backend::Devdax(pool) = &self.backend {
             pool.quarantine(&memory.extents, offset, len);
+        }
+    }
+
+    /// Quarantined physical ranges (device-dax; memfd pools keep none).
+    pub fn quarantined(&self) -> Vec<Extent> {
+        match &self.backend {
+            Backend::Memfd(_) => Vec::new(),
+            Backend::Devdax(pool) => pool.quarantined(),
+        }
+    }
+
+    /// Returns a quarantined range of a device-dax pool to its free memory.
+    pub fn unquarantine(&self, range: Extent) -> Result<()> {
+        match &self.backend {
+            Backend::Memfd(_) => Err(PoolError::NoQuarantine {
+                pool: self.name.clone(),
+            }),
+            Backend::Devdax(pool) => pool.unquarantine(range).map_err(|source| PoolError::Dax {
+                pool: self.name.clone(),
+                source,
+            }),
         }
     }
 

@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use membroker_client::codec::{MAX_PAYLOAD, encoded_len};
 use membroker_client::proto::{
-    DirInfo, ErrorCode, LeaseInfo, PROTOCOL_MAX, PROTOCOL_MIN, PoolInfo, PoolKind, Request,
-    Response,
+    DirInfo, ErrorCode, Extent, LeaseInfo, PROTOCOL_MAX, PROTOCOL_MIN, PoolInfo, PoolKind,
+    QuarantineInfo, Request, Response,
 };
 use parking_lot::Mutex;
 use rustix::fs::{Mode, OFlags};
@@ -254,9 +254,12 @@ impl Broker {
             Request::Df => Reply::new(Response::Df(self.df())),
             Request::ReportPoison { name, offset, len } => {
                 match self.change(|ns| ns.report_poison(peer, &name, offset, len)) {
-                    Ok((pool, memory)) => {
-                        tracing::warn!(lease = %name, offset, len, "memory error reported");
-                        self.pools[pool].quarantine(&memory, offset, len);
+                    Ok(report) => {
+                        let (offset, len) = (report.offset, report.len);
+                        tracing::warn!(lease = %name, offset, len, uid = peer.uid, new = report.new, "memory error reported");
+                        if report.new {
+                            self.pools[report.pool].quarantine(&report.memory, offset, len);
+                        }
                         Reply::new(Response::Ok)
                     }
                     Err(e) => Reply::failed(&e),
@@ -270,6 +273,21 @@ impl Broker {
                 self.meta(&name, "chown", |ns| ns.chown(peer, &name, uid, gid))
             }
             Request::Dirs { prefix, after } => self.dirs(peer, &prefix, after.as_deref()),
+            Request::Quota => Reply::new(Response::Quota(self.ns.lock().quotas(peer))),
+            Request::Quarantine => Reply::new(Response::Quarantine(self.quarantine())),
+            Request::ClearQuarantine { .. } if !peer.admin => Reply::error(
+                ErrorCode::PermissionDenied,
+                "permission denied: only root and the admin group may clear quarantine",
+            ),
+            Request::ClearQuarantine { pool, start, len } => {
+                let Some(p) = self.pools.iter().find(|p| p.name == pool) else {
+                    return Reply::error(ErrorCode::NotFound, format!("no pool named {pool:?}"));
+                };
+                match p.unquarantine(Extent { start, len }) {
+                    Ok(()) => Reply::new(Response::Ok),
+                    Err(e) => Reply::failed(&e),
+                }
+            }
         }
     }
 
@@ -441,6 +459,25 @@ impl Broker {
             }
         }
         pools
+    }
+
+    /// Per pool, its quarantined physical ranges and the leases with reported poison.
+    fn quarantine(&self) -> Vec<QuarantineInfo> {
+        let poisoned = self.ns.lock().poisoned();
+        let mut out: Vec<QuarantineInfo> = self
+            .pools
+            .iter()
+            .map(|p| QuarantineInfo {
+                pool: p.name.clone(),
+                kind: p.kind,
+                ranges: p.quarantined(),
+                leases: Vec::new(),
+            })
+            .collect();
+        for (pool, lease) in poisoned {
+            out[pool].leases.push(lease);
+        }
+        out
     }
 
     fn list(&self, peer: &Peer, prefix: &str, after: Option<&str>) -> Reply {

@@ -9,7 +9,7 @@ use membroker_client::PageSize;
 use membroker_client::codec::{encode_request, encode_response};
 use membroker_client::proto::{
     CreateLease, DirInfo, ErrorCode, Extent, HolderInfo, LeaseInfo, LeaseState, Mkdir, PoisonInfo,
-    PoolInfo, PoolKind, Request, Response,
+    PoisonedLease, PoolInfo, PoolKind, QuarantineInfo, QuotaInfo, Request, Response,
 };
 use membroker_fuzz::journal::encode_input;
 
@@ -93,6 +93,13 @@ fn requests() -> Vec<Request> {
             prefix: "tenant".into(),
             after: None,
         },
+        Request::Quota,
+        Request::Quarantine,
+        Request::ClearQuarantine {
+            pool: "dax".into(),
+            start: 1 << 32,
+            len: 2 << 20,
+        },
     ]
 }
 
@@ -135,6 +142,31 @@ fn responses() -> Vec<Response> {
             }],
             more: false,
         },
+        Response::Quota(vec![QuotaInfo {
+            scope: "uid".into(),
+            id: 1000,
+            label: "uid 1000".into(),
+            default: false,
+            bytes_limit: Some(8 << 30),
+            leases_limit: None,
+            bytes_used: 2 << 20,
+            leases_used: 1,
+        }]),
+        Response::Quarantine(vec![QuarantineInfo {
+            pool: "dax".into(),
+            kind: PoolKind::Devdax,
+            ranges: vec![Extent {
+                start: 1 << 32,
+                len: 2 << 20,
+            }],
+            leases: vec![PoisonedLease {
+                name: "vm1".into(),
+                poison: vec![PoisonInfo {
+                    offset: 0,
+                    len: 2 << 20,
+                }],
+            }],
+        }]),
     ]
 }
 
@@ -191,6 +223,11 @@ fn journals() -> Vec<(&'static str, Vec<u8>)> {
         },
         Record::Rmdir {
             path: "tenant".into(),
+        },
+        Record::Unquarantine {
+            pool: "dax".into(),
+            start: 1 << 32,
+            len: 1 << 20,
         },
     ]);
     // The same journal as a raw file (mode byte 0): the CRCs are the real ones.

@@ -6,6 +6,8 @@
 //!                                                   print "ok" or "error CODE: MESSAGE"; with
 //!                                                   probe-dax also try every /dev/dax* and a
 //!                                                   mapping past the lease, printing what happened
+//! mb-holder SOCKET poison NAME ro|rw OFFSET LEN     open, report poison at OFFSET+LEN, print
+//!                                                   "ok" or "error CODE: MESSAGE"
 //! ```
 //! It waits for stdin to close (or a kill) before exiting, so the test decides when it goes.
 
@@ -33,7 +35,7 @@ fn main() {
             let persistent = args.get(5).is_some_and(|a| a == "persistent");
             client.create(CreateLease::new(arg(3), size).persistent(persistent))
         }
-        "open" => client.open(arg(3), arg(4) == "rw"),
+        "open" | "poison" => client.open(arg(3), arg(4) == "rw"),
         other => panic!("unknown command {other}"),
     };
     let lease = match lease {
@@ -43,6 +45,17 @@ fn main() {
             std::process::exit(1);
         }
     };
+    if arg(2) == "poison" {
+        let number = |i| arg(i).parse::<u64>().expect("a number");
+        match client.report_poison(arg(3), number(5), number(6)) {
+            Ok(()) => println!("ok"),
+            Err(e) => println!("error {:?}: {e}", e.code()),
+        }
+        let mut sink = Vec::new();
+        let _ = std::io::stdin().read_to_end(&mut sink);
+        drop(lease);
+        return;
+    }
     let map = lease.map().expect("map");
     let page = lease.page_size().bytes() as usize;
     if arg(2) == "create" {

@@ -94,6 +94,12 @@ pub enum DaxError {
     },
     #[error("cannot re-create the static device {device}: {problem}")]
     Recreate { device: String, problem: String },
+    #[error("cannot return it to the free memory")]
+    NotQuarantined(#[source] crate::pool::extents::ExtentError),
+    #[error(
+        "region{region} is static: it keeps no quarantine of its own (the lease records the poison)"
+    )]
+    StaticNoQuarantine { region: u32 },
     #[error("no space: {free} bytes free in aligned extents")]
     NoSpace { free: u64 },
     #[error("device node {} did not appear", .0.display())]
@@ -412,7 +418,8 @@ impl DevdaxPool {
             }
             file_offset += extent.len;
         }
-        drop(alloc);
+        // Journaled before the lock goes, so a concurrent `unquarantine` of the same range is
+        // journaled after it, in the allocator's order.
         let records: Vec<Record> = ranges
             .iter()
             .map(|range| Record::Quarantine {
@@ -426,6 +433,44 @@ impl DevdaxPool {
         {
             tracing::error!(error = %error_chain(&e), "cannot journal quarantined memory; it is out of use until the broker restarts");
         }
+        drop(alloc);
+    }
+
+    /// Quarantined physical ranges, lowest first (a static region keeps none).
+    pub fn quarantined(&self) -> Vec<Extent> {
+        if self.whole.is_some() {
+            return Vec::new();
+        }
+        self.extents.lock().quarantined().collect()
+    }
+
+    /// Returns a quarantined range to free memory (a false report), journaled first. Only
+    /// quarantined bytes qualify (see [`ExtentAllocator::unquarantine`]).
+    pub fn unquarantine(&self, range: Extent) -> Result<(), DaxError> {
+        if self.whole.is_some() {
+            return Err(DaxError::StaticNoQuarantine {
+                region: self.region.id,
+            });
+        }
+        let mut alloc = self.extents.lock();
+        // Checked first: nothing is journaled that the allocator would refuse.
+        alloc
+            .check_unquarantine(range)
+            .map_err(DaxError::NotQuarantined)?;
+        self.log(&Record::Unquarantine {
+            pool: self.name.clone(),
+            start: range.start,
+            len: range.len,
+        })?;
+        alloc
+            .unquarantine(range)
+            .map_err(DaxError::NotQuarantined)?;
+        tracing::warn!(
+            start = format_args!("{:#x}", range.start),
+            len = range.len,
+            "quarantine cleared: back in the free memory"
+        );
+        Ok(())
     }
 
     /// Destroys a device made for a lease that was never delivered (no scrub needed: nobody

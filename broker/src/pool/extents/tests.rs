@@ -387,6 +387,30 @@ fn quarantined_lease_parts_wait_for_release() {
 }
 
 #[test]
+fn unquarantine_frees_only_quarantined_bytes() {
+    let mut a = ExtentAllocator::new(0, 4 * G1);
+    let lease = a.allocate(G1, G1).unwrap();
+    a.quarantine(ext(M2, M2)).unwrap(); // inside the lease: marked
+    a.quarantine(ext(2 * G1, 2 * M2)).unwrap();
+    let err = a.unquarantine(ext(M2, M2)).unwrap_err();
+    assert!(matches!(err, ExtentError::WrongState { .. }), "{err}");
+    assert!(a.unquarantine(ext(2 * G1, 4 * M2)).is_err(), "partly free");
+    assert_eq!(a.quarantined_bytes(), 2 * M2, "refusals change nothing");
+    a.unquarantine(ext(2 * G1, M2)).unwrap();
+    assert_eq!(
+        a.quarantined().collect::<Vec<_>>(),
+        vec![ext(2 * G1 + M2, M2)]
+    );
+    a.unquarantine(ext(2 * G1 + M2, M2)).unwrap();
+    assert_eq!(a.quarantined_bytes(), 0);
+    assert_eq!(free_ranges(&a), 1, "merged back into one free range");
+    a.release(&lease).unwrap();
+    a.unquarantine(ext(M2, M2)).unwrap();
+    assert_eq!(a.free_bytes(), 4 * G1);
+    check_invariants(&a);
+}
+
+#[test]
 fn memory_grows_with_ranges_not_size() {
     let mut a = ExtentAllocator::new(0, 64 << 40);
     let small = a.approx_memory_bytes();
