@@ -6,10 +6,10 @@
 //! [`Namespace::abort`].
 //!
 //! Every change it makes that a restart must remember becomes a journal [`JournalRecord`]:
-//! `commit` hands the new lease's record to the caller's `durable` hook before the lease
-//! becomes visible; the other changes queue theirs, which the owner takes with
-//! [`Namespace::take_records`] and journals before it lets go of the lock (so the journal's
-//! order is the namespace's order).
+//! a create is three steps, `prepare` (the lease gets its id and record, still invisible),
+//! then `commit` once the owner has the record on disk (or `abort_prepared`); the other
+//! changes queue their records, which the owner takes with [`Namespace::take_records`] and
+//! journals before it lets go of the lock (so the journal's order is the namespace's order).
 
 mod access;
 mod name;
@@ -136,6 +136,26 @@ struct Entry {
 
 /// Where leases removed while held are kept after a restart (see [`Namespace::restore`]).
 pub const REMOVED_PREFIX: &str = ".removed/";
+
+/// A lease made and given its id, not yet visible (see [`Namespace::prepare`]).
+#[derive(Debug)]
+#[must_use]
+pub struct Prepared {
+    res: Reservation,
+    lease: LeaseRecord,
+    memory: Allocation,
+}
+
+impl Prepared {
+    /// The journal record that must be on disk before the lease is committed.
+    pub fn record(&self) -> JournalRecord {
+        JournalRecord::Lease(self.lease.clone())
+    }
+
+    pub fn id(&self) -> u64 {
+        self.lease.id
+    }
+}
 
 /// A committed lease: its id, its description, its memory.
 pub type Committed = (u64, LeaseInfo, Arc<Allocation>);
@@ -386,24 +406,18 @@ impl Namespace {
         self.pending.remove(&res.name);
     }
 
-    /// Records the lease made for `res`; `peer` holds it. `durable` must put the new lease's
-    /// journal record on disk before the lease becomes visible; if it fails, nothing changed,
-    /// the charge is given back and the memory is returned for the pool to discard.
-    pub fn commit(
-        &mut self,
-        peer: &Peer,
-        res: Reservation,
-        memory: Allocation,
-        durable: impl FnOnce(&JournalRecord) -> std::result::Result<(), String>,
-    ) -> std::result::Result<Committed, Box<(NsError, Allocation)>> {
-        self.pending.remove(&res.name);
+    /// Gives the lease made for `res` its id and journal record; the name stays reserved and
+    /// the lease invisible until [`Namespace::commit`] (once the record is on disk) or
+    /// [`Namespace::abort_prepared`].
+    pub fn prepare(&mut self, res: Reservation, memory: Allocation) -> Prepared {
         let id = self.next_id;
+        self.next_id += 1;
         let created = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let lease = LeaseRecord {
             id,
-            name: res.name,
+            name: res.name.clone(),
             pool: self.pools[res.pool].name.clone(),
             size: res.size,
             page_size: res.page_size,
@@ -415,22 +429,14 @@ impl Namespace {
             extents: memory.extents.clone(),
             device: memory.device.clone(),
         };
-        let record = JournalRecord::Lease(lease);
-        if let Err(problem) = durable(&record) {
-            self.pools[res.pool].used -= res.size;
-            let JournalRecord::Lease(lease) = record else {
-                unreachable!("built above")
-            };
-            let error = NsError::Journal {
-                name: lease.name,
-                problem,
-            };
-            return Err(Box::new((error, memory)));
-        }
-        let JournalRecord::Lease(lease) = record else {
-            unreachable!("built above")
-        };
-        self.next_id += 1;
+        Prepared { res, lease, memory }
+    }
+
+    /// Makes a prepared lease visible; `peer` holds it. Its record must be on disk.
+    pub fn commit(&mut self, peer: &Peer, prepared: Prepared) -> Committed {
+        let Prepared { res, lease, memory } = prepared;
+        self.pending.remove(&res.name);
+        let id = lease.id;
         self.pools[res.pool].leases += 1;
         self.names.insert(lease.name.clone(), id);
         self.leases.insert(
@@ -447,7 +453,20 @@ impl Namespace {
         );
         self.hold(peer, id);
         let entry = &self.leases[&id];
-        Ok((id, self.info(entry, true), entry.memory.clone()))
+        (id, self.info(entry, true), entry.memory.clone())
+    }
+
+    /// Gives a prepared lease's charge and name back (its record did not reach the disk);
+    /// returns its memory for the pool to discard.
+    pub fn abort_prepared(&mut self, prepared: Prepared) -> Allocation {
+        let Prepared { res, memory, .. } = prepared;
+        self.abort(res);
+        memory
+    }
+
+    /// Queues the record that lease `id`, prepared but never committed, is gone.
+    pub fn forget(&mut self, id: u64) {
+        self.unjournaled.push(JournalRecord::Freed { id });
     }
 
     /// Every lease's id, pool and memory (for the upgrade hand-over).

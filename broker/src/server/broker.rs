@@ -14,8 +14,8 @@ use parking_lot::Mutex;
 use rustix::fs::{Mode, OFlags};
 
 use crate::error::{WireError, error_chain};
-use crate::journal::{Journal, Record};
-use crate::namespace::{Freed, Namespace, Peer};
+use crate::journal::Journal;
+use crate::namespace::{Freed, Namespace, NsError, Peer};
 use crate::notify::Notifier;
 use crate::pool::{Allocation, Pool};
 
@@ -265,23 +265,27 @@ impl Broker {
         })
     }
 
-    /// Runs a change of the namespace under its lock and journals the records it made before
-    /// the lock is released, so the journal's order is the namespace's.
+    /// Runs a change of the namespace under its lock and writes the records it made to the
+    /// journal before the lock is released, so the journal's order is the namespace's; then,
+    /// outside the lock, waits for them to be on disk (group commit) before the caller
+    /// replies. A journal that fails is logged: the change itself stands.
     fn change<T>(&self, op: impl FnOnce(&mut Namespace) -> T) -> T {
-        let mut ns = self.ns.lock();
-        let out = op(&mut ns);
-        let records = ns.take_records();
-        self.journal_all(&records);
-        out
-    }
-
-    /// Journals records whose loss a restart tolerates (it is logged).
-    fn journal_all(&self, records: &[Record]) {
-        if let Some(journal) = &self.journal
-            && let Err(e) = journal.append_all(records)
+        let (out, written) = {
+            let mut ns = self.ns.lock();
+            let out = op(&mut ns);
+            let records = ns.take_records();
+            let written = match &self.journal {
+                Some(journal) if !records.is_empty() => Some(journal.write(&records)),
+                _ => None,
+            };
+            (out, written)
+        };
+        if let (Some(journal), Some(written)) = (&self.journal, written)
+            && let Err(e) = written.and_then(|ticket| journal.wait(ticket))
         {
-            tracing::error!(error = %error_chain(&e), ?records, "journal append failed");
+            tracing::error!(error = %error_chain(&e), "journal append failed");
         }
+        out
     }
 
     fn create(&self, peer: &Peer, req: membroker_client::CreateLease) -> Reply {
@@ -299,30 +303,40 @@ impl Broker {
                 return Reply::error(e.code(), format!("lease {}: {}", req.name, error_chain(&e)));
             }
         };
-        // Durable before the reply that hands the lease out.
-        let durable = |record: &Record| match &self.journal {
-            Some(journal) => journal.append(record).map_err(|e| error_chain(&e)),
-            None => Ok(()),
+        // Durable before the lease is visible and before the reply that hands it out; the sync
+        // runs outside the namespace lock, shared with other writers.
+        let (prepared, written) = {
+            let mut ns = self.ns.lock();
+            let prepared = ns.prepare(reservation, allocation);
+            let written = self.journal.as_ref().map(|j| j.write(&[prepared.record()]));
+            (prepared, written)
         };
-        let committed = self
-            .ns
-            .lock()
-            .commit(peer, reservation, allocation, durable);
-        match committed {
-            Ok((id, info, memory)) => {
-                if let (Some(n), PoolKind::Memfd) = (&self.notifier, pool.kind) {
-                    n.store(id, memory.fd.as_fd());
-                }
-                tracing::info!(lease = %info.name, size = info.size, pool = %info.pool, persistent = info.persistent, "created");
-                Reply::lease(info, ReplyFd::Shared(memory))
-            }
-            Err(failed) => {
-                let (e, memory) = *failed;
-                tracing::error!(error = %e, "create not journaled; memory given back");
-                pool.discard(memory);
-                Reply::failed(&e)
-            }
+        let durable = match (&self.journal, written) {
+            (Some(journal), Some(written)) => written.and_then(|ticket| journal.wait(ticket)),
+            _ => Ok(()),
+        };
+        if let Err(e) = durable {
+            let (id, name) = (prepared.id(), req.name.clone());
+            let memory = self.change(|ns| {
+                let memory = ns.abort_prepared(prepared);
+                // The journal's model has the lease: take it out again (the file may too).
+                ns.forget(id);
+                memory
+            });
+            pool.discard(memory);
+            let e = NsError::Journal {
+                name,
+                problem: error_chain(&e),
+            };
+            tracing::error!(error = %e, "create not journaled; memory given back");
+            return Reply::failed(&e);
         }
+        let (id, info, memory) = self.ns.lock().commit(peer, prepared);
+        if let (Some(n), PoolKind::Memfd) = (&self.notifier, pool.kind) {
+            n.store(id, memory.fd.as_fd());
+        }
+        tracing::info!(lease = %info.name, size = info.size, pool = %info.pool, persistent = info.persistent, "created");
+        Reply::lease(info, ReplyFd::Shared(memory))
     }
 
     fn open(&self, peer: &Peer, name: &str, writable: bool) -> Reply {
