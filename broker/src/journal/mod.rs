@@ -11,6 +11,25 @@
 //! journal is replayed; a torn or corrupt *last* record (a crash mid-write) is dropped with a
 //! warning, damage followed by intact records stops the start with instructions.
 //!
+//! # Group commit
+//!
+//! Writing and syncing are two steps. [`Journal::write`] appends a batch to the file (the page
+//! cache) and returns a [`Ticket`]; it is cheap, and callers that need the journal's order to
+//! match theirs call it under their own lock. [`Journal::wait`] returns once everything up to
+//! the ticket is on disk: the first waiter runs one `fdatasync` for every batch written so far
+//! while the others wait for it, so concurrent changes share a sync and nobody syncs under the
+//! namespace lock.
+//!
+//! # When the disk fails
+//!
+//! A failed write is cut back to the last whole record. A failed write or `fdatasync` puts the
+//! journal in a *failing* state: the file can no longer be trusted to hold what was written
+//! (after a failed `fdatasync` the kernel may have dropped the dirty pages, so syncing again
+//! would prove nothing). From then on nothing is acknowledged as durable. The records still
+//! reach the live model, and the next write (at most once a second) tries to recover by
+//! rewriting the whole state into a new file (compaction: write, sync, rename, sync the
+//! directory). When that succeeds the journal is whole again and serving goes on by itself.
+//!
 //! # Who writes which record
 //!
 //! | record | written when | handed over by |
@@ -69,7 +88,9 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use parking_lot::Mutex;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
 
 pub use record::{DirRecord, LeaseRecord, Record, ReplayedLease, add_poison};
 pub use replay::Replayed;
@@ -109,6 +130,12 @@ pub enum JournalError {
     },
     #[error("journal {}: refused a record that contradicts it (a broker bug; nothing was written): {problem}", path.display())]
     Refused { path: PathBuf, problem: String },
+    #[error(
+        "journal {} cannot be written ({why}); changes are not acknowledged until it can be \
+         rewritten (free space in the state directory or fix the disk: the broker retries by itself)",
+        path.display()
+    )]
+    Failing { path: PathBuf, why: String },
 }
 
 /// Lease ids stay below this (2^62): far beyond any real history, and `id + 1` never overflows.
@@ -116,6 +143,14 @@ pub const MAX_ID: u64 = 1 << 62;
 
 /// Records beyond twice the compacted size before the journal compacts itself.
 const COMPACT_SLACK: u64 = 4096;
+
+/// How often a failing journal tries to rewrite itself.
+const RECOVER_EVERY: Duration = Duration::from_secs(1);
+
+/// The end of a batch in the journal's history: [`Journal::wait`] for it to be on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[must_use = "a ticket means nothing until it is waited for"]
+pub struct Ticket(u64);
 
 /// Result alias of this module.
 pub type Result<T> = std::result::Result<T, JournalError>;
@@ -127,6 +162,20 @@ pub struct Journal {
     dir: PathBuf,
     sync: bool,
     inner: Mutex<Inner>,
+    durability: Mutex<Durability>,
+    /// Signalled when a sync ends.
+    synced: Condvar,
+}
+
+/// What is known to be on disk.
+#[derive(Debug, Default)]
+struct Durability {
+    /// Batches up to this one are on disk.
+    durable: u64,
+    /// A waiter is running `fdatasync` for the others.
+    syncing: bool,
+    /// The journal is failing (see the module documentation): why.
+    failing: Option<String>,
 }
 
 #[derive(Debug)]
@@ -138,8 +187,12 @@ struct Inner {
     records: u64,
     /// Records in the file right after the last compaction (or the start).
     compacted: u64,
-    /// What the records amount to.
+    /// What the records amount to (including records a failing journal could not write).
     state: Replayed,
+    /// Batches written since the journal was opened (the last ticket handed out).
+    written: u64,
+    /// When a failing journal may next try to recover.
+    retry_at: Option<Instant>,
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
@@ -185,7 +238,11 @@ impl Journal {
                 records: replayed.records,
                 compacted: replayed.records,
                 state: replayed.clone(),
+                written: 0,
+                retry_at: None,
             }),
+            durability: Mutex::new(Durability::default()),
+            synced: Condvar::new(),
             path,
         };
         Ok((journal, replayed))
@@ -208,13 +265,19 @@ impl Journal {
         self.append_all(std::slice::from_ref(record))
     }
 
-    /// Appends records in order with one sync; on return they are on disk (unless syncing is
-    /// off). All or none: a record that contradicts the journal refuses the whole batch before
-    /// anything is written, and a failed write is cut back to the last whole record.
+    /// Appends records in order and waits until they are on disk ([`Journal::write`] then
+    /// [`Journal::wait`]).
     pub fn append_all(&self, records: &[Record]) -> Result<()> {
-        if records.is_empty() {
-            return Ok(());
-        }
+        let ticket = self.write(records)?;
+        self.wait(ticket)
+    }
+
+    /// Appends records in order to the file, not yet synced; [`Journal::wait`] for the ticket
+    /// before acknowledging anything that depends on them. A record that contradicts the
+    /// journal refuses the whole batch, unwritten and unapplied. Otherwise the records reach
+    /// the live model even when the file cannot take them (the journal is then failing and
+    /// this returns the error; a recovery rewrites them from the model).
+    pub fn write(&self, records: &[Record]) -> Result<Ticket> {
         let mut inner = self.inner.lock();
         let mut batch = BTreeSet::new();
         let mut bytes = Vec::new();
@@ -230,19 +293,27 @@ impl Journal {
             }
             bytes.extend_from_slice(&replay::encode(record));
         }
-        if let Err(e) = inner.file.write_all(&bytes) {
-            // Never leave half a record behind a later, acknowledged one.
-            let _ = inner.file.set_len(inner.len);
-            return Err(self.io("cannot append")(e));
-        }
-        if self.sync {
-            inner.file.sync_data().map_err(self.io("cannot sync"))?;
-        }
-        inner.len += bytes.len() as u64;
-        inner.records += records.len() as u64;
         for record in records {
             replay::apply(&mut inner.state, record.clone()).expect("checked before writing");
         }
+        let failing = self.durability.lock().failing.clone();
+        if let Some(why) = failing {
+            // Everything, these records included, is rewritten from the model.
+            self.recover(&mut inner)
+                .map_err(|_| self.failing_error(why))?;
+            return Ok(Ticket(inner.written));
+        }
+        if let Err(e) = inner.file.write_all(&bytes) {
+            // Never leave half a record behind a later one.
+            let _ = inner.file.set_len(inner.len);
+            let error = self.io("cannot append")(e);
+            self.fail(&mut inner, &error);
+            return Err(error);
+        }
+        inner.len += bytes.len() as u64;
+        inner.records += records.len() as u64;
+        inner.written += 1;
+        let ticket = Ticket(inner.written);
         if inner.records > 2 * inner.compacted + COMPACT_SLACK
             && let Err(e) = self.compact_locked(&mut inner)
         {
@@ -250,7 +321,78 @@ impl Journal {
             inner.compacted = inner.records;
             tracing::error!(error = %crate::error::error_chain(&e), "journal compaction failed");
         }
-        Ok(())
+        Ok(ticket)
+    }
+
+    /// Returns once everything up to `ticket` is on disk: one `fdatasync` serves every batch
+    /// written before it started. Fails while the journal is failing.
+    pub fn wait(&self, ticket: Ticket) -> Result<()> {
+        let mut d = self.durability.lock();
+        loop {
+            if let Some(why) = &d.failing {
+                return Err(self.failing_error(why.clone()));
+            }
+            if !self.sync || d.durable >= ticket.0 {
+                return Ok(());
+            }
+            if d.syncing {
+                self.synced.wait(&mut d);
+                continue;
+            }
+            d.syncing = true;
+            drop(d);
+            // Everything written so far; the sync runs without the write lock, so writers go on.
+            let (target, file) = {
+                let inner = self.inner.lock();
+                (inner.written, inner.file.try_clone())
+            };
+            let synced = file.and_then(|f| f.sync_data());
+            d = self.durability.lock();
+            d.syncing = false;
+            match synced {
+                Ok(()) => d.durable = d.durable.max(target),
+                Err(e) => {
+                    let error = self.io("cannot sync")(e);
+                    tracing::error!(error = %crate::error::error_chain(&error), "journal is failing: nothing more is acknowledged until it is rewritten");
+                    d.failing = Some(crate::error::error_chain(&error));
+                }
+            }
+            self.synced.notify_all();
+        }
+    }
+
+    fn failing_error(&self, why: String) -> JournalError {
+        JournalError::Failing {
+            path: self.path.clone(),
+            why,
+        }
+    }
+
+    /// Enters the failing state after `error`.
+    fn fail(&self, inner: &mut Inner, error: &JournalError) {
+        let why = crate::error::error_chain(error);
+        tracing::error!(error = %why, "journal is failing: nothing more is acknowledged until it is rewritten");
+        inner.retry_at = Some(Instant::now() + RECOVER_EVERY);
+        self.durability.lock().failing = Some(why);
+    }
+
+    /// A failing journal rewrites its whole state (at most once every [`RECOVER_EVERY`]).
+    fn recover(&self, inner: &mut Inner) -> Result<()> {
+        if inner.retry_at.is_some_and(|at| Instant::now() < at) {
+            return Err(self.failing_error("still failing".into()));
+        }
+        match self.compact_locked(inner) {
+            Ok(()) => {
+                inner.retry_at = None;
+                self.durability.lock().failing = None;
+                tracing::info!("journal rewritten: acknowledging changes again");
+                Ok(())
+            }
+            Err(e) => {
+                inner.retry_at = Some(Instant::now() + RECOVER_EVERY);
+                Err(e)
+            }
+        }
     }
 
     /// Records in the file now.
@@ -294,6 +436,10 @@ impl Journal {
         inner.len = buf.len() as u64;
         inner.records = snapshot.len() as u64;
         inner.compacted = inner.records;
+        // The new file holds every batch written so far, synced.
+        inner.written += 1;
+        let mut d = self.durability.lock();
+        d.durable = d.durable.max(inner.written);
         Ok(())
     }
 }

@@ -202,7 +202,7 @@ fn a_create_racing_another_into_a_new_directory_is_checked_again() {
     let (alice, bob) = (peer(1, 1000), peer(2, 1001));
     let res = ns.reserve(&bob, &lease("a/y")).unwrap();
     create(&mut ns, &alice, lease("a/x")).unwrap();
-    let failed = ns.commit(&bob, res, memory(), |_| Ok(())).unwrap_err();
+    let failed = ns.prepare(&bob, res, memory()).unwrap_err();
     assert!(
         matches!(failed.0, NsError::DirDenied { .. }),
         "{}",

@@ -6,10 +6,10 @@
 //! [`Namespace::abort`].
 //!
 //! Every change it makes that a restart must remember becomes a journal [`JournalRecord`]:
-//! `commit` hands the new lease's record to the caller's `durable` hook before the lease
-//! becomes visible; the other changes queue theirs, which the owner takes with
-//! [`Namespace::take_records`] and journals before it lets go of the lock (so the journal's
-//! order is the namespace's order).
+//! a create is three steps, `prepare` (the lease gets its id and records, still invisible),
+//! then `commit` once the owner has the records on disk (or `abort_prepared`); the other
+//! changes queue their records, which the owner takes with [`Namespace::take_records`] and
+//! journals before it lets go of the lock (so the journal's order is the namespace's order).
 
 mod access;
 mod dir;
@@ -177,6 +177,26 @@ struct Entry {
 
 /// Where leases removed while held are kept after a restart (see [`Namespace::restore`]).
 pub const REMOVED_PREFIX: &str = ".removed/";
+
+/// A lease's owner uid, group and mode.
+pub type Ownership = (u32, u32, u32);
+
+/// A lease made and given its id, not yet visible (see [`Namespace::prepare`]).
+#[derive(Debug)]
+#[must_use]
+pub struct Prepared {
+    res: Reservation,
+    /// The directories made on its way, then the lease.
+    records: Vec<JournalRecord>,
+    memory: Allocation,
+}
+
+impl Prepared {
+    /// The journal records that must be on disk before the lease is committed.
+    pub fn records(&self) -> &[JournalRecord] {
+        &self.records
+    }
+}
 
 /// A committed lease: its id, its description, its memory.
 pub type Committed = (u64, LeaseInfo, Arc<Allocation>);
@@ -465,31 +485,28 @@ impl Namespace {
         self.pending.remove(&res.name);
     }
 
-    /// Records the lease made for `res`; `peer` holds it. `durable` must put the journal
-    /// records of the new lease (and of the directories made on its way) on disk before the
-    /// lease becomes visible; if it fails, nothing changed, the charge is given back and the
-    /// memory is returned for the pool to discard.
-    pub fn commit(
+    /// Gives the lease made for `res` its id and journal records (the directories made on its
+    /// way, then the lease); the name stays reserved and the lease invisible until
+    /// [`Namespace::commit`] (once the records are on disk) or [`Namespace::abort_prepared`].
+    pub fn prepare(
         &mut self,
         peer: &Peer,
         res: Reservation,
         memory: Allocation,
-        durable: impl FnOnce(&[JournalRecord]) -> std::result::Result<(), String>,
-    ) -> std::result::Result<Committed, Box<(NsError, Allocation)>> {
-        self.pending.remove(&res.name);
+    ) -> std::result::Result<Prepared, Box<(NsError, Allocation)>> {
         // Another create may have made the directory above meanwhile (its owner's, 0700).
         if let Err(e) = self.may_create(peer, &res.name) {
-            self.pools[res.pool].used -= res.size;
-            self.quotas.credit(res.uid, res.gid, res.size);
+            self.abort(res);
             return Err(Box::new((e, memory)));
         }
         let id = self.next_id;
+        self.next_id += 1;
         let created = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let lease = LeaseRecord {
             id,
-            name: res.name,
+            name: res.name.clone(),
             pool: self.pools[res.pool].name.clone(),
             size: res.size,
             page_size: res.page_size,
@@ -502,24 +519,27 @@ impl Namespace {
             device: memory.device.clone(),
         };
         let mut records = self.missing_dirs(&lease.name, lease.uid, lease.gid, lease.mode);
-        records.push(JournalRecord::Lease(lease));
-        if let Err(problem) = durable(&records) {
-            self.pools[res.pool].used -= res.size;
-            self.quotas.credit(res.uid, res.gid, res.size);
-            let Some(JournalRecord::Lease(lease)) = records.pop() else {
-                unreachable!("built above")
-            };
-            let error = NsError::Journal {
-                name: lease.name,
-                problem,
-            };
-            return Err(Box::new((error, memory)));
-        }
-        let Some(JournalRecord::Lease(lease)) = records.pop() else {
-            unreachable!("built above")
-        };
         self.add_dirs(&records);
-        self.next_id += 1;
+        records.push(JournalRecord::Lease(lease));
+        Ok(Prepared {
+            res,
+            records,
+            memory,
+        })
+    }
+
+    /// Makes a prepared lease visible; `peer` holds it. Its records must be on disk.
+    pub fn commit(&mut self, peer: &Peer, prepared: Prepared) -> Committed {
+        let Prepared {
+            res,
+            mut records,
+            memory,
+        } = prepared;
+        let Some(JournalRecord::Lease(lease)) = records.pop() else {
+            unreachable!("prepare ends the records with the lease")
+        };
+        self.pending.remove(&res.name);
+        let id = lease.id;
         self.pools[res.pool].leases += 1;
         self.names.insert(lease.name.clone(), id);
         self.leases.insert(
@@ -537,7 +557,32 @@ impl Namespace {
         );
         self.hold(peer, id, true);
         let entry = &self.leases[&id];
-        Ok((id, self.info(peer, entry, true), entry.memory.clone()))
+        (id, self.info(peer, entry, true), entry.memory.clone())
+    }
+
+    /// A prepared lease whose records did not reach the disk: gives its charge and name
+    /// back, queues its `Freed` (the journal's model may hold it) and the removal of the
+    /// directories made for it, and returns its memory for the pool to discard.
+    pub fn abort_prepared(&mut self, prepared: Prepared) -> Allocation {
+        let Prepared {
+            res,
+            mut records,
+            memory,
+        } = prepared;
+        let name = res.name.clone();
+        if let Some(JournalRecord::Lease(lease)) = records.pop() {
+            self.unjournaled.push(JournalRecord::Freed { id: lease.id });
+        }
+        self.abort(res);
+        self.prune_dirs(&name);
+        memory
+    }
+
+    /// The pool, memory and (uid, gid, mode) of the lease named `name`, if it is one.
+    pub fn lease_memory(&self, name: &str) -> Option<(usize, Arc<Allocation>, Ownership)> {
+        let entry = &self.leases[self.names.get(name)?];
+        let l = &entry.lease;
+        Some((entry.pool, entry.memory.clone(), (l.uid, l.gid, l.mode)))
     }
 
     /// Every lease's id, pool and memory (for the upgrade hand-over).

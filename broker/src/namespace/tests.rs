@@ -49,10 +49,8 @@ fn memory() -> Allocation {
 
 fn create(ns: &mut Namespace, peer: &Peer, req: CreateLease) -> Result<LeaseInfo> {
     let res = ns.reserve(peer, &req)?;
-    Ok(ns
-        .commit(peer, res, memory(), |_| Ok(()))
-        .map_err(|b| b.0)?
-        .1)
+    let prepared = ns.prepare(peer, res, memory()).map_err(|b| b.0)?;
+    Ok(ns.commit(peer, prepared).1)
 }
 
 fn used(ns: &Namespace, pool: usize) -> u64 {

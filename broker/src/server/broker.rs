@@ -15,8 +15,8 @@ use parking_lot::Mutex;
 use rustix::fs::{Mode, OFlags};
 
 use crate::error::{WireError, error_chain};
-use crate::journal::{Journal, Record};
-use crate::namespace::{Freed, Namespace, Peer};
+use crate::journal::Journal;
+use crate::namespace::{Freed, Namespace, NsError, Peer};
 use crate::notify::Notifier;
 use crate::pool::{Allocation, Pool};
 
@@ -301,6 +301,15 @@ impl Broker {
         match self.change(op) {
             Ok(()) => {
                 tracing::info!(name, what, "namespace changed");
+                // A lease's memory carries its owner and mode (reopening by path is checked
+                // against them): keep it in step.
+                let lease = self.ns.lock().lease_memory(name);
+                if let Some((pool, memory, (uid, gid, mode))) = lease
+                    && let Err(e) = self.pools[pool].set_owner(&memory, uid, gid, mode)
+                {
+                    tracing::error!(name, error = %error_chain(&e), "cannot give the lease memory its new owner or mode");
+                    return Reply::failed(&e);
+                }
                 Reply::new(Response::Ok)
             }
             Err(e) => Reply::failed(&e),
@@ -325,23 +334,27 @@ impl Broker {
         })
     }
 
-    /// Runs a change of the namespace under its lock and journals the records it made before
-    /// the lock is released, so the journal's order is the namespace's.
+    /// Runs a change of the namespace under its lock and writes the records it made to the
+    /// journal before the lock is released, so the journal's order is the namespace's; then,
+    /// outside the lock, waits for them to be on disk (group commit) before the caller
+    /// replies. A journal that fails is logged: the change itself stands.
     fn change<T>(&self, op: impl FnOnce(&mut Namespace) -> T) -> T {
-        let mut ns = self.ns.lock();
-        let out = op(&mut ns);
-        let records = ns.take_records();
-        self.journal_all(&records);
-        out
-    }
-
-    /// Journals records whose loss a restart tolerates (it is logged).
-    fn journal_all(&self, records: &[Record]) {
-        if let Some(journal) = &self.journal
-            && let Err(e) = journal.append_all(records)
+        let (out, written) = {
+            let mut ns = self.ns.lock();
+            let out = op(&mut ns);
+            let records = ns.take_records();
+            let written = match &self.journal {
+                Some(journal) if !records.is_empty() => Some(journal.write(&records)),
+                _ => None,
+            };
+            (out, written)
+        };
+        if let (Some(journal), Some(written)) = (&self.journal, written)
+            && let Err(e) = written.and_then(|ticket| journal.wait(ticket))
         {
-            tracing::error!(error = %error_chain(&e), ?records, "journal append failed");
+            tracing::error!(error = %error_chain(&e), "journal append failed");
         }
+        out
     }
 
     fn create(&self, peer: &Peer, req: membroker_client::CreateLease) -> Reply {
@@ -368,30 +381,43 @@ impl Broker {
             tracing::error!(lease = %req.name, error = %e, "cannot give the lease memory its owner");
             return Reply::error(e.code(), format!("lease {}: {}", req.name, error_chain(&e)));
         }
-        // Durable before the reply that hands the lease out.
-        let durable = |records: &[Record]| match &self.journal {
-            Some(journal) => journal.append_all(records).map_err(|e| error_chain(&e)),
-            None => Ok(()),
-        };
-        let committed = self
-            .ns
-            .lock()
-            .commit(peer, reservation, allocation, durable);
-        match committed {
-            Ok((id, info, memory)) => {
-                if let (Some(n), PoolKind::Memfd) = (&self.notifier, pool.kind) {
-                    n.store(id, memory.fd.as_fd());
+        // Durable before the lease is visible and before the reply that hands it out; the sync
+        // runs outside the namespace lock, shared with other writers (group commit).
+        let (prepared, written) = {
+            let mut ns = self.ns.lock();
+            let prepared = match ns.prepare(peer, reservation, allocation) {
+                Ok(prepared) => prepared,
+                Err(failed) => {
+                    drop(ns);
+                    let (e, memory) = *failed;
+                    tracing::warn!(error = %e, "create not committed; memory given back");
+                    pool.discard(memory);
+                    return Reply::failed(&e);
                 }
-                tracing::info!(lease = %info.name, size = info.size, pool = %info.pool, persistent = info.persistent, "created");
-                Reply::lease(info, ReplyFd::Shared(memory))
-            }
-            Err(failed) => {
-                let (e, memory) = *failed;
-                tracing::warn!(error = %e, "create not committed; memory given back");
-                pool.discard(memory);
-                Reply::failed(&e)
-            }
+            };
+            let written = self.journal.as_ref().map(|j| j.write(prepared.records()));
+            (prepared, written)
+        };
+        let durable = match (&self.journal, written) {
+            (Some(journal), Some(written)) => written.and_then(|ticket| journal.wait(ticket)),
+            _ => Ok(()),
+        };
+        if let Err(e) = durable {
+            let memory = self.change(|ns| ns.abort_prepared(prepared));
+            pool.discard(memory);
+            let e = NsError::Journal {
+                name: req.name.clone(),
+                problem: error_chain(&e),
+            };
+            tracing::error!(error = %e, "create not journaled; memory given back");
+            return Reply::failed(&e);
         }
+        let (id, info, memory) = self.ns.lock().commit(peer, prepared);
+        if let (Some(n), PoolKind::Memfd) = (&self.notifier, pool.kind) {
+            n.store(id, memory.fd.as_fd());
+        }
+        tracing::info!(lease = %info.name, size = info.size, pool = %info.pool, persistent = info.persistent, "created");
+        Reply::lease(info, ReplyFd::Shared(memory))
     }
 
     fn open(&self, peer: &Peer, name: &str, writable: bool) -> Reply {
