@@ -371,10 +371,20 @@ impl HugePages {
             path: dir.join("nr_hugepages"),
             before,
         };
-        let got = read("free_hugepages");
+        let mut got = read("free_hugepages");
+        if got < extra {
+            // A busy machine's memory may be too fragmented for a gigantic page: give the
+            // kernel back its caches, compact, and ask once more.
+            let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+            let _ = std::fs::write("/proc/sys/vm/compact_memory", "1");
+            std::fs::write(dir.join("nr_hugepages"), want.to_string())
+                .unwrap_or_else(|e| panic!("cannot set {}/nr_hugepages: {e}", dir.display()));
+            got = read("free_hugepages");
+        }
         assert!(
             got >= extra,
-            "asked the kernel for {extra} more {size_kib} KiB huge pages, {got} free"
+            "asked the kernel for {extra} more {size_kib} KiB huge pages, {got} free (even after \
+             dropping caches and compacting memory)"
         );
         guard
     }
