@@ -28,7 +28,7 @@ pub struct Limit {
 }
 
 /// One operator rule: `uid:1000:bytes=8G,leases=16`, `gid:kvm:bytes=64G`, `default:leases=4`.
-/// A group is kept by name until [`QuotaSpec::resolve`] (the namespace does no I/O).
+/// A group is kept by name until `membroker serve` resolves it (the namespace does no I/O).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QuotaSpec {
     pub scope: SpecScope,
