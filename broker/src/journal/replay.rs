@@ -154,10 +154,13 @@ pub(super) fn check(
             Err(format!("lease {id} is not known"))
         }
         Record::Dir(d) if d.path.is_empty() => Err("a directory with an empty path".into()),
-        Record::Unquarantine { start, len, .. }
+        Record::Quarantine { start, len, .. } | Record::Unquarantine { start, len, .. }
             if *len == 0 || start.checked_add(*len).is_none() =>
         {
-            Err(format!("unquarantine of {start:#x}+{len} is not a range"))
+            Err(format!("{start:#x}+{len} is not a range"))
+        }
+        Record::Poison { offset, len, .. } if *len == 0 || offset.checked_add(*len).is_none() => {
+            Err(format!("poison at {offset:#x}+{len} is not a range"))
         }
         _ => Ok(()),
     }

@@ -436,3 +436,29 @@ fn replayed_poison_is_merged() {
         ]
     );
 }
+
+#[test]
+fn ranges_that_are_not_ranges_are_refused() {
+    for record in [
+        Record::Quarantine {
+            pool: "dax".into(),
+            start: u64::MAX,
+            len: 2,
+        },
+        Record::Unquarantine {
+            pool: "dax".into(),
+            start: 0,
+            len: 0,
+        },
+        Record::Poison {
+            id: 1,
+            offset: u64::MAX - 1,
+            len: 4096,
+        },
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        write_raw(dir.path(), &[lease(1), record.clone()]);
+        let err = Journal::open(dir.path(), true).unwrap_err().to_string();
+        assert!(err.contains("is not a range"), "{record:?}: {err}");
+    }
+}
