@@ -460,8 +460,12 @@ fn sigbus_memory_error_is_reported_then_chained_to_the_app_handler() {
     assert_eq!(h.ok("handler-signal"), vec!["old-was-ours"]);
     let seen = h.ok(&format!("sigbus {i} {} 4 12", 0x60_0000));
     assert_eq!(seen, vec!["1", "7", "-1", "0x0"]);
+    // Recorded, and merged with the 2 MiB range it touches.
     wait_until(Duration::from_secs(5), "third poison recorded", || {
-        lease(&broker, "p/vm/ram0").poison.len() == 3
+        lease(&broker, "p/vm/ram0")
+            .poison
+            .iter()
+            .any(|p| p.offset <= 0x60_0000 && 0x60_0000 < p.offset + p.len)
     });
     h.finish();
 }
@@ -647,6 +651,12 @@ fn huge_2m_lease_backs_ram() {
     ignore = "needs root: run with --features privileged (scripts/test does)"
 )]
 fn huge_1g_lease_backs_ram_at_a_1g_aligned_address() {
+    // In a fresh guest kernel: a busy host's memory may be too fragmented for a 1 GiB page.
+    if !membroker_tests::in_vm_with_ram_for_1g_pages(
+        "huge_1g_lease_backs_ram_at_a_1g_aligned_address",
+    ) {
+        return;
+    }
     huge_page_ram(1 << 20, "1G", 1 << 30);
 }
 
@@ -1133,6 +1143,8 @@ mod qemu {
         ignore = "boots QEMU on 1 GiB huge pages: run as root with --features qemu,privileged"
     )]
     fn qemu_guest_ram_on_1g_pages() {
+        // On the host (QEMU nested in the test VM's TCG does not boot in time): scripts/test
+        // reserves this page first thing, before building fragments the host's memory.
         let _pages = membroker_tests::HugePages::reserve(1 << 20, 1);
         let broker = TestBroker::start(&["--pool", "memfd:h:1G:1G"]);
         let dir = tempfile::tempdir().unwrap();
