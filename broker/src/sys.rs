@@ -1,5 +1,5 @@
 //! The broker's only unsafe code: mapping a device to zero it, `execve`, reading a peer's
-//! supplementary groups.
+//! supplementary groups and security label.
 #![allow(unsafe_code)]
 
 use std::os::fd::BorrowedFd;
@@ -135,5 +135,38 @@ pub fn peer_groups(sock: BorrowedFd<'_>) -> Result<Vec<u32>, Errno> {
             return Err(err);
         }
         groups.resize(needed, 0);
+    }
+}
+
+/// The security label of the peer of a connected Unix socket (`SO_PEERSEC`, the label it had
+/// when it connected), as the kernel writes it; None when no LSM answers for Unix sockets
+/// (`ENOPROTOOPT`). At most `max` bytes.
+pub fn peer_security(sock: BorrowedFd<'_>, max: usize) -> Result<Option<Vec<u8>>, Errno> {
+    use std::os::fd::AsRawFd;
+    let mut label = vec![0u8; 256.min(max)];
+    loop {
+        let mut len = libc::socklen_t::try_from(label.len()).map_err(|_| Errno::RANGE)?;
+        // SAFETY: `label` is a writable buffer of exactly `len` bytes, and `len` a valid
+        // in/out length; the kernel writes at most `len` bytes.
+        let ret = unsafe {
+            libc::getsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERSEC,
+                label.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let needed = len as usize;
+        if ret == 0 {
+            label.truncate(needed);
+            return Ok(Some(label));
+        }
+        let err = Errno::from_io_error(&std::io::Error::last_os_error()).unwrap_or(Errno::INVAL);
+        match err {
+            Errno::NOPROTOOPT => return Ok(None),
+            Errno::RANGE if needed > label.len() && needed <= max => label.resize(needed, 0),
+            _ => return Err(err),
+        }
     }
 }

@@ -330,6 +330,7 @@ mod tests {
             poison: vec![],
             writable: false,
             device: Some(format!("dax0.{i}")),
+            label: None,
         };
         // As many as fit the wire budget, like the broker's pages.
         let mut leases = Vec::new();

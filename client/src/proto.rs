@@ -313,6 +313,11 @@ pub struct LeaseInfo {
     pub writable: bool,
     /// The device-dax device behind the lease (`dax0.3`), if any.
     pub device: Option<String>,
+    /// The security label (AppArmor profile, SELinux context) the lease is bound to: only
+    /// peers with that label, root and the admin group may open or change it. Shown only to
+    /// those who see everything about the lease.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
 }
 
 /// Everything the broker tells about a directory of the lease namespace.

@@ -107,6 +107,7 @@ fn new_lease(id: u64) -> LeaseRecord {
             len: 2 << 20,
         }],
         device: None,
+        label: None,
     }
 }
 

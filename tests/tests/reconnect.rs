@@ -282,6 +282,7 @@ fn fake_info(name: &str, size: u64) -> LeaseInfo {
         poison: Vec::new(),
         writable: true,
         device: None,
+        label: None,
     }
 }
 

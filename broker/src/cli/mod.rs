@@ -136,6 +136,9 @@ fn print_lease(l: &LeaseInfo) {
     if let Some(device) = &l.device {
         println!("device:     /dev/{device}");
     }
+    if let Some(label) = &l.label {
+        println!("label:      {label} (only processes with this label may open it)");
+    }
     let holders: Vec<String> = l
         .holders
         .iter()

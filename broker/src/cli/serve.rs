@@ -54,6 +54,19 @@ pub struct ServeArgs {
     /// Repeat for more. A lease counts against its owner and its group.
     #[arg(long = "quota", value_name = "SPEC")]
     quotas: Vec<QuotaSpec>,
+    /// Whether a new lease is bound to its creator's security label (AppArmor profile,
+    /// SELinux context), so that only processes with that label, root and the admin group may
+    /// open, see or change it: `auto` binds it whenever the creator has a label (unconfined
+    /// processes have none), `off` never. Leases bound before keep their label.
+    #[arg(long, value_enum, value_name = "WHEN", default_value = "auto")]
+    bind_labels: BindLabels,
+}
+
+/// `serve --bind-labels`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BindLabels {
+    Auto,
+    Off,
 }
 
 /// The quota rules of `--quota` arguments, groups resolved.
@@ -151,6 +164,7 @@ pub fn run(socket: &Path, args: ServeArgs) -> Result<(), String> {
         notifier.as_ref(),
     )?;
     namespace.set_root_mode(args.root_mode);
+    namespace.set_bind_labels(args.bind_labels == BindLabels::Auto);
     namespace.set_quotas(quotas);
     let broker = Arc::new(Broker::new(
         pools,

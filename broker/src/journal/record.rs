@@ -4,8 +4,10 @@ use membroker_client::PageSize;
 use membroker_client::proto::{Extent, PoisonInfo};
 use serde::{Deserialize, Serialize};
 
-/// A lease as the journal keeps it: enough to rebuild it after a restart.
+/// A lease as the journal keeps it: enough to rebuild it after a restart. Unknown fields are
+/// refused, like the record's own.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LeaseRecord {
     pub id: u64,
     pub name: String,
@@ -19,6 +21,10 @@ pub struct LeaseRecord {
     pub created: u64,
     pub extents: Vec<Extent>,
     pub device: Option<String>,
+    /// The creator's security label the lease is bound to (see `Peer::label_fits`). Absent
+    /// from records of unbound leases, so journals from before labels replay unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
 }
 
 /// A directory of the lease namespace: made by `mkdir`, or on the way to a new lease

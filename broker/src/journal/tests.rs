@@ -20,6 +20,7 @@ fn lease(id: u64) -> Record {
             len: 2 << 20,
         }],
         device: Some(format!("dax0.{id}")),
+        label: None,
     })
 }
 
@@ -461,4 +462,38 @@ fn ranges_that_are_not_ranges_are_refused() {
         let err = Journal::open(dir.path(), true).unwrap_err().to_string();
         assert!(err.contains("is not a range"), "{record:?}: {err}");
     }
+}
+
+#[test]
+fn a_lease_label_is_optional_both_ways() {
+    // Unbound leases are written as before labels existed, so older brokers read them.
+    let plain = serde_json::to_string(&lease(1)).unwrap();
+    assert!(!plain.contains("label"), "{plain}");
+    // A record from before labels replays unbound.
+    let old = plain.replace(r#","device":"dax0.1""#, r#","device":null"#);
+    let Record::Lease(l) = serde_json::from_str::<Record>(&old).unwrap() else {
+        panic!("a lease record")
+    };
+    assert_eq!(l.label, None);
+    // A bound one keeps its label through replay and compaction.
+    let Record::Lease(mut bound) = lease(2) else {
+        unreachable!()
+    };
+    bound.label = Some("libvirt-6f1c0a7e-1b2d-4c3e-9f00-0123456789ab".into());
+    let dir = tempfile::tempdir().unwrap();
+    write_all(dir.path(), &[lease(1), Record::Lease(bound.clone())]);
+    let (journal, state) = Journal::open(dir.path(), true).unwrap();
+    assert_eq!(state.leases[&2].lease, bound);
+    assert_eq!(state.leases[&1].lease.label, None);
+    journal.compact().unwrap();
+    drop(journal);
+    let (_, state) = Journal::open(dir.path(), true).unwrap();
+    assert_eq!(state.leases[&2].lease, bound, "compaction keeps the label");
+    // Unknown fields of a lease record are refused, not half-understood: a broker from
+    // before labels does not start on a journal with bound leases (nor drops the binding).
+    let unknown = plain.replace(r#""id":1"#, r#""id":1,"future":true"#);
+    assert!(
+        serde_json::from_str::<Record>(&unknown).is_err(),
+        "{unknown}"
+    );
 }

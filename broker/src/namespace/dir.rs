@@ -367,6 +367,7 @@ impl Namespace {
                     "lease {name}: mode {mode:o} has bits beyond 0777"
                 )));
             }
+            Self::check_label(peer, &self.leases[&id], "chmod it")?;
             if !peer.sees_all_of(l.uid) {
                 return Err(NsError::NotYours(format!(
                     "lease {name}: permission denied to chmod it (owner uid {}); ask the owner or an admin",
@@ -403,6 +404,7 @@ impl Namespace {
             let l = &self.leases[&id].lease;
             let (new_uid, new_gid, mode, owner) =
                 (uid.unwrap_or(l.uid), gid.unwrap_or(l.gid), l.mode, l.uid);
+            Self::check_label(peer, &self.leases[&id], "chown it")?;
             if !peer.sees_all_of(owner) {
                 return Err(NsError::NotYours(format!(
                     "lease {name}: permission denied to chown it (owner uid {owner}); ask the owner or an admin"

@@ -31,7 +31,7 @@ use membroker_client::proto::{
 use membroker_client::size::format_size;
 use quota::Quotas;
 
-pub use access::{Access, Peer};
+pub use access::{Access, MAX_LABEL, Peer, parse_label};
 pub use dir::{DEFAULT_ROOT_MODE, STICKY};
 pub use name::{check_name, is_under};
 
@@ -52,6 +52,15 @@ pub enum NsError {
         op: &'static str,
         uid: u32,
         mode: u32,
+    },
+    #[error(
+        "lease {name}: permission denied to {op}: it is bound to the security label {label:?} of \
+         its creator, and only processes with that label (or root and the admin group) may"
+    )]
+    LabelDenied {
+        name: String,
+        op: &'static str,
+        label: String,
     },
     #[error(
         "directory {dir}: permission denied to {op} (owner uid {uid}, mode {mode:04o}); ask its owner or an admin"
@@ -96,6 +105,7 @@ impl WireError for NsError {
             NsError::NotFound(_) | NsError::NotHeld(_) => ErrorCode::NotFound,
             NsError::Exists(_) | NsError::NameConflict { .. } => ErrorCode::Exists,
             NsError::Denied { .. }
+            | NsError::LabelDenied { .. }
             | NsError::DirDenied { .. }
             | NsError::Reserved { .. }
             | NsError::NotYours(_) => ErrorCode::PermissionDenied,
@@ -148,6 +158,7 @@ pub struct Reservation {
     gid: u32,
     mode: u32,
     persistent: bool,
+    label: Option<String>,
 }
 
 impl Reservation {
@@ -228,6 +239,8 @@ pub struct Namespace {
     quotas: Quotas,
     /// Pages of poison each uid reported since the broker started (see [`poison`]).
     poison_reported: HashMap<u32, u64>,
+    /// Whether a new lease is bound to its creator's security label (`serve --bind-labels`).
+    bind_labels: bool,
 }
 
 impl Namespace {
@@ -246,7 +259,14 @@ impl Namespace {
             unjournaled: Vec::new(),
             quotas: Quotas::default(),
             poison_reported: HashMap::new(),
+            bind_labels: true,
         }
+    }
+
+    /// Whether new leases are bound to their creator's security label (the default); leases
+    /// bound before keep their label either way.
+    pub fn set_bind_labels(&mut self, bind: bool) {
+        self.bind_labels = bind;
     }
 
     /// Sets the root directory's mode (`serve --root-mode`): `0o755` lets only root and the
@@ -475,6 +495,10 @@ impl Namespace {
             gid: peer.gid,
             mode: req.mode,
             persistent: req.persistent,
+            label: self
+                .bind_labels
+                .then(|| peer.label.as_deref().map(str::to_string))
+                .flatten(),
         })
     }
 
@@ -517,6 +541,7 @@ impl Namespace {
             created,
             extents: memory.extents.clone(),
             device: memory.device.clone(),
+            label: res.label.clone(),
         };
         let mut records = self.missing_dirs(&lease.name, lease.uid, lease.gid, lease.mode);
         self.add_dirs(&records);
@@ -627,7 +652,26 @@ impl Namespace {
         }
     }
 
+    /// Refuses `op` on a lease bound to a security label the peer does not have.
+    fn check_label(peer: &Peer, entry: &Entry, op: &'static str) -> Result<()> {
+        match &entry.lease.label {
+            Some(label) if !peer.label_fits(Some(label)) => Err(NsError::LabelDenied {
+                name: entry.lease.name.clone(),
+                op,
+                label: label.clone(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether `peer` may see everything about a lease and change its owner or mode: its
+    /// owner (with the lease's label, if bound), root and the admin group.
+    fn sees_all(peer: &Peer, lease: &LeaseRecord) -> bool {
+        peer.sees_all_of(lease.uid) && peer.label_fits(lease.label.as_deref())
+    }
+
     fn check(&self, peer: &Peer, entry: &Entry, access: Access, op: &'static str) -> Result<()> {
+        Self::check_label(peer, entry, op)?;
         let l = &entry.lease;
         if access::allowed(peer, l.uid, l.gid, l.mode, access) {
             Ok(())
@@ -683,6 +727,7 @@ impl Namespace {
             return self.rmdir(peer, name).map(|()| Vec::new());
         }
         let (id, entry) = self.lookup(name)?;
+        Self::check_label(peer, entry, "remove it")?;
         let l = &entry.lease;
         let writable = access::allowed(peer, l.uid, l.gid, l.mode, Access::Write);
         if !self.may_remove(peer, name, l.uid, writable) {
@@ -769,24 +814,30 @@ impl Namespace {
             poison: entry.poison.clone(),
             writable,
             device: l.device.clone(),
+            label: l.label.clone(),
         };
-        if !viewer.sees_all_of(l.uid) {
+        if !Self::sees_all(viewer, l) {
             info.extents.clear();
             info.holders.clear();
             info.device = None;
+            info.label = None;
         }
         info
     }
 
-    /// Whether `peer` may see that a lease exists: its owner, or whoever may read it.
+    /// Whether `peer` may see that a lease exists: its owner, or whoever may read it (with
+    /// the lease's label, if bound).
     fn visible(peer: &Peer, entry: &Entry) -> bool {
         let l = &entry.lease;
-        peer.sees_all_of(l.uid) || access::allowed(peer, l.uid, l.gid, l.mode, Access::Read)
+        peer.label_fits(l.label.as_deref())
+            && (peer.sees_all_of(l.uid)
+                || access::allowed(peer, l.uid, l.gid, l.mode, Access::Read))
     }
 
     /// Describes one lease to a peer that may see it.
     pub fn stat(&self, peer: &Peer, name: &str) -> Result<LeaseInfo> {
         let (_, entry) = self.lookup(name)?;
+        Self::check_label(peer, entry, "see it")?;
         if !Self::visible(peer, entry) {
             return Err(Self::denied(entry, "see it"));
         }

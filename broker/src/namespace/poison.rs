@@ -47,6 +47,7 @@ impl Namespace {
         len: u64,
     ) -> Result<PoisonReport> {
         let (id, entry) = self.lookup(name)?;
+        Self::check_label(peer, entry, "report poison on it")?;
         let writer = entry.writers.contains(&peer.conn);
         if !writer && !peer.admin && peer.uid != entry.lease.uid {
             let op = if entry.holders.contains_key(&peer.conn) {

@@ -25,6 +25,7 @@ fn peer(conn: u64, uid: u32) -> Peer {
         gid: uid,
         groups: Arc::from([]),
         admin: uid == 0,
+        label: None,
     }
 }
 
@@ -496,3 +497,6 @@ proptest! {
 
 #[path = "dir_tests.rs"]
 mod dir_tests;
+
+#[path = "label_tests.rs"]
+mod label_tests;

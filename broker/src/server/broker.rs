@@ -184,9 +184,18 @@ impl Broker {
         *self.handover.lock() = Some((listener, lock));
     }
 
-    /// The identity of a connection: `groups` are its supplementary groups; root and members
-    /// of the admin group (primary or supplementary) are admins.
-    pub fn peer(&self, conn: u64, pid: u32, uid: u32, gid: u32, groups: Vec<u32>) -> Peer {
+    /// The identity of a connection: `groups` are its supplementary groups, `label` its
+    /// security label; root and members of the admin group (primary or supplementary) are
+    /// admins.
+    pub fn peer(
+        &self,
+        conn: u64,
+        pid: u32,
+        uid: u32,
+        gid: u32,
+        groups: Vec<u32>,
+        label: Option<String>,
+    ) -> Peer {
         let mut peer = Peer {
             conn,
             pid,
@@ -194,6 +203,7 @@ impl Broker {
             gid,
             groups: groups.into(),
             admin: uid == 0,
+            label: label.map(Into::into),
         };
         peer.admin |= self.admin_gid.is_some_and(|admin| peer.in_group(admin));
         peer

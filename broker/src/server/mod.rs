@@ -2,6 +2,7 @@
 
 mod broker;
 mod conn;
+mod label;
 
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
@@ -227,6 +228,14 @@ pub fn run(broker: Arc<Broker>, listener: Listener) -> Result<(), ServeError> {
                 continue;
             }
         };
+        let pid = cred.pid.as_raw_nonzero().get() as u32;
+        let label = match label::peer_label(sock.as_fd(), pid) {
+            Ok(label) => label,
+            Err(e) => {
+                tracing::warn!(error = %e, pid, "cannot read the peer's security label; connection refused");
+                continue;
+            }
+        };
         threads.retain(|t| !t.is_finished());
         if active.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
             tracing::warn!(uid = cred.uid.as_raw(), "too many connections; refused");
@@ -235,10 +244,11 @@ pub fn run(broker: Arc<Broker>, listener: Listener) -> Result<(), ServeError> {
         next_conn += 1;
         let peer = broker.peer(
             next_conn,
-            cred.pid.as_raw_nonzero().get() as u32,
+            pid,
             cred.uid.as_raw(),
             cred.gid.as_raw(),
             groups,
+            label,
         );
         active.fetch_add(1, Ordering::Relaxed);
         let (broker, shutdown_rx, counter) = (broker.clone(), shutdown_rx.clone(), active.clone());
@@ -246,7 +256,7 @@ pub fn run(broker: Arc<Broker>, listener: Listener) -> Result<(), ServeError> {
             .name(format!("conn-{}", peer.conn))
             .spawn(move || {
                 let span =
-                    tracing::info_span!("conn", id = peer.conn, uid = peer.uid, pid = peer.pid);
+                    tracing::info_span!("conn", id = peer.conn, uid = peer.uid, pid = peer.pid, label = ?peer.label);
                 let _enter = span.enter();
                 conn::serve(&broker, sock, peer, shutdown_rx.as_fd());
                 counter.fetch_sub(1, Ordering::Relaxed);

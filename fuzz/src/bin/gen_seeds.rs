@@ -36,6 +36,7 @@ fn lease_info() -> LeaseInfo {
         }],
         writable: true,
         device: Some("dax0.1".into()),
+        label: Some("libvirt-6f1c0a7e-1b2d-4c3e-9f00-0123456789ab".into()),
     }
 }
 
@@ -187,6 +188,7 @@ fn lease(id: u64) -> Record {
             len: 2 << 20,
         }],
         device: Some(format!("dax0.{id}")),
+        label: (id % 2 == 0).then(|| format!("membroker-test-{id}")),
     })
 }
 
