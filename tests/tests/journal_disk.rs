@@ -3,15 +3,20 @@
 //! recovers by itself once the disk is back, and a `kill -9` and restart find exactly the
 //! acknowledged leases (no "damaged journal" refusal, nothing acknowledged dropped).
 //!
-//! `tmpfs` (feature `privileged`): a small tmpfs as the state directory, filled with a file.
+//! - a full disk (feature `privileged`): a small tmpfs as the state directory, filled with a
+//!   file, then emptied again;
+//! - a failing disk (feature `devdax`, in the VM): ext4 (without its own journal, which would
+//!   turn the file system read-only for good at the first failed write) on a ramdisk under a
+//!   device-mapper table switched to dm-flakey's `error_writes` and back, so appends and
+//!   `fdatasync` fail with `EIO`.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use membroker_tests::stdout_ok;
 use membroker_tests::systemd::Service;
+use membroker_tests::{in_dax_vm, stdout_ok};
 
 /// A broker (as a systemd service, so its memfd leases survive `kill -9`) whose state
 /// directory is `state`, and the leases it acknowledged.
@@ -19,6 +24,8 @@ struct Subject {
     svc: Service,
     acknowledged: BTreeSet<String>,
     next: u32,
+    /// Drop the page cache between the kill and the restart, so the restart reads the disk.
+    drop_caches: bool,
 }
 
 impl Subject {
@@ -29,6 +36,7 @@ impl Subject {
             svc,
             acknowledged: BTreeSet::new(),
             next: 0,
+            drop_caches: false,
         }
     }
 
@@ -87,6 +95,9 @@ impl Subject {
     /// `kill -9` and restart: exactly the acknowledged leases are there.
     fn crash_and_check(&mut self) {
         self.svc.kill9();
+        if self.drop_caches {
+            std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+        }
         self.svc.restart();
         let listed = stdout_ok(&self.svc.run_cli(&["ls"]));
         let names: BTreeSet<String> = listed.lines().map(String::from).collect();
@@ -151,11 +162,14 @@ fn run(cmd: &mut Command) {
     );
 }
 
-/// Fills the file system under `dir` with `dir/filler`, up to the last byte.
-fn fill(dir: &Path) -> PathBuf {
+fn fill_path(dir: &Path) -> PathBuf {
+    dir.join("filler")
+}
+
+/// Fills the file system with the file `path`, up to the last byte.
+fn fill(path: &Path) {
     use std::io::Write;
-    let path = dir.join("filler");
-    let mut file = std::fs::File::create(&path).unwrap();
+    let mut file = std::fs::File::create(path).unwrap();
     let chunk = vec![0u8; 4096];
     loop {
         match file.write(&chunk) {
@@ -171,7 +185,6 @@ fn fill(dir: &Path) -> PathBuf {
             break;
         }
     }
-    path
 }
 
 #[test]
@@ -182,23 +195,35 @@ fn fill(dir: &Path) -> PathBuf {
 fn a_full_state_directory_refuses_creates_and_recovers_by_itself() {
     let tmpfs = Tmpfs::mount("256k");
     let state = tmpfs.path().join("state");
-    let mut subject = Subject::start(&state);
+    let filler = fill_path(tmpfs.dir.path());
+    survives(
+        Subject::start(&state),
+        &state,
+        || fill(&filler),
+        || std::fs::remove_file(&filler).unwrap(),
+    );
+}
+
+/// The scenario, twice: the disk `breaks`; creates are refused (with a message that says
+/// what to do) while reads are served, also after a recovery attempt; the disk is `fixed`;
+/// creates are acknowledged again by themselves (one after the first outage, two after the
+/// second), and `kill -9` plus a restart find exactly the acknowledged leases.
+fn survives(mut subject: Subject, state: &Path, mut breaks: impl FnMut(), mut fixed: impl FnMut()) {
     for _ in 0..3 {
         subject.create().unwrap();
     }
-    // Two rounds: after the first recovery one create, then the crash; after the second two.
     for round in 1..=2 {
-        let filler = fill(tmpfs.dir.path());
+        breaks();
         let err = subject.create_until_refused();
-        assert_explains(&err, &state);
+        assert_explains(&err, state);
         subject.reads_served();
-        // Still refused while the disk is full (recovery needs room for the whole state).
+        // Still refused while the disk is broken (a recovery rewrites the whole state).
         std::thread::sleep(Duration::from_millis(1100));
         let err = subject.create().unwrap_err();
-        assert_explains(&err, &state);
+        assert_explains(&err, state);
         subject.reads_served();
 
-        std::fs::remove_file(filler).unwrap();
+        fixed();
         subject.create_until_acknowledged(Duration::from_secs(5));
         for _ in 1..round {
             subject.create().unwrap();
@@ -208,4 +233,90 @@ fn a_full_state_directory_refuses_creates_and_recovers_by_itself() {
     // And it goes on as usual.
     subject.create().unwrap();
     subject.crash_and_check();
+}
+
+/// An ext4 file system (no ext4 journal) on a 64 MiB ramdisk (`brd`) behind a device-mapper
+/// device whose table can be switched between `linear` and dm-flakey's `error_writes`.
+struct FlakeyDisk {
+    mount: tempfile::TempDir,
+    sectors: u64,
+}
+
+const DM_NAME: &str = "mb-journal-disk";
+
+impl FlakeyDisk {
+    fn new() -> FlakeyDisk {
+        run(Command::new("modprobe").args(["brd", "rd_nr=1", "rd_size=65536"]));
+        run(Command::new("modprobe").arg("dm-flakey"));
+        run(Command::new("modprobe").arg("ext4"));
+        let out = Command::new("blockdev")
+            .args(["--getsz", "/dev/ram0"])
+            .output()
+            .unwrap();
+        let sectors: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        let disk = FlakeyDisk {
+            mount: tempfile::tempdir().unwrap(),
+            sectors,
+        };
+        run(Command::new("dmsetup").args(["create", DM_NAME, "--table", &disk.table(false)]));
+        // No udev in the VM: make /dev/mapper/NAME by hand.
+        run(Command::new("dmsetup").args(["mknodes", DM_NAME]));
+        let dev = format!("/dev/mapper/{DM_NAME}");
+        run(Command::new("mkfs.ext4").args(["-q", "-O", "^has_journal", &dev]));
+        run(Command::new("mount").arg(&dev).arg(disk.mount.path()));
+        disk
+    }
+
+    fn table(&self, failing: bool) -> String {
+        let sectors = self.sectors;
+        if failing {
+            format!("0 {sectors} flakey /dev/ram0 0 0 1 1 error_writes")
+        } else {
+            format!("0 {sectors} linear /dev/ram0 0")
+        }
+    }
+
+    /// Switches the table: every write fails with `EIO` (reads still work), or none.
+    fn fail_writes(&self, failing: bool) {
+        // Without --nolockfs the suspend would freeze the file system, whose flush fails.
+        run(Command::new("dmsetup").args(["suspend", "--nolockfs", DM_NAME]));
+        run(Command::new("dmsetup").args(["reload", DM_NAME, "--table", &self.table(failing)]));
+        run(Command::new("dmsetup").args(["resume", DM_NAME]));
+    }
+}
+
+impl Drop for FlakeyDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.mount.path())
+            .status();
+        let _ = Command::new("dmsetup")
+            .args(["remove", "--force", DM_NAME])
+            .status();
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "devdax"),
+    ignore = "boots the test VM: run with --features devdax (scripts/test does)"
+)]
+fn a_failing_disk_refuses_creates_and_recovers_by_itself() {
+    if !in_dax_vm(
+        "a_failing_disk_refuses_creates_and_recovers_by_itself",
+        &["--no-dax"],
+    ) {
+        return;
+    }
+    let disk = FlakeyDisk::new();
+    let state = disk.mount.path().join("state");
+    let mut subject = Subject::start(&state);
+    subject.drop_caches = true;
+    survives(
+        subject,
+        &state,
+        || disk.fail_writes(true),
+        || disk.fail_writes(false),
+    );
 }
