@@ -11,12 +11,13 @@ use rustix::net::{AddressFamily, RecvFlags, SocketAddrUnix, SocketFlags, SocketT
 use crate::codec::{self, MAX_MSG_SIZE};
 use crate::error::{Error, Result};
 use crate::lease::Lease;
+use crate::options::Options;
 use crate::proto::{
     CreateLease, ErrorCode, LeaseInfo, PROTOCOL_MAX, PROTOCOL_MIN, PoolInfo, QuarantineInfo,
     QuotaInfo, Request, Response,
 };
 use crate::reconnect::{DEFAULT_RECONNECT_TIMEOUT, GaveUp, RealClock, Step, retry_until};
-use crate::transport;
+use crate::transport::{self, TransportError};
 
 /// Environment variable naming the broker socket.
 pub const SOCKET_ENV: &str = "MEMBROKER_SOCKET";
@@ -85,6 +86,11 @@ impl From<Error> for CallError {
 /// cannot be re-opened is listed in [`Client::lost_leases`]. If no broker answers in time the
 /// call fails with [`Error::Unavailable`]. The socket's fd number stays the same across
 /// reconnects (the new connection is `dup3`'d over the old one).
+///
+/// Every wait has a deadline ([`Options::timeout`], [`DEFAULT_TIMEOUT`](crate::DEFAULT_TIMEOUT)
+/// unless set): connecting, and each call's send and receive. A broker that does not answer
+/// in time (stopped, wedged) fails the call with [`Error::Timeout`]. The connection is kept,
+/// so the leases it holds stay held; the next call first reads and drops the late reply.
 #[derive(Debug)]
 pub struct Client {
     sock: OwnedFd,
@@ -97,6 +103,11 @@ pub struct Client {
     lost: Vec<LostLease>,
     reconnect_timeout: Duration,
     reconnects: u64,
+    /// The deadline of every wait for the broker.
+    timeout: Option<Duration>,
+    /// Replies the broker still owes on this connection (calls that passed their deadline):
+    /// the next call reads and drops them first.
+    owed: u32,
 }
 
 /// Opens a connected socket to `path`; with `timeout`, connect and every later send and receive
@@ -129,17 +140,36 @@ fn set_timeouts(sock: &OwnedFd, timeout: Option<Duration>) -> rustix::io::Result
     set_socket_timeout(sock, Timeout::Recv, timeout)
 }
 
-/// Sends one request on `sock` and waits for its reply and fds.
+/// Whether `err` is a socket deadline passing (`SO_SNDTIMEO`/`SO_RCVTIMEO`: `EAGAIN`).
+fn timed_out(err: &Error) -> bool {
+    matches!(
+        err,
+        Error::Transport(TransportError::Io(Errno::AGAIN))
+            | Error::Connect {
+                source: Errno::AGAIN,
+                ..
+            }
+    )
+}
+
+/// Sends one request on `sock` and waits for its reply and fds. If the deadline passes
+/// after the request was sent, the broker still owes its reply: `owed` counts it.
 fn exchange(
     sock: &OwnedFd,
     version: u16,
     buf: &mut [u8],
+    owed: &mut u32,
     req: &Request,
 ) -> std::result::Result<(Response, Vec<OwnedFd>), CallError> {
     let msg = codec::encode_request(version, req).map_err(Error::from)?;
     transport::send(sock.as_fd(), &msg, &[]).map_err(Error::from)?;
     let sent = |err: Error| CallError { err, sent: true };
-    let received = transport::recv(sock, buf).map_err(|e| sent(e.into()))?;
+    let received = transport::recv(sock, buf).map_err(|e| {
+        if matches!(e, TransportError::Io(Errno::AGAIN)) {
+            *owed += 1;
+        }
+        sent(e.into())
+    })?;
     let (_, resp) = codec::decode_response(&buf[..received.len]).map_err(|e| sent(e.into()))?;
     if received.fds.len() != resp.fd_count() {
         return Err(sent(Error::Protocol(format!(
@@ -161,7 +191,7 @@ fn hello(sock: &OwnedFd, buf: &mut [u8]) -> Result<(u16, String)> {
         max_version: PROTOCOL_MAX,
         client: format!("membroker-client {}", env!("CARGO_PKG_VERSION")),
     };
-    match exchange(sock, PROTOCOL_MIN, buf, &hello).map_err(|e| e.err)? {
+    match exchange(sock, PROTOCOL_MIN, buf, &mut 0, &hello).map_err(|e| e.err)? {
         (Response::Hello { version, server }, _)
             if (PROTOCOL_MIN..=PROTOCOL_MAX).contains(&version) =>
         {
@@ -193,6 +223,7 @@ fn attempt_reconnect(
     held: &BTreeMap<String, Held>,
     skip: Option<&str>,
     left: Duration,
+    timeout: Option<Duration>,
 ) -> Step<Fresh, Error> {
     let step = |err: Error| {
         if retryable(&err) {
@@ -215,14 +246,14 @@ fn attempt_reconnect(
             name: name.clone(),
             writable,
         };
-        match exchange(&sock, version, buf, &open) {
+        match exchange(&sock, version, buf, &mut 0, &open) {
             // The client keeps using its own fd; this one only made it a holder again.
             Ok((Response::Lease(info), fds)) => {
                 drop(fds);
                 if let Some(changed) = not_the_same(&held[name], &info) {
                     // Somebody else's lease under the same name: do not keep it alive.
                     let release = Request::Release { name: name.clone() };
-                    if let Err(e) = exchange(&sock, version, buf, &release) {
+                    if let Err(e) = exchange(&sock, version, buf, &mut 0, &release) {
                         return step(e.err);
                     }
                     lost.push(LostLease {
@@ -246,7 +277,7 @@ fn attempt_reconnect(
             Err(e) => return step(e.err),
         }
     }
-    if let Err(source) = set_timeouts(&sock, None) {
+    if let Err(source) = set_timeouts(&sock, timeout) {
         return Step::Retry(Error::Connect {
             path: path.to_path_buf(),
             source,
@@ -278,13 +309,27 @@ fn not_the_same(held: &Held, info: &LeaseInfo) -> Option<String> {
 }
 
 impl Client {
-    /// Connects to the socket at `path` and negotiates the protocol version. Fails at once if
-    /// nobody listens there (only a broken connection is retried, see [`Client`]).
+    /// Connects to the socket at `path` and negotiates the protocol version, with the default
+    /// [`Options`]. Fails at once if nobody listens there (only a broken connection is
+    /// retried, see [`Client`]).
     pub fn connect(path: impl AsRef<Path>) -> Result<Client> {
+        Client::connect_with(path, Options::default())
+    }
+
+    /// [`Client::connect`] with `options`; a broker that does not answer the handshake
+    /// within [`Options::timeout`] fails it with [`Error::Timeout`].
+    pub fn connect_with(path: impl AsRef<Path>, options: Options) -> Result<Client> {
         let path = path.as_ref();
-        let sock = open_socket(path, None)?;
+        let timed_out = |err: Error| match options.timeout {
+            Some(timeout) if timed_out(&err) => Error::Timeout {
+                path: path.to_path_buf(),
+                timeout,
+            },
+            _ => err,
+        };
+        let sock = open_socket(path, options.timeout).map_err(timed_out)?;
         let mut buf = vec![0; MAX_MSG_SIZE + 1];
-        let (version, server) = hello(&sock, &mut buf)?;
+        let (version, server) = hello(&sock, &mut buf).map_err(timed_out)?;
         Ok(Client {
             sock,
             path: path.to_path_buf(),
@@ -295,6 +340,8 @@ impl Client {
             lost: Vec::new(),
             reconnect_timeout: DEFAULT_RECONNECT_TIMEOUT,
             reconnects: 0,
+            timeout: options.timeout,
+            owed: 0,
         })
     }
 
@@ -329,6 +376,54 @@ impl Client {
     /// the call with the transport error, and [`Client::reconnect`] tries exactly once).
     pub fn set_reconnect_timeout(&mut self, timeout: Duration) {
         self.reconnect_timeout = timeout;
+    }
+
+    /// The deadline of every wait for the broker ([`Options::timeout`]).
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout
+    }
+
+    /// Sets the deadline of every later wait for the broker (`None`: wait for ever).
+    pub fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<()> {
+        set_timeouts(&self.sock, timeout).map_err(|source| Error::Connect {
+            path: self.path.clone(),
+            source,
+        })?;
+        self.timeout = timeout;
+        Ok(())
+    }
+
+    /// `err`, or [`Error::Timeout`] if it is the deadline passing.
+    fn deadline(&self, err: Error) -> Error {
+        match self.timeout {
+            Some(timeout) if timed_out(&err) => Error::Timeout {
+                path: self.path.clone(),
+                timeout,
+            },
+            _ => err,
+        }
+    }
+
+    /// Reads and drops the late replies of calls that passed their deadline, so that the
+    /// next reply read is the next call's. The connection is kept (it is what holds this
+    /// client's leases). A late lease this client does not hold (a create or open the caller
+    /// was told had timed out) is released again.
+    fn settle(&mut self) -> std::result::Result<(), CallError> {
+        while self.owed > 0 {
+            let received = transport::recv(&self.sock, &mut self.buf).map_err(Error::from)?;
+            self.owed -= 1;
+            drop(received.fds);
+            if let Ok((_, Response::Lease(info))) =
+                codec::decode_response(&self.buf[..received.len])
+                && !self.held.contains_key(&info.name)
+            {
+                let release = Request::Release { name: info.name };
+                let msg = codec::encode_request(self.version, &release).map_err(Error::from)?;
+                transport::send(self.sock.as_fd(), &msg, &[]).map_err(Error::from)?;
+                self.owed += 1;
+            }
+        }
+        Ok(())
     }
 
     /// How many times this client has reconnected.
@@ -397,12 +492,16 @@ impl Client {
 
     /// [`Client::reconnect`], not re-opening `skip` (a lease being released).
     fn reconnect_skipping(&mut self, skip: Option<&str>) -> Result<()> {
-        let timeout = self.reconnect_timeout;
         let Client {
-            path, buf, held, ..
+            path,
+            buf,
+            held,
+            reconnect_timeout,
+            timeout,
+            ..
         } = self;
-        let outcome = retry_until(timeout, &mut RealClock, |left| {
-            attempt_reconnect(path, buf, held, skip, left)
+        let outcome = retry_until(*reconnect_timeout, &mut RealClock, |left| {
+            attempt_reconnect(path, buf, held, skip, left, *timeout)
         });
         let fresh = match outcome {
             Ok(fresh) => fresh,
@@ -422,6 +521,7 @@ impl Client {
         }
         self.version = fresh.version;
         self.server = fresh.server;
+        self.owed = 0;
         if let Some(name) = skip {
             self.held.remove(name);
         }
@@ -441,7 +541,11 @@ impl Client {
     /// a holder with the old connection). `Hello` and `Upgrade` are never retried (an
     /// upgrade ends with the broker closing the connection; the next call reconnects).
     pub fn call(&mut self, req: &Request) -> Result<(Response, Vec<OwnedFd>)> {
-        let result = match exchange(&self.sock, self.version, &mut self.buf, req) {
+        let result = match self
+            .settle()
+            .and_then(|()| exchange(&self.sock, self.version, &mut self.buf, &mut self.owed, req))
+        {
+            Err(CallError { err, .. }) if timed_out(&err) => Err(err),
             Err(CallError { err, sent })
                 if err.is_connection_lost()
                     && !self.reconnect_timeout.is_zero()
@@ -454,7 +558,7 @@ impl Client {
         if let Ok((resp, _)) = &result {
             self.track(req, resp);
         }
-        result
+        result.map_err(|e| self.deadline(e))
     }
 
     /// Reconnects after `req` met a broken connection, then retries it once.
@@ -467,7 +571,8 @@ impl Client {
         if releasing.is_some() {
             return Ok((Response::Ok, Vec::new()));
         }
-        let retried = exchange(&self.sock, self.version, &mut self.buf, req).map_err(|e| e.err);
+        let retried = exchange(&self.sock, self.version, &mut self.buf, &mut self.owed, req)
+            .map_err(|e| e.err);
         if !sent {
             return retried;
         }
@@ -498,7 +603,13 @@ impl Client {
             name: create.name.clone(),
             writable: true,
         };
-        match exchange(&self.sock, self.version, &mut self.buf, &open) {
+        match exchange(
+            &self.sock,
+            self.version,
+            &mut self.buf,
+            &mut self.owed,
+            &open,
+        ) {
             Ok((Response::Lease(info), fds))
                 if info.uid == owner
                     && info.size == create.size
@@ -512,7 +623,13 @@ impl Client {
                 let release = Request::Release {
                     name: create.name.clone(),
                 };
-                let _ = exchange(&self.sock, self.version, &mut self.buf, &release);
+                let _ = exchange(
+                    &self.sock,
+                    self.version,
+                    &mut self.buf,
+                    &mut self.owed,
+                    &release,
+                );
                 Err(exists)
             }
             _ => Err(exists),

@@ -41,6 +41,16 @@ pub enum Error {
         #[source]
         last: Option<Box<Error>>,
     },
+    /// The broker accepted the connection or the request but did not answer within the
+    /// client's deadline ([`Options::timeout`](crate::Options)): it is stopped, wedged or
+    /// overloaded. The request may still be carried out. The connection is kept (it holds
+    /// the client's leases); the next call reads and drops the late answer first.
+    #[error(
+        "broker at {} did not answer within {} s",
+        path.display(),
+        timeout.as_secs_f64()
+    )]
+    Timeout { path: PathBuf, timeout: Duration },
     #[error("lease {name}: {problem}")]
     Lease { name: String, problem: String },
     #[error("lease {name}: {op} failed")]

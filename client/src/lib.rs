@@ -69,6 +69,7 @@ mod error;
 mod guest;
 mod lease;
 mod mapping;
+pub mod options;
 pub mod proto;
 pub mod reconnect;
 pub mod size;
@@ -79,6 +80,7 @@ pub use client::{Client, LostLease, SOCKET_ENV, default_socket_path};
 pub use error::{Error, Result, error_chain};
 pub use lease::{Backing, LEASE_SEALS, Lease};
 pub use mapping::Mapping;
+pub use options::{DEFAULT_TIMEOUT, Options, TIMEOUT_ENV};
 pub use proto::{
     CreateLease, DirInfo, ErrorCode, LeaseInfo, LeaseState, Mkdir, PageSize, PoolInfo, PoolKind,
 };

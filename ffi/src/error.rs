@@ -40,7 +40,7 @@ impl Error {
                 E::Transport(TransportError::Io(errno)) => *errno,
                 E::Transport(TransportError::Closed) => Errno::CONNRESET,
                 E::Transport(_) | E::Codec(_) | E::Protocol(_) | E::Lease { .. } => Errno::PROTO,
-                E::Unavailable { .. } => Errno::TIMEDOUT,
+                E::Unavailable { .. } | E::Timeout { .. } => Errno::TIMEDOUT,
                 E::Broker { code, .. } => broker_errno(*code),
                 _ => Errno::IO,
             },

@@ -29,7 +29,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use membroker_client::reconnect::Backoff;
-use membroker_client::{Client, CreateLease, ErrorCode, LostLease};
+use membroker_client::{Client, CreateLease, ErrorCode, LostLease, Options};
 use rustix::event::{PollFd, PollFlags};
 
 use crate::classify::Guard;
@@ -80,7 +80,10 @@ impl ShimError {
             ShimError::Client(membroker_client::Error::Connect { source, .. }) => {
                 source.raw_os_error()
             }
-            ShimError::Client(membroker_client::Error::Unavailable { .. }) => libc::ETIMEDOUT,
+            ShimError::Client(
+                membroker_client::Error::Unavailable { .. }
+                | membroker_client::Error::Timeout { .. },
+            ) => libc::ETIMEDOUT,
             ShimError::Client(e) => match e.code() {
                 Some(ErrorCode::PermissionDenied) => libc::EACCES,
                 Some(ErrorCode::InvalidArgument) => libc::EINVAL,
@@ -151,9 +154,16 @@ fn state() -> MutexGuard<'static, State> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// The client options of every connection: the deadline of `MEMBROKER_TIMEOUT`, so that a
+/// stopped broker fails (or falls back) a RAM block in bounded time and never wedges QEMU
+/// behind the state lock.
+fn options(cfg: &Config) -> Options {
+    Options::default().timeout(cfg.timeout)
+}
+
 fn connect(cfg: &Config) -> Result<Conn, ShimError> {
-    let client = Client::connect(&cfg.socket).map_err(ShimError::Client)?;
-    let mut poison = Client::connect(&cfg.socket).map_err(ShimError::Client)?;
+    let client = Client::connect_with(&cfg.socket, options(cfg)).map_err(ShimError::Client)?;
+    let mut poison = Client::connect_with(&cfg.socket, options(cfg)).map_err(ShimError::Client)?;
     poison.set_reconnect_timeout(POISON_RECONNECT_TIMEOUT);
     POISON_FD.store(poison.as_fd().as_raw_fd(), Ordering::Release);
     Ok(Conn {
@@ -186,12 +196,12 @@ fn report_lost(client: &mut Client) {
 }
 
 /// Starts the watcher thread of this process, once.
-fn start_watcher(socket: &'static std::path::Path) {
+fn start_watcher(cfg: &'static Config) {
     let pid = std::process::id();
     if WATCHER.swap(pid, Ordering::AcqRel) == pid {
         return;
     }
-    if let Err(e) = crate::sys::spawn_blocking_signals("membroker-watch", move || watch(socket)) {
+    if let Err(e) = crate::sys::spawn_blocking_signals("membroker-watch", move || watch(cfg)) {
         WATCHER.store(0, Ordering::Release);
         let line = format!(
             "membroker-preload: cannot start the broker watcher thread ({e}); after a broker restart, leases are re-attached only at the next RAM block change\n"
@@ -202,7 +212,7 @@ fn start_watcher(socket: &'static std::path::Path) {
 
 /// The watcher thread: waits until the broker closes the main or the poison-report
 /// connection (or sends a reply to a poison report), then reconnects and re-arms.
-fn watch(socket: &std::path::Path) {
+fn watch(cfg: &Config) {
     // Whatever this thread maps goes straight to the kernel.
     let _guard = Guard::enter();
     let pid = std::process::id();
@@ -239,7 +249,7 @@ fn watch(socket: &std::path::Path) {
         let down = fds.iter().any(|f| f.revents().intersects(hangup));
         drop((main, poison));
         if down {
-            wait_for_broker(socket);
+            wait_for_broker(cfg);
         }
         let failed = {
             let mut st = state();
@@ -274,10 +284,10 @@ fn watch(socket: &std::path::Path) {
     }
 }
 
-/// Returns once a broker answers at `socket` (connect and Hello), retrying with backoff.
-fn wait_for_broker(socket: &std::path::Path) {
+/// Returns once a broker answers at the socket (connect and Hello), retrying with backoff.
+fn wait_for_broker(cfg: &Config) {
     let mut backoff = Backoff::new();
-    while Client::connect(socket).is_err() {
+    while Client::connect_with(&cfg.socket, options(cfg)).is_err() {
         std::thread::sleep(backoff.next_delay());
     }
 }
@@ -297,7 +307,7 @@ pub fn acquire(len: u64) -> Result<Acquired, ShimError> {
     }
     if st.conn.is_none() {
         st.conn = Some(connect(cfg)?);
-        start_watcher(&cfg.socket);
+        start_watcher(cfg);
     }
     let index = st.next_index;
     st.next_index += 1;

@@ -2,6 +2,7 @@
 //! library loads.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use membroker_client::PageSize;
 use membroker_client::size::parse_size;
@@ -35,6 +36,8 @@ pub struct Config {
     pub page_size: Option<PageSize>,
     /// `MEMBROKER_FALLBACK`.
     pub fallback: Fallback,
+    /// `MEMBROKER_TIMEOUT`: how long a RAM block waits for the broker (`None`: for ever).
+    pub timeout: Option<Duration>,
 }
 
 /// A variable that does not parse.
@@ -103,8 +106,14 @@ impl Config {
             Some("anon") => Fallback::Anon,
             Some(v) => return Err(bad("MEMBROKER_FALLBACK", v, "use fail or anon")),
         };
+        let timeout = match get("MEMBROKER_TIMEOUT") {
+            Some(v) => membroker_client::options::parse_timeout(&v)
+                .map_err(|expected| bad("MEMBROKER_TIMEOUT", &v, expected))?,
+            None => Some(membroker_client::DEFAULT_TIMEOUT),
+        };
         Ok(Config {
             socket,
+            timeout,
             prefix,
             persist,
             min_size,
@@ -147,6 +156,7 @@ mod tests {
         assert_eq!(c.pool, None);
         assert_eq!(c.page_size, None);
         assert_eq!(c.fallback, Fallback::Fail);
+        assert_eq!(c.timeout, Some(membroker_client::DEFAULT_TIMEOUT));
         assert_eq!(c.lease_name(2, 77, 1000), "uid-1000/qemu-77/ram2");
     }
 
@@ -160,8 +170,10 @@ mod tests {
             ("MEMBROKER_POOL", "fast"),
             ("MEMBROKER_PAGE_SIZE", "2M"),
             ("MEMBROKER_FALLBACK", "anon"),
+            ("MEMBROKER_TIMEOUT", "2.5"),
         ])
         .unwrap();
+        assert_eq!(c.timeout, Some(Duration::from_millis(2500)));
         assert_eq!(c.prefix.as_deref(), Some("tenant/vm1"));
         assert!(c.persist);
         assert_eq!(c.min_size, 1 << 30);
@@ -190,6 +202,7 @@ mod tests {
             ("MEMBROKER_PERSIST", "2"),
             ("MEMBROKER_MIN_SIZE", "lots"),
             ("MEMBROKER_PAGE_SIZE", "8K"),
+            ("MEMBROKER_TIMEOUT", "soon"),
             ("MEMBROKER_LEASE_PREFIX", "/abs"),
             ("MEMBROKER_LEASE_PREFIX", "a/../b"),
         ] {

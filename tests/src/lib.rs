@@ -4,7 +4,7 @@
 //! Binaries come from the same target directory as the test executable, so run
 //! `cargo build --workspace --bins` first (`scripts/test` does) or set `MEMBROKER_BIN`.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Output, Stdio};
@@ -330,6 +330,27 @@ impl Helper {
             panic!("helper exited without output; stderr: {err}");
         }
         line.trim_end().to_string()
+    }
+
+    /// Writes one line to the helper's stdin and returns the line it answers.
+    pub fn send(&mut self, line: &str) -> String {
+        let stdin = self.child.stdin.as_mut().expect("helper stdin");
+        writeln!(stdin, "{line}").expect("write helper stdin");
+        stdin.flush().expect("flush helper stdin");
+        self.line()
+    }
+
+    /// Says `exit`, waits for the helper to end and returns what it said on stderr (if piped).
+    pub fn finish(mut self) -> String {
+        if let Some(mut stdin) = self.child.stdin.take() {
+            let _ = writeln!(stdin, "exit");
+        }
+        let mut err = String::new();
+        if let Some(mut stderr) = self.child.stderr.take() {
+            let _ = stderr.read_to_string(&mut err);
+        }
+        let _ = self.child.wait();
+        err
     }
 }
 

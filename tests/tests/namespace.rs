@@ -3,7 +3,6 @@
 //! Other uids are real processes (root switches to them with `setpriv`), so most tests need
 //! root (feature `privileged`).
 
-use std::io::Write;
 use std::process::{Command, Output, Stdio};
 
 use membroker_client::CreateLease;
@@ -83,26 +82,6 @@ fn shim_as_tenant(broker: &TestBroker, env: &[(&str, &str)]) -> Helper {
     h
 }
 
-fn send(h: &mut Helper, line: &str) -> String {
-    let stdin = h.child.stdin.as_mut().expect("stdin");
-    writeln!(stdin, "{line}").unwrap();
-    stdin.flush().unwrap();
-    h.line()
-}
-
-/// Ends the helper and returns what it said on stderr.
-fn finish(mut h: Helper) -> String {
-    if let Some(mut stdin) = h.child.stdin.take() {
-        let _ = writeln!(stdin, "exit");
-    }
-    let mut err = String::new();
-    if let Some(mut stderr) = h.child.stderr.take() {
-        std::io::Read::read_to_string(&mut stderr, &mut err).unwrap();
-    }
-    let _ = h.child.wait();
-    err
-}
-
 #[test]
 #[cfg_attr(
     not(feature = "privileged"),
@@ -123,12 +102,12 @@ fn a_squatted_lease_is_not_handed_to_another_uids_shim() {
         ],
     ));
     let mut qemu = shim_as_tenant(&broker, &[("MEMBROKER_LEASE_PREFIX", "victim/vm")]);
-    let reply = send(&mut qemu, &format!("alloc {}", 64 * MIB));
+    let reply = qemu.send(&format!("alloc {}", 64 * MIB));
     assert!(
         reply.starts_with("err"),
         "the shim put guest RAM on a lease another uid owns: {reply}"
     );
-    let err = finish(qemu);
+    let err = qemu.finish();
     assert!(
         err.contains("lease victim/vm/ram0 belongs to uid 65534, not to this process's uid 4000"),
         "{err}"
@@ -152,7 +131,7 @@ fn the_shims_default_prefix_is_the_callers_own() {
     stderr_err(&nobody(&broker, &["mkdir", "uid-4000"]));
 
     let mut qemu = shim_as_tenant(&broker, &[]);
-    let reply = send(&mut qemu, &format!("alloc {}", 64 * MIB));
+    let reply = qemu.send(&format!("alloc {}", 64 * MIB));
     assert!(reply.starts_with("ok"), "{reply}");
     let leases = broker.client().list("uid-4000").unwrap();
     assert_eq!(leases.len(), 1, "{leases:?}");
@@ -161,7 +140,7 @@ fn the_shims_default_prefix_is_the_callers_own() {
     let dirs = broker.client().dirs("").unwrap();
     assert_eq!(dirs[0].path, "uid-4000");
     assert_eq!((dirs[0].uid, dirs[0].mode), (TENANT, 0o700));
-    finish(qemu);
+    qemu.finish();
     membroker_tests::wait_until(
         std::time::Duration::from_secs(5),
         "the lease and its directories to go",

@@ -230,7 +230,8 @@ pub fn run(socket: &Path, args: ExecArgs) -> Result<(), String> {
         leases.push(lease);
     }
     // The connection is what holds the leases: it goes with the program and closes when it
-    // exits.
+    // exits. The program may use it as it likes, without this command's deadline.
+    client.set_timeout(None).map_err(|e| text(&e))?;
     inherit(client.as_fd(), "the broker connection")?;
     let argv = program_args
         .iter()

@@ -12,13 +12,15 @@ use std::path::Path;
 use clap::Args;
 use membroker_client::proto::{LeaseInfo, PoolInfo};
 use membroker_client::size::{format_size, parse_size};
-use membroker_client::{Client, CreateLease, Error, PageSize};
+use membroker_client::{Client, CreateLease, Error, Options, PageSize, TIMEOUT_ENV};
 
 pub use quota::{QuarantineCommand, quarantine, quota};
 use table::{Names, Table, mode_string};
 
+/// Connects with the deadline of `MEMBROKER_TIMEOUT` (default 10 s) on every wait.
 fn connect(socket: &Path) -> Result<Client, String> {
-    Client::connect(socket).map_err(|e| match &e {
+    let options = Options::from_env()?;
+    Client::connect_with(socket, options).map_err(|e| match &e {
         Error::Connect { source, .. } => format!(
             "cannot connect to the broker at {}: {source}; is `membroker serve` running? \
              (--socket or MEMBROKER_SOCKET name another socket)",
@@ -29,7 +31,13 @@ fn connect(socket: &Path) -> Result<Client, String> {
 }
 
 fn text(e: &Error) -> String {
-    crate::error::error_chain(e)
+    let text = crate::error::error_chain(e);
+    if let Error::Timeout { .. } = e {
+        return format!(
+            "{text} (is it stopped or overloaded? {TIMEOUT_ENV} sets the deadline in seconds)"
+        );
+    }
+    text
 }
 
 fn json<T: serde::Serialize>(value: &T) -> Result<(), String> {
@@ -305,7 +313,7 @@ pub fn upgrade(socket: &Path) -> Result<(), String> {
     }
     let deadline = started + std::time::Duration::from_secs(30);
     loop {
-        if let Ok(mut again) = Client::connect(socket)
+        if let Ok(mut again) = connect(socket)
             && again.server() != before
         {
             let leases = again.list("").map_err(|e| text(&e))?.len();

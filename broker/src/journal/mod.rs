@@ -307,8 +307,7 @@ impl Journal {
             // Never leave half a record behind a later one.
             let _ = inner.file.set_len(inner.len);
             let error = self.io("cannot append")(e);
-            self.fail(&mut inner, &error);
-            return Err(error);
+            return Err(self.fail(&mut inner, &error));
         }
         inner.len += bytes.len() as u64;
         inner.records += records.len() as u64;
@@ -368,12 +367,13 @@ impl Journal {
         }
     }
 
-    /// Enters the failing state after `error`.
-    fn fail(&self, inner: &mut Inner, error: &JournalError) {
+    /// Enters the failing state after `error`; returns the error that says so (and what to do).
+    fn fail(&self, inner: &mut Inner, error: &JournalError) -> JournalError {
         let why = crate::error::error_chain(error);
         tracing::error!(error = %why, "journal is failing: nothing more is acknowledged until it is rewritten");
         inner.retry_at = Some(Instant::now() + RECOVER_EVERY);
-        self.durability.lock().failing = Some(why);
+        self.durability.lock().failing = Some(why.clone());
+        self.failing_error(why)
     }
 
     /// A failing journal rewrites its whole state (at most once every [`RECOVER_EVERY`]).
@@ -409,8 +409,17 @@ impl Journal {
 
     fn compact_locked(&self, inner: &mut Inner) -> Result<()> {
         let new = self.dir.join("journal.new");
+        let written = self.write_new(inner, &new);
+        if written.is_err() {
+            // A half-written file only takes space a full disk needs for the next try.
+            let _ = std::fs::remove_file(&new);
+        }
+        written
+    }
+
+    fn write_new(&self, inner: &mut Inner, new: &Path) -> Result<()> {
         let io = |what| {
-            let path = new.clone();
+            let path = new.to_path_buf();
             move |source| JournalError::Io { path, what, source }
         };
         let snapshot = inner.state.snapshot();
@@ -423,11 +432,11 @@ impl Journal {
             .write(true)
             .truncate(true)
             .mode(0o600)
-            .open(&new)
+            .open(new)
             .map_err(io("cannot create"))?;
         out.write_all(&buf).map_err(io("cannot write"))?;
         out.sync_all().map_err(io("cannot sync"))?;
-        std::fs::rename(&new, &self.path).map_err(io("cannot rename over the journal"))?;
+        std::fs::rename(new, &self.path).map_err(io("cannot rename over the journal"))?;
         sync_dir(&self.dir).map_err(io("cannot sync the state directory"))?;
         inner.file = OpenOptions::new()
             .append(true)
