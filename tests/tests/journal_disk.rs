@@ -222,6 +222,18 @@ fn survives(mut subject: Subject, state: &Path, mut breaks: impl FnMut(), mut fi
         let err = subject.create().unwrap_err();
         assert_explains(&err, state);
         subject.reads_served();
+        // Other changes are refused too, and change nothing: an acknowledged lease cannot be
+        // removed while its removal could not be recorded.
+        let victim = subject
+            .acknowledged
+            .iter()
+            .next()
+            .cloned()
+            .expect("a lease");
+        let rm = subject.svc.run_cli(&["rm", &victim]);
+        assert!(!rm.status.success(), "rm acknowledged on a failing journal");
+        assert_explains(&String::from_utf8_lossy(&rm.stderr), state);
+        subject.reads_served();
 
         fixed();
         subject.create_until_acknowledged(Duration::from_secs(5));

@@ -323,6 +323,19 @@ impl Journal {
         Ok(ticket)
     }
 
+    /// Whether changes can be journaled now: a failing journal first tries to recover (at
+    /// most once a second). Callers refuse a change up front on an error, so that nothing is
+    /// changed that could not be recorded.
+    pub fn ready(&self) -> Result<()> {
+        let failing = self.durability.lock().failing.clone();
+        let Some(why) = failing else {
+            return Ok(());
+        };
+        let mut inner = self.inner.lock();
+        self.recover(&mut inner)
+            .map_err(|_| self.failing_error(why))
+    }
+
     /// Returns once everything up to `ticket` is on disk: one `fdatasync` serves every batch
     /// written before it started. Fails while the journal is failing.
     pub fn wait(&self, ticket: Ticket) -> Result<()> {

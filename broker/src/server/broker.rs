@@ -262,8 +262,9 @@ impl Broker {
             },
             Request::List { prefix, after } => self.list(peer, &prefix, after.as_deref()),
             Request::Df => Reply::new(Response::Df(self.df())),
-            Request::ReportPoison { name, offset, len } => {
-                match self.change(|ns| ns.report_poison(peer, &name, offset, len)) {
+            Request::ReportPoison { name, offset, len } => self.acknowledged(
+                |ns| ns.report_poison(peer, &name, offset, len),
+                |report| match report {
                     Ok(report) => {
                         let (offset, len) = (report.offset, report.len);
                         tracing::warn!(lease = %name, offset, len, uid = peer.uid, new = report.new, "memory error reported");
@@ -273,8 +274,8 @@ impl Broker {
                         Reply::new(Response::Ok)
                     }
                     Err(e) => Reply::failed(&e),
-                }
-            }
+                },
+            ),
             Request::Mkdir(req) => self.meta(&req.path, "mkdir", |ns| ns.mkdir(peer, &req)),
             Request::Chmod { name, mode } => {
                 self.meta(&name, "chmod", |ns| ns.chmod(peer, &name, mode))
@@ -308,7 +309,7 @@ impl Broker {
         what: &'static str,
         op: impl FnOnce(&mut Namespace) -> Result<(), crate::namespace::NsError>,
     ) -> Reply {
-        match self.change(op) {
+        self.acknowledged(op, |result| match result {
             Ok(()) => {
                 tracing::info!(name, what, "namespace changed");
                 // A lease's memory carries its owner and mode (reopening by path is checked
@@ -323,7 +324,7 @@ impl Broker {
                 Reply::new(Response::Ok)
             }
             Err(e) => Reply::failed(&e),
-        }
+        })
     }
 
     fn hello(&self, session: &mut Session, min: u16, max: u16, client: &str) -> Reply {
@@ -346,9 +347,22 @@ impl Broker {
 
     /// Runs a change of the namespace under its lock and writes the records it made to the
     /// journal before the lock is released, so the journal's order is the namespace's; then,
-    /// outside the lock, waits for them to be on disk (group commit) before the caller
-    /// replies. A journal that fails is logged: the change itself stands.
+    /// outside the lock, waits for them to be on disk (group commit). For changes nobody is
+    /// told about (a disconnect, the end of the grace period): a failing journal is logged,
+    /// the change stands (the journal's model keeps it, and a recovery writes it).
     fn change<T>(&self, op: impl FnOnce(&mut Namespace) -> T) -> T {
+        let (out, durable) = self.change_durably(op);
+        if let Err(e) = durable {
+            tracing::error!(error = %error_chain(&e), "journal append failed");
+        }
+        out
+    }
+
+    /// [`Broker::change`], telling whether the change's records are on disk.
+    fn change_durably<T>(
+        &self,
+        op: impl FnOnce(&mut Namespace) -> T,
+    ) -> (T, Result<(), crate::journal::JournalError>) {
         let (out, written) = {
             let mut ns = self.ns.lock();
             let out = op(&mut ns);
@@ -359,12 +373,39 @@ impl Broker {
             };
             (out, written)
         };
-        if let (Some(journal), Some(written)) = (&self.journal, written)
-            && let Err(e) = written.and_then(|ticket| journal.wait(ticket))
+        let durable = match (&self.journal, written) {
+            (Some(journal), Some(written)) => written.and_then(|ticket| journal.wait(ticket)),
+            _ => Ok(()),
+        };
+        (out, durable)
+    }
+
+    /// A change a client is told about: refused up front, nothing changed, while the journal
+    /// cannot be written; reported as not durable if its records did not reach the disk after
+    /// all. `reply` turns the change's result into the reply.
+    fn acknowledged<T>(
+        &self,
+        op: impl FnOnce(&mut Namespace) -> T,
+        reply: impl FnOnce(T) -> Reply,
+    ) -> Reply {
+        if let Some(journal) = &self.journal
+            && let Err(e) = journal.ready()
         {
-            tracing::error!(error = %error_chain(&e), "journal append failed");
+            return Reply::error(ErrorCode::Internal, error_chain(&e));
         }
-        out
+        let (out, durable) = self.change_durably(op);
+        let reply = reply(out);
+        match durable {
+            Err(e) if matches!(reply.response, Response::Ok) => Reply::error(
+                ErrorCode::Internal,
+                format!(
+                    "the change was made but the state journal did not record it, so it may not \
+                     survive a broker restart: {}",
+                    error_chain(&e)
+                ),
+            ),
+            _ => reply,
+        }
     }
 
     fn create(&self, peer: &Peer, req: membroker_client::CreateLease) -> Reply {
@@ -462,13 +503,13 @@ impl Broker {
         &self,
         op: impl FnOnce(&mut Namespace) -> Result<Freed, crate::namespace::NsError>,
     ) -> Reply {
-        match self.change(op) {
+        self.acknowledged(op, |result| match result {
             Ok(freed) => {
                 self.give_back(freed);
                 Reply::new(Response::Ok)
             }
             Err(e) => Reply::failed(&e),
-        }
+        })
     }
 
     /// Returns leases nobody holds to their pools, outside the namespace lock: closing the
