@@ -11,7 +11,7 @@ use crate::journal::Journal;
 use crate::namespace::quota::{QuotaSpec, Quotas, SpecScope, Subject};
 use crate::pool::{Pool, PoolSpec};
 use crate::restore;
-use crate::server::{self, Broker, Listener};
+use crate::server::{self, Broker, ConnLimits, Listener};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -54,6 +54,18 @@ pub struct ServeArgs {
     /// Repeat for more. A lease counts against its owner and its group.
     #[arg(long = "quota", value_name = "SPEC")]
     quotas: Vec<QuotaSpec>,
+    /// Connections served at once, everyone together.
+    #[arg(long, value_name = "N", default_value_t = ConnLimits::default().max)]
+    max_connections: usize,
+    /// Connections served at once for one uid; root and the admin group are not limited.
+    #[arg(long, value_name = "N", default_value_t = ConnLimits::default().per_uid)]
+    max_connections_per_uid: usize,
+    /// Of --max-connections, how many only root and the admin group may use.
+    #[arg(long, value_name = "N", default_value_t = ConnLimits::default().reserve)]
+    reserved_connections: usize,
+    /// A connection that has not sent Hello within this many seconds is closed.
+    #[arg(long, value_name = "SECONDS", default_value_t = ConnLimits::default().hello_timeout.as_secs_f64())]
+    hello_timeout: f64,
 }
 
 /// The quota rules of `--quota` arguments, groups resolved.
@@ -185,7 +197,14 @@ pub fn run(socket: &Path, args: ServeArgs) -> Result<(), String> {
     if let Some(n) = broker.notifier() {
         n.ready(&format!("serving {leases} leases"));
     }
-    let result = server::run(broker.clone(), listener).map_err(|e| error_chain(&e));
+    let limits = ConnLimits {
+        max: args.max_connections,
+        per_uid: args.max_connections_per_uid,
+        reserve: args.reserved_connections,
+        hello_timeout: Duration::try_from_secs_f64(args.hello_timeout)
+            .map_err(|e| format!("--hello-timeout {}: {e}", args.hello_timeout))?,
+    };
+    let result = server::run(broker.clone(), listener, limits).map_err(|e| error_chain(&e));
     if let Some(n) = broker.notifier() {
         n.stopping();
     }
