@@ -66,6 +66,10 @@ pub struct ServeArgs {
     /// A connection that has not sent Hello within this many seconds is closed.
     #[arg(long, value_name = "SECONDS", default_value_t = ConnLimits::default().hello_timeout.as_secs_f64())]
     hello_timeout: f64,
+    /// Open files the broker may have (each connection and each lease takes one). By default
+    /// the soft limit is raised to the hard one (LimitNOFILE); a lower N keeps it at N.
+    #[arg(long, value_name = "N")]
+    open_file_limit: Option<u64>,
 }
 
 /// The quota rules of `--quota` arguments, groups resolved.
@@ -129,6 +133,8 @@ pub fn run(socket: &Path, args: ServeArgs) -> Result<(), String> {
     let inherited = crate::handover::take();
     init_tracing();
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    // Before the journal and the leases are opened: each lease holds a file.
+    server::set_nofile(args.open_file_limit);
     let admin_gid = args.admin_group.as_deref().map(group_id).transpose()?;
     let socket_gid = args.socket_group.as_deref().map(group_id).transpose()?;
     let quotas = quotas(&args.quotas)?;

@@ -123,7 +123,7 @@ struct Loop {
 
 /// Serves `listener` until SIGTERM or SIGINT, then closes every connection and returns.
 pub fn run(broker: Arc<Broker>, listener: Listener, limits: ConnLimits) -> Result<(), ServeError> {
-    let nofile = super::limits::raise_nofile();
+    let nofile = super::limits::nofile_limit();
     let (signal_rx, signal_tx) = rustix::pipe::pipe_with(
         rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK,
     )

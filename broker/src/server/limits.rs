@@ -85,16 +85,22 @@ impl ConnCount {
     }
 }
 
-/// Raises the soft limit on open files to the hard one; returns the limit now in force.
-pub fn raise_nofile() -> u64 {
+/// Sets the soft limit on open files to the hard one, or to `lower` if given and lower;
+/// returns the limit now in force.
+pub fn set_nofile(lower: Option<u64>) -> u64 {
     let Rlimit { current, maximum } = rustix::process::getrlimit(Resource::Nofile);
-    if maximum != current {
+    let want = match (lower, maximum) {
+        (Some(lower), Some(max)) => Some(lower.min(max)),
+        (Some(lower), None) => Some(lower),
+        (None, max) => max,
+    };
+    if want != current {
         let raised = Rlimit {
-            current: maximum,
+            current: want,
             maximum,
         };
         if let Err(e) = rustix::process::setrlimit(Resource::Nofile, raised) {
-            tracing::warn!(error = %e, "cannot raise the open-file limit to the hard limit");
+            tracing::warn!(error = %e, "cannot set the open-file limit");
         }
     }
     nofile_limit()

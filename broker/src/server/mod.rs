@@ -17,7 +17,7 @@ use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
 
 pub use broker::{Broker, Reply, Session, Then};
 pub use event_loop::run;
-pub use limits::ConnLimits;
+pub use limits::{ConnLimits, set_nofile};
 
 /// Why the daemon could not start or run.
 #[derive(Debug, thiserror::Error)]
