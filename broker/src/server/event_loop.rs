@@ -78,6 +78,12 @@ impl Shared {
         let uid = conn.session.peer.uid;
         conn.end(&self.broker, end);
         self.count.lock().release(uid);
+        // After a flood, give back the table's memory.
+        let mut idle = self.idle.lock();
+        if idle.capacity() > 1024 && idle.len() * 8 < idle.capacity() {
+            let keep = idle.len() * 2;
+            idle.shrink_to(keep);
+        }
     }
 }
 
@@ -273,6 +279,9 @@ impl Loop {
                 break;
             }
             self.hello.pop_front();
+            if self.hello.is_empty() {
+                self.hello.shrink_to(64);
+            }
             // One a worker is serving now is either saying Hello or being closed.
             let conn = {
                 let mut idle = self.shared.idle.lock();
