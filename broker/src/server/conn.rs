@@ -9,20 +9,41 @@ use membroker_client::codec::{self, CodecError};
 use membroker_client::proto::{ErrorCode, PROTOCOL_MIN, Response};
 use membroker_client::transport::{self, TransportError};
 
-use super::broker::{Broker, Reply, Session, Then};
+use rustix::io::Errno;
+
+use super::broker::{Broker, Reply, ReplyFd, Session, Then};
 use crate::error::error_chain;
 use crate::namespace::Peer;
 
 /// How long a reply may wait for a client that does not read before it is disconnected.
-const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// One connection between requests.
+/// One connection between requests. Its socket is non-blocking: a worker never waits on it.
 #[derive(Debug)]
 pub struct Conn {
     pub sock: OwnedFd,
     pub session: Session,
     /// When it was accepted (the `Hello` deadline counts from here).
     pub accepted: Instant,
+    /// A reply the client's socket had no room for yet.
+    pub pending: Option<Pending>,
+}
+
+/// A reply waiting for room in the client's socket.
+#[derive(Debug)]
+pub struct Pending {
+    msg: Vec<u8>,
+    fd: Option<ReplyFd>,
+    /// Since when it waits ([`SEND_TIMEOUT`] counts from here).
+    pub since: Instant,
+}
+
+/// What a connection waits for next.
+pub enum Wait {
+    /// Its next request.
+    Request,
+    /// Room for its pending reply.
+    Room,
 }
 
 /// Why a connection ends.
@@ -35,17 +56,11 @@ pub enum End {
 
 impl Conn {
     pub fn new(sock: OwnedFd, peer: Peer) -> Conn {
-        if let Err(e) = rustix::net::sockopt::set_socket_timeout(
-            &sock,
-            rustix::net::sockopt::Timeout::Send,
-            Some(SEND_TIMEOUT),
-        ) {
-            tracing::warn!(error = %e, "cannot set send timeout");
-        }
         Conn {
             sock,
             session: Session::new(peer),
             accepted: Instant::now(),
+            pending: None,
         }
     }
 
@@ -61,12 +76,24 @@ impl Conn {
     }
 }
 
-/// Reads one request from a readable socket, has the broker answer it, sends the reply: the
-/// transport only. `Err` ends the connection.
-pub fn step(broker: &Broker, conn: &mut Conn, buf: &mut [u8]) -> Result<(), End> {
+/// Sends the pending reply of a writable socket, or reads one request from a readable one,
+/// has the broker answer it and sends the reply: the transport only. `Err` ends the
+/// connection.
+pub fn step(broker: &Broker, conn: &mut Conn, buf: &mut [u8]) -> Result<Wait, End> {
     let (sock, session) = (&conn.sock, &mut conn.session);
+    if let Some(pending) = conn.pending.take() {
+        return match pending.send(sock) {
+            Ok(None) => Ok(Wait::Request),
+            Ok(Some(pending)) => {
+                conn.pending = Some(pending);
+                Ok(Wait::Room)
+            }
+            Err(e) => Err(End::Protocol(format!("reply not delivered: {e}"))),
+        };
+    }
     let received = match transport::recv(sock, buf) {
         Ok(r) => r,
+        Err(TransportError::Io(Errno::AGAIN)) => return Ok(Wait::Request),
         Err(TransportError::Closed) => return Err(End::Closed),
         Err(e) => return Err(refuse(sock, session, ErrorCode::Protocol, error_chain(&e))),
     };
@@ -89,11 +116,19 @@ pub fn step(broker: &Broker, conn: &mut Conn, buf: &mut [u8]) -> Result<(), End>
             Response::Error { message, .. } if then == Then::Close => message.clone(),
             _ => String::new(),
         };
-        if let Err(e) = send(sock, session, reply) {
-            return Err(End::Protocol(format!("reply not delivered: {e}")));
+        match send(sock, session, reply) {
+            // A client that sends requests without reading the replies: its next reply
+            // waits for room, without a worker.
+            Ok(Some(pending)) if then == Then::Continue => {
+                conn.pending = Some(pending);
+                return Ok(Wait::Room);
+            }
+            Ok(Some(_)) => return Err(End::Protocol("reply not delivered: no room".into())),
+            Ok(None) => {}
+            Err(e) => return Err(End::Protocol(format!("reply not delivered: {e}"))),
         }
         match then {
-            Then::Continue => return Ok(()),
+            Then::Continue => return Ok(Wait::Request),
             Then::Close => return Err(End::Protocol(why)),
             Then::Upgrade => {
                 // Returns only if the exec failed: tell the requester, keep serving.
@@ -104,24 +139,37 @@ pub fn step(broker: &Broker, conn: &mut Conn, buf: &mut [u8]) -> Result<(), End>
     }
 }
 
-pub fn send(sock: &OwnedFd, session: &Session, reply: Reply) -> Result<(), String> {
+/// Sends a reply; `Ok(Some(_))` if the client's socket has no room for it now.
+pub fn send(sock: &OwnedFd, session: &Session, reply: Reply) -> Result<Option<Pending>, String> {
     let version = session.version.unwrap_or(PROTOCOL_MIN);
-    let fds: Vec<BorrowedFd<'_>> = reply.fd.iter().map(|fd| fd.as_fd()).collect();
-    let (msg, fds) = match codec::encode_response(version, &reply.response) {
-        Ok(msg) => (msg, &fds[..reply.response.fd_count().min(fds.len())]),
+    let (msg, fd) = match codec::encode_response(version, &reply.response) {
+        Ok(msg) => (msg, reply.fd.filter(|_| reply.response.fd_count() > 0)),
         Err(e) => {
             // E.g. a lease description that does not fit a message: say so, without the fd.
             let fallback = Response::Error {
                 code: ErrorCode::Internal,
                 message: format!("reply does not encode: {e}"),
             };
-            (
-                codec::encode_response(version, &fallback).map_err(|e| e.to_string())?,
-                &[][..],
-            )
+            let msg = codec::encode_response(version, &fallback).map_err(|e| e.to_string())?;
+            (msg, None)
         }
     };
-    transport::send(sock.as_fd(), &msg, fds).map_err(|e| e.to_string())
+    let since = Instant::now();
+    Pending { msg, fd, since }.send(sock)
+}
+
+impl Pending {
+    /// Sends it; `Ok(Some(self))` if there is still no room.
+    fn send(self, sock: &OwnedFd) -> Result<Option<Pending>, String> {
+        let fds: Vec<BorrowedFd<'_>> = self.fd.iter().map(|fd| fd.as_fd()).collect();
+        let sent = transport::send(sock.as_fd(), &self.msg, &fds);
+        drop(fds);
+        match sent {
+            Ok(()) => Ok(None),
+            Err(TransportError::Io(Errno::AGAIN)) => Ok(Some(self)),
+            Err(e) => Err(e.to_string()),
+        }
+    }
 }
 
 /// Tells the client what it got wrong (best effort) and ends the connection.

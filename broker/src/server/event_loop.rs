@@ -18,7 +18,7 @@ use rustix::io::Errno;
 use rustix::net::SocketFlags;
 
 use super::broker::{Broker, Session};
-use super::conn::{self, Conn, End};
+use super::conn::{self, Conn, End, SEND_TIMEOUT, Wait};
 use super::limits::{ConnCount, ConnLimits, FD_RESERVE};
 use super::{Listener, ServeError, sys};
 
@@ -32,9 +32,16 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Connections accepted per wake-up, so that requests are not starved by a flood.
 const ACCEPT_BATCH: usize = 64;
 
-/// How a connection waits for its next request.
-fn armed() -> epoll::EventFlags {
-    epoll::EventFlags::IN | epoll::EventFlags::ONESHOT
+/// The longest the event loop sleeps (it then checks the deadlines of pending replies).
+const TICK: Duration = Duration::from_secs(1);
+
+/// How a connection waits for what it waits for.
+fn armed(wait: &Wait) -> epoll::EventFlags {
+    let on = match wait {
+        Wait::Request => epoll::EventFlags::IN,
+        Wait::Room => epoll::EventFlags::OUT,
+    };
+    on | epoll::EventFlags::ONESHOT
 }
 
 /// What the event loop and the workers share.
@@ -45,20 +52,21 @@ struct Shared {
     /// worker is serving is not here.
     idle: Mutex<HashMap<u64, Conn>>,
     count: Mutex<ConnCount>,
+    /// Connections whose reply waits for room, by the time it started waiting.
+    unread: Mutex<VecDeque<(Instant, u64)>>,
 }
 
 impl Shared {
-    /// Puts a served connection back to wait for its next request.
-    fn park(&self, conn: Conn) {
+    /// Puts a served connection back to wait for its next request, or for room for its reply.
+    fn park(&self, conn: Conn, wait: Wait) {
         let id = conn.session.peer.conn;
+        if let (Wait::Room, Some(pending)) = (&wait, &conn.pending) {
+            self.unread.lock().push_back((pending.since, id));
+        }
         let mut idle = self.idle.lock();
         // Re-armed under the lock: the event loop finds it in `idle` when it fires.
-        match epoll::modify(
-            &self.epoll,
-            &conn.sock,
-            epoll::EventData::new_u64(id),
-            armed(),
-        ) {
+        let token = epoll::EventData::new_u64(id);
+        match epoll::modify(&self.epoll, &conn.sock, token, armed(&wait)) {
             Ok(()) => {
                 idle.insert(id, conn);
             }
@@ -160,6 +168,7 @@ pub fn run(broker: Arc<Broker>, listener: Listener, limits: ConnLimits) -> Resul
         epoll,
         idle: Mutex::new(HashMap::new()),
         count: Mutex::new(ConnCount::default()),
+        unread: Mutex::new(VecDeque::new()),
     });
     let (work, queue) = crossbeam_channel::unbounded::<Conn>();
     let workers = start_workers(&shared, &queue)?;
@@ -186,11 +195,8 @@ pub fn run(broker: Arc<Broker>, listener: Listener, limits: ConnLimits) -> Resul
     let mut events: Vec<epoll::Event> = Vec::with_capacity(256);
     'serve: loop {
         events.clear();
-        let timeout = state
-            .next_timer()
-            .map(|at| Timespec::try_from(at.saturating_duration_since(Instant::now())))
-            .transpose()
-            .unwrap_or(None);
+        let timeout =
+            Timespec::try_from(state.next_timer().saturating_duration_since(Instant::now())).ok();
         match epoll::wait(
             &shared.epoll,
             rustix::buffer::spare_capacity(&mut events),
@@ -255,7 +261,7 @@ fn work(shared: &Shared, queue: &crossbeam_channel::Receiver<Conn>) {
         let span = tracing::info_span!("conn", id = peer.conn, uid = peer.uid, pid = peer.pid);
         let _enter = span.enter();
         match conn::step(&shared.broker, &mut conn, &mut buf) {
-            Ok(()) => shared.park(conn),
+            Ok(wait) => shared.park(conn, wait),
             Err(end) => shared.close(conn, end),
         }
     }
@@ -263,12 +269,10 @@ fn work(shared: &Shared, queue: &crossbeam_channel::Receiver<Conn>) {
 
 impl Loop {
     /// When the event loop must wake up even if nothing happens.
-    fn next_timer(&self) -> Option<Instant> {
-        let hello = self.hello.front().map(|(at, _)| *at);
-        match (hello, self.paused_until) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+    fn next_timer(&self) -> Instant {
+        let tick = Instant::now() + TICK;
+        let hello = self.hello.front().map_or(tick, |(at, _)| *at);
+        hello.min(self.paused_until.unwrap_or(tick)).min(tick)
     }
 
     /// Closes connections past their `Hello` deadline; lets the listener work again.
@@ -299,6 +303,7 @@ impl Loop {
                 self.shared.close(conn, end);
             }
         }
+        self.unread_replies(now);
         if self.paused_until.is_some_and(|t| t <= now) {
             self.paused_until = None;
             let token = epoll::EventData::new_u64(LISTENER);
@@ -313,10 +318,46 @@ impl Loop {
         }
     }
 
+    /// Closes connections that left a reply unread for [`SEND_TIMEOUT`].
+    fn unread_replies(&mut self, now: Instant) {
+        loop {
+            let expired = {
+                let mut unread = self.shared.unread.lock();
+                match unread.front() {
+                    Some(&(since, id)) if since + SEND_TIMEOUT <= now => {
+                        unread.pop_front();
+                        Some((since, id))
+                    }
+                    _ => None,
+                }
+            };
+            let Some((since, id)) = expired else { return };
+            let conn = {
+                let mut idle = self.shared.idle.lock();
+                match idle.get(&id) {
+                    Some(c) if c.pending.as_ref().is_some_and(|p| p.since == since) => {
+                        idle.remove(&id)
+                    }
+                    _ => None,
+                }
+            };
+            if let Some(conn) = conn {
+                let why = format!(
+                    "reply not delivered: the client read nothing for {} s",
+                    SEND_TIMEOUT.as_secs()
+                );
+                let span = tracing::info_span!("conn", id, uid = conn.session.peer.uid);
+                let _enter = span.enter();
+                self.shared.close(conn, End::Protocol(why));
+            }
+        }
+    }
+
     /// Accepts the connections waiting, a batch at most.
     fn accept(&mut self, listener: &Listener) {
         for _ in 0..ACCEPT_BATCH {
-            match rustix::net::accept_with(&listener.sock, SocketFlags::CLOEXEC) {
+            let flags = SocketFlags::CLOEXEC | SocketFlags::NONBLOCK;
+            match rustix::net::accept_with(&listener.sock, flags) {
                 Ok(sock) => self.admit(sock),
                 Err(Errno::AGAIN) => return,
                 Err(Errno::INTR | Errno::CONNABORTED) => continue,
@@ -401,13 +442,22 @@ impl Loop {
             }
             let session = Session::new(peer);
             conn::refuse(&sock, &session, ErrorCode::NoSpace, why);
+            // Closing a socket with unread messages would have the client's next receive fail
+            // (ECONNRESET) before it reads why: its Hello, if already sent, is read first.
+            let mut scratch = [0u8; 64];
+            for _ in 0..4 {
+                if rustix::net::recv(&sock, &mut scratch, rustix::net::RecvFlags::DONTWAIT).is_err()
+                {
+                    break;
+                }
+            }
             return;
         }
         let (id, uid) = (peer.conn, peer.uid);
         let conn = Conn::new(sock, peer);
         let token = epoll::EventData::new_u64(id);
         let mut idle = self.shared.idle.lock();
-        if let Err(e) = epoll::add(&self.shared.epoll, &conn.sock, token, armed()) {
+        if let Err(e) = epoll::add(&self.shared.epoll, &conn.sock, token, armed(&Wait::Request)) {
             drop(idle);
             tracing::warn!(error = %e, "cannot wait on a new connection; refused");
             self.shared.count.lock().release(uid);
