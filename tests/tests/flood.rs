@@ -239,3 +239,30 @@ fn tenant_is_refused_before_the_file_table_fills_and_accept_never_spins() {
     finish(tenant);
     assert!(!broker.log().contains("panicked"));
 }
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "needs root: run with --features privileged (scripts/test does)"
+)]
+fn clients_that_never_read_their_replies_hold_no_worker_and_are_closed() {
+    let broker = TestBroker::start(&["--pool", "memfd:t:64M", "--socket-group", "65534"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let fds = broker.fd_count();
+    // More such clients than the broker has workers.
+    let mut stuffer = flood(&broker, NOBODY, "unread", 64);
+    assert_eq!(stuffer.line(), "stuffed 64");
+    let started = Instant::now();
+    root_creates(&broker, "among-unread");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(1), "root waited {took:?}");
+    // A reply unread for 5 s ends its connection, though the client keeps its end open.
+    wait_until(
+        Duration::from_secs(15),
+        "the unread connections closed",
+        || broker.fd_count() <= fds,
+    );
+    let log = broker.log();
+    assert!(log.contains("the client read nothing for 5 s"), "{log}");
+    finish(stuffer);
+}

@@ -8,6 +8,8 @@
 //!                            and "message M" (the first answer's text, if any)
 //! mb-flood SOCKET hello N    connect N times, each saying Hello: print "connected OK
 //!                            refused K" and "message M" (the first refusal's text, if any)
+//! mb-flood SOCKET unread N   connect N times, say Hello, then send requests and never read a
+//!                            reply until the broker stops taking them: print "stuffed N"
 //! mb-flood SOCKET create N   on one connection, create 4 KiB leases until one is refused or
 //!                            N are made: print "created K" and "message M" if one failed
 //! ```
@@ -78,6 +80,18 @@ fn main() {
             }
             _kept.0 = ok;
         }
+        "unread" => {
+            let socks: Vec<OwnedFd> = (0..count).map(|_| connect(socket)).collect();
+            for sock in &socks {
+                hello(sock).expect("hello");
+            }
+            let df = codec::encode_request(PROTOCOL_MIN, &Request::Df).expect("encode");
+            for sock in &socks {
+                stuff(sock, &df);
+            }
+            println!("stuffed {}", socks.len());
+            _kept.0 = socks;
+        }
         "create" => {
             let mut client = Client::connect(socket).expect("connect");
             let uid = rustix::process::getuid().as_raw();
@@ -134,6 +148,22 @@ fn try_connect(path: &str) -> Option<OwnedFd> {
         Ok(()) => Some(sock),
         Err(rustix::io::Errno::AGAIN) => None,
         Err(e) => panic!("connect: {e}"),
+    }
+}
+
+/// Sends `msg` until the broker has taken no more for 90 ms.
+fn stuff(sock: &OwnedFd, msg: &[u8]) {
+    let flags = rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL;
+    let mut refused = 0;
+    for _ in 0..100_000 {
+        match rustix::net::send(sock, msg, flags) {
+            Ok(_) => refused = 0,
+            Err(rustix::io::Errno::AGAIN) if refused < 3 => {
+                refused += 1;
+                std::thread::sleep(Duration::from_millis(30));
+            }
+            Err(_) => return,
+        }
     }
 }
 
