@@ -116,21 +116,20 @@ pub fn step(broker: &Broker, conn: &mut Conn, buf: &mut [u8]) -> Result<Wait, En
             Response::Error { message, .. } if then == Then::Close => message.clone(),
             _ => String::new(),
         };
-        match send(sock, session, reply) {
+        match (then, send(sock, session, reply)) {
+            (Then::Close, _) => return Err(End::Protocol(why)), // told why, best effort
+            (_, Err(e)) => return Err(End::Protocol(format!("reply not delivered: {e}"))),
+            (Then::Continue, Ok(None)) => return Ok(Wait::Request),
             // A client that sends requests without reading the replies: its next reply
             // waits for room, without a worker.
-            Ok(Some(pending)) if then == Then::Continue => {
+            (Then::Continue, Ok(Some(pending))) => {
                 conn.pending = Some(pending);
                 return Ok(Wait::Room);
             }
-            Ok(Some(_)) => return Err(End::Protocol("reply not delivered: no room".into())),
-            Ok(None) => {}
-            Err(e) => return Err(End::Protocol(format!("reply not delivered: {e}"))),
-        }
-        match then {
-            Then::Continue => return Ok(Wait::Request),
-            Then::Close => return Err(End::Protocol(why)),
-            Then::Upgrade => {
+            (Then::Upgrade, Ok(Some(_))) => {
+                return Err(End::Protocol("reply not delivered: no room".into()));
+            }
+            (Then::Upgrade, Ok(None)) => {
                 // Returns only if the exec failed: tell the requester, keep serving.
                 let Err(why) = broker.upgrade();
                 reply = Reply::error(ErrorCode::Internal, format!("upgrade failed: {why}"));
