@@ -192,7 +192,10 @@ fn populate_all(broker: &TestBroker, reps: usize, with_1g: bool) {
             populate(&RawMap::new(None, GIB as usize)),
         )];
         let pages = [PageSize::Base4K, PageSize::Huge2M, PageSize::Huge1G];
-        for page in pages.into_iter().filter(|p| with_1g || *p != PageSize::Huge1G) {
+        for page in pages
+            .into_iter()
+            .filter(|p| with_1g || *p != PageSize::Huge1G)
+        {
             let lease = client
                 .create(CreateLease::new("bench/pop", GIB).page_size(page))
                 .expect("create");

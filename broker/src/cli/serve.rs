@@ -11,7 +11,7 @@ use crate::journal::Journal;
 use crate::namespace::quota::{QuotaSpec, Quotas, SpecScope, Subject};
 use crate::pool::{Pool, PoolSpec};
 use crate::restore;
-use crate::server::{self, Broker, Listener};
+use crate::server::{self, Broker, ConnLimits, Listener};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -60,6 +60,22 @@ pub struct ServeArgs {
     /// processes have none), `off` never. Leases bound before keep their label.
     #[arg(long, value_enum, value_name = "WHEN", default_value = "auto")]
     bind_labels: BindLabels,
+    /// Connections served at once, everyone together.
+    #[arg(long, value_name = "N", default_value_t = ConnLimits::default().max)]
+    max_connections: usize,
+    /// Connections served at once for one uid; root and the admin group are not limited.
+    #[arg(long, value_name = "N", default_value_t = ConnLimits::default().per_uid)]
+    max_connections_per_uid: usize,
+    /// Of --max-connections, how many only root and the admin group may use.
+    #[arg(long, value_name = "N", default_value_t = ConnLimits::default().reserve)]
+    reserved_connections: usize,
+    /// A connection that has not sent Hello within this many seconds is closed.
+    #[arg(long, value_name = "SECONDS", default_value_t = ConnLimits::default().hello_timeout.as_secs_f64())]
+    hello_timeout: f64,
+    /// Open files the broker may have (each connection and each lease takes one). By default
+    /// the soft limit is raised to the hard one (LimitNOFILE); a lower N keeps it at N.
+    #[arg(long, value_name = "N")]
+    open_file_limit: Option<u64>,
 }
 
 /// `serve --bind-labels`.
@@ -130,6 +146,8 @@ pub fn run(socket: &Path, args: ServeArgs) -> Result<(), String> {
     let inherited = crate::handover::take();
     init_tracing();
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    // Before the journal and the leases are opened: each lease holds a file.
+    server::set_nofile(args.open_file_limit);
     let admin_gid = args.admin_group.as_deref().map(group_id).transpose()?;
     let socket_gid = args.socket_group.as_deref().map(group_id).transpose()?;
     let quotas = quotas(&args.quotas)?;
@@ -199,7 +217,14 @@ pub fn run(socket: &Path, args: ServeArgs) -> Result<(), String> {
     if let Some(n) = broker.notifier() {
         n.ready(&format!("serving {leases} leases"));
     }
-    let result = server::run(broker.clone(), listener).map_err(|e| error_chain(&e));
+    let limits = ConnLimits {
+        max: args.max_connections,
+        per_uid: args.max_connections_per_uid,
+        reserve: args.reserved_connections,
+        hello_timeout: Duration::try_from_secs_f64(args.hello_timeout)
+            .map_err(|e| format!("--hello-timeout {}: {e}", args.hello_timeout))?,
+    };
+    let result = server::run(broker.clone(), listener, limits).map_err(|e| error_chain(&e));
     if let Some(n) = broker.notifier() {
         n.stopping();
     }

@@ -246,7 +246,10 @@ impl Broker {
                 then: Then::Upgrade,
                 ..Reply::new(Response::Ok)
             },
-            Request::Create(req) => self.create(peer, req),
+            Request::Create(req) => match super::limits::check_fd_headroom(peer) {
+                Ok(()) => self.create(peer, req),
+                Err(why) => Reply::error(ErrorCode::NoSpace, format!("lease {}: {why}", req.name)),
+            },
             Request::Open { name, writable } => self.open(peer, &name, writable),
             Request::Release { name } => self.freeing(|ns| ns.release(peer, &name)),
             Request::Remove { name } => {

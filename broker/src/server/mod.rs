@@ -1,26 +1,24 @@
-//! The daemon: socket, lock file, signals, accept loop, a thread per connection.
+//! The daemon: socket, lock file, signals, and the event loop that serves every connection
+//! with a small pool of workers (`event_loop.rs`).
 
 mod broker;
 mod conn;
+mod event_loop;
 mod label;
+mod limits;
 
 use std::fs::File;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::thread::JoinHandle;
 
-use rustix::event::{PollFd, PollFlags};
 use rustix::fs::FlockOperation;
 use rustix::io::Errno;
 use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
 
 pub use broker::{Broker, Reply, Session, Then};
-
-/// Most connections served at once; more are closed at accept with a warning.
-pub const MAX_CONNECTIONS: usize = 4096;
+pub use event_loop::run;
+pub use limits::{ConnLimits, set_nofile};
 
 /// Why the daemon could not start or run.
 #[derive(Debug, thiserror::Error)]
@@ -160,119 +158,4 @@ impl Drop for Listener {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
     }
-}
-
-/// Serves `listener` until SIGTERM or SIGINT, then closes every connection and returns.
-pub fn run(broker: Arc<Broker>, listener: Listener) -> Result<(), ServeError> {
-    let (signal_rx, signal_tx) = rustix::pipe::pipe_with(
-        rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK,
-    )
-    .map_err(sys("pipe"))?;
-    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        let tx = signal_tx.try_clone().map_err(|e| ServeError::Sys {
-            what: "dup",
-            source: Errno::from_io_error(&e).unwrap_or(Errno::IO),
-        })?;
-        signal_hook::low_level::pipe::register(signal, tx)
-            .map_err(io("cannot install signal handler", Path::new("")))?;
-    }
-    // Readable (never read) once shutdown starts: wakes every connection thread.
-    let (shutdown_rx, shutdown_tx) =
-        rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(sys("pipe"))?;
-    let shutdown_rx = Arc::new(shutdown_rx);
-    let active = Arc::new(AtomicUsize::new(0));
-    let mut threads: Vec<JoinHandle<()>> = Vec::new();
-    let mut next_conn: u64 = 0;
-    tracing::info!(socket = %listener.path().display(), "serving");
-    loop {
-        let mut fds = [
-            PollFd::new(&listener.sock, PollFlags::IN),
-            PollFd::new(&signal_rx, PollFlags::IN),
-        ];
-        match rustix::event::poll(&mut fds, None) {
-            Ok(_) | Err(Errno::INTR) => {}
-            Err(e) => return Err(sys("poll")(e)),
-        }
-        if !fds[1].revents().is_empty() {
-            tracing::info!("signal received, shutting down");
-            break;
-        }
-        if fds[0].revents().is_empty() {
-            continue;
-        }
-        let sock = match rustix::net::accept_with(&listener.sock, SocketFlags::CLOEXEC) {
-            Ok(sock) => sock,
-            Err(Errno::AGAIN | Errno::INTR | Errno::CONNABORTED) => continue,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                continue;
-            }
-        };
-        let cred = match rustix::net::sockopt::socket_peercred(&sock) {
-            Ok(cred) => cred,
-            Err(e) => {
-                tracing::warn!(error = %e, "SO_PEERCRED failed; connection refused");
-                continue;
-            }
-        };
-        // Group permissions and the admin group count supplementary groups too.
-        let groups = match crate::sys::peer_groups(sock.as_fd()) {
-            Ok(groups) => groups,
-            // A kernel before 4.13: fewer groups only ever mean less access.
-            Err(Errno::NOPROTOOPT) => {
-                tracing::warn!("SO_PEERGROUPS unsupported: supplementary groups do not count");
-                Vec::new()
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "SO_PEERGROUPS failed; connection refused");
-                continue;
-            }
-        };
-        let pid = cred.pid.as_raw_nonzero().get() as u32;
-        let label = match label::peer_label(sock.as_fd(), pid) {
-            Ok(label) => label,
-            Err(e) => {
-                tracing::warn!(error = %e, pid, "cannot read the peer's security label; connection refused");
-                continue;
-            }
-        };
-        threads.retain(|t| !t.is_finished());
-        if active.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
-            tracing::warn!(uid = cred.uid.as_raw(), "too many connections; refused");
-            continue;
-        }
-        next_conn += 1;
-        let peer = broker.peer(
-            next_conn,
-            pid,
-            cred.uid.as_raw(),
-            cred.gid.as_raw(),
-            groups,
-            label,
-        );
-        active.fetch_add(1, Ordering::Relaxed);
-        let (broker, shutdown_rx, counter) = (broker.clone(), shutdown_rx.clone(), active.clone());
-        let spawned = std::thread::Builder::new()
-            .name(format!("conn-{}", peer.conn))
-            .spawn(move || {
-                let span =
-                    tracing::info_span!("conn", id = peer.conn, uid = peer.uid, pid = peer.pid, label = ?peer.label);
-                let _enter = span.enter();
-                conn::serve(&broker, sock, peer, shutdown_rx.as_fd());
-                counter.fetch_sub(1, Ordering::Relaxed);
-            });
-        match spawned {
-            Ok(thread) => threads.push(thread),
-            Err(e) => {
-                active.fetch_sub(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, "cannot start a connection thread; refused");
-            }
-        }
-    }
-    drop(shutdown_tx); // the read end now reports HUP: every connection thread wakes
-    for thread in threads {
-        let _ = thread.join();
-    }
-    tracing::info!("stopped");
-    Ok(())
 }

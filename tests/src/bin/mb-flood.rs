@@ -1,0 +1,227 @@
+//! Test helper: many connections, or many leases, from one process (run it as a tenant).
+//!
+//! ```text
+//! mb-flood SOCKET idle N     connect N times (or until a connect waits 2 s) and never say
+//!                            Hello; print "connected K"; then
+//!                            for each stdin line "check R": wait (10 s at most) until R of
+//!                            them were answered or closed by the broker, print "refused K"
+//!                            and "message M" (the first answer's text, if any)
+//! mb-flood SOCKET hello N    connect N times, each saying Hello: print "connected OK
+//!                            refused K" and "message M" (the first refusal's text, if any)
+//! mb-flood SOCKET unread N   connect N times, say Hello, then send requests and never read a
+//!                            reply until the broker stops taking them: print "stuffed N"
+//! mb-flood SOCKET create N   on one connection, create 4 KiB leases until one is refused or
+//!                            N are made: print "created K" and "message M" if one failed
+//! ```
+//! Then it keeps everything open until stdin closes (or a kill).
+
+use std::io::BufRead;
+use std::os::fd::OwnedFd;
+use std::time::{Duration, Instant};
+
+use membroker_client::codec::{self, MAX_MSG_SIZE};
+use membroker_client::proto::{PROTOCOL_MAX, PROTOCOL_MIN, Request, Response};
+use membroker_client::{Client, CreateLease, transport};
+use rustix::event::{PollFd, PollFlags};
+use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+use rustix::process::{Resource, Rlimit};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let [_, socket, mode, count] = args.as_slice() else {
+        panic!("usage: mb-flood SOCKET idle|hello|create N; args {args:?}");
+    };
+    let count: usize = count.parse().expect("N");
+    let limit = rustix::process::getrlimit(Resource::Nofile);
+    rustix::process::setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        },
+    )
+    .expect("raise RLIMIT_NOFILE");
+    let mut stdin = std::io::stdin().lock().lines();
+    // Kept until stdin closes.
+    let mut _kept: (Vec<OwnedFd>, Option<Client>) = (Vec::new(), None);
+    match mode.as_str() {
+        "idle" => {
+            // Until one connect waits more than 2 s (the broker's backlog is full).
+            let socks: Vec<OwnedFd> = (0..count).map_while(|_| try_connect(socket)).collect();
+            println!("connected {}", socks.len());
+            while let Some(Ok(line)) = stdin.next() {
+                let want: usize = line
+                    .strip_prefix("check ")
+                    .and_then(|n| n.parse().ok())
+                    .expect("check R");
+                let (refused, message) = answered(&socks, want);
+                println!("refused {refused}");
+                if let Some(message) = message {
+                    println!("message {message}");
+                }
+            }
+            return;
+        }
+        "hello" => {
+            let (mut ok, mut refused, mut first) = (Vec::new(), 0, None);
+            for _ in 0..count {
+                let sock = connect(socket);
+                match hello(&sock) {
+                    Ok(()) => ok.push(sock),
+                    Err(message) => {
+                        refused += 1;
+                        first.get_or_insert(message);
+                    }
+                }
+            }
+            println!("connected {} refused {refused}", ok.len());
+            if let Some(message) = first {
+                println!("message {message}");
+            }
+            _kept.0 = ok;
+        }
+        "unread" => {
+            let socks: Vec<OwnedFd> = (0..count).map(|_| connect(socket)).collect();
+            for sock in &socks {
+                hello(sock).expect("hello");
+            }
+            let df = codec::encode_request(PROTOCOL_MIN, &Request::Df).expect("encode");
+            for sock in &socks {
+                stuff(sock, &df);
+            }
+            println!("stuffed {}", socks.len());
+            _kept.0 = socks;
+        }
+        "create" => {
+            let mut client = Client::connect(socket).expect("connect");
+            let uid = rustix::process::getuid().as_raw();
+            let mut made = 0;
+            let mut failed = None;
+            while made < count {
+                match client.create(CreateLease::new(format!("flood-{uid}-{made}"), 4096)) {
+                    Ok(lease) => {
+                        drop(lease); // the broker keeps its own fd; the holder's is not needed
+                        made += 1;
+                    }
+                    Err(e) => {
+                        failed = Some(format!(
+                            "{}: {e}",
+                            e.code().map_or("None".into(), |c| format!("{c:?}"))
+                        ));
+                        break;
+                    }
+                }
+            }
+            println!("created {made}");
+            if let Some(message) = failed {
+                println!("message {message}");
+            }
+            _kept.1 = Some(client);
+        }
+        other => panic!("unknown mode {other:?}"),
+    }
+    for line in stdin {
+        if line.is_err() {
+            break;
+        }
+    }
+}
+
+fn connect(path: &str) -> OwnedFd {
+    try_connect(path).expect("connect")
+}
+
+/// A connection, `None` if the broker did not take it within 2 s.
+fn try_connect(path: &str) -> Option<OwnedFd> {
+    let addr = SocketAddrUnix::new(path).expect("socket path");
+    let sock = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )
+    .expect("socket");
+    let timeout = rustix::net::sockopt::Timeout::Send;
+    rustix::net::sockopt::set_socket_timeout(&sock, timeout, Some(Duration::from_secs(2)))
+        .expect("SO_SNDTIMEO");
+    match rustix::net::connect(&sock, &addr) {
+        Ok(()) => Some(sock),
+        Err(rustix::io::Errno::AGAIN) => None,
+        Err(e) => panic!("connect: {e}"),
+    }
+}
+
+/// Sends `msg` until the broker has taken no more for 90 ms.
+fn stuff(sock: &OwnedFd, msg: &[u8]) {
+    let flags = rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL;
+    let mut refused = 0;
+    for _ in 0..100_000 {
+        match rustix::net::send(sock, msg, flags) {
+            Ok(_) => refused = 0,
+            Err(rustix::io::Errno::AGAIN) if refused < 3 => {
+                refused += 1;
+                std::thread::sleep(Duration::from_millis(30));
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// Says Hello; `Err` with the broker's message if it refused.
+fn hello(sock: &OwnedFd) -> Result<(), String> {
+    let hello = Request::Hello {
+        min_version: PROTOCOL_MIN,
+        max_version: PROTOCOL_MAX,
+        client: "mb-flood".into(),
+    };
+    let msg = codec::encode_request(PROTOCOL_MIN, &hello).expect("encode");
+    // A broker that refused the connection at once has closed it: its reason is still there.
+    let sent = transport::send(rustix::fd::AsFd::as_fd(sock), &msg, &[]);
+    match read_answer(sock) {
+        Some(Response::Hello { .. }) => Ok(()),
+        Some(Response::Error { code, message }) => Err(format!("{code:?}: {message}")),
+        Some(other) => Err(format!("unexpected {other:?}")),
+        None => Err(format!("closed without an answer (send: {sent:?})")),
+    }
+}
+
+/// The broker's next message on `sock`, `None` if it closed the connection.
+fn read_answer(sock: &OwnedFd) -> Option<Response> {
+    let mut buf = vec![0u8; MAX_MSG_SIZE + 1];
+    let received = transport::recv(sock, &mut buf).ok()?;
+    codec::decode_response(&buf[..received.len])
+        .ok()
+        .map(|(_, r)| r)
+}
+
+/// Waits until `want` of `socks` are readable (answered or closed by the broker); returns how
+/// many are, and the first answer's text.
+fn answered(socks: &[OwnedFd], want: usize) -> (usize, Option<String>) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut fds: Vec<PollFd<'_>> = socks
+            .iter()
+            .map(|s| PollFd::new(s, PollFlags::IN))
+            .collect();
+        let now = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        rustix::event::poll(&mut fds, Some(&now)).ok();
+        let ready: Vec<usize> = fds
+            .iter()
+            .enumerate()
+            .filter(|(_, fd)| !fd.revents().is_empty())
+            .map(|(i, _)| i)
+            .collect();
+        if ready.len() >= want || Instant::now() > deadline {
+            let message = ready.first().map(|&i| match read_answer(&socks[i]) {
+                Some(Response::Error { code, message }) => format!("{code:?}: {message}"),
+                Some(other) => format!("unexpected {other:?}"),
+                None => "closed without an answer".into(),
+            });
+            return (ready.len(), message);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
