@@ -159,6 +159,7 @@ mod tests {
             gid: uid,
             groups: Vec::new().into(),
             admin,
+            label: None,
         }
     }
 
