@@ -221,7 +221,14 @@ fn tenant_is_refused_before_the_file_table_fills_and_accept_never_spins() {
     );
     assert!(
         logged < 50,
-        "{logged} log lines in 2 s with a full file table"
+        "{logged} log lines in 2 s with a full file table; the last ones:\n{}",
+        broker
+            .log()
+            .lines()
+            .rev()
+            .take(10)
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     assert!(
         broker

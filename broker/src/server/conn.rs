@@ -52,6 +52,8 @@ pub enum End {
     Closed,
     /// The client broke the protocol; it was told why (best effort) and dropped.
     Protocol(String),
+    /// Like `Protocol`, already logged by whoever closed it (rate-limited: expected in floods).
+    Quiet(String),
 }
 
 impl Conn {
@@ -69,6 +71,7 @@ impl Conn {
         match end {
             End::Closed => tracing::debug!("client closed the connection"),
             End::Protocol(why) => tracing::warn!(why, "protocol error; client disconnected"),
+            End::Quiet(why) => tracing::debug!(why, "client disconnected"),
         }
         let conn = self.session.peer.conn;
         drop(self.sock);
@@ -109,6 +112,19 @@ pub fn step(broker: &Broker, conn: &mut Conn, buf: &mut [u8]) -> Result<Wait, En
         }
         Err(e) => return Err(refuse(sock, session, ErrorCode::Protocol, error_chain(&e))),
     };
+    if session.version.is_none() {
+        // Who it is beyond the uid, read once, before the handshake is answered.
+        match super::label::peer_label(sock.as_fd(), session.peer.pid) {
+            Ok(label) => session.peer.label = label.map(Into::into),
+            Err(e) => {
+                let why = format!(
+                    "the broker cannot read this process's security label ({e}), so it cannot \
+                     tell which leases it may use; try again"
+                );
+                return Err(refuse(sock, session, ErrorCode::Internal, why));
+            }
+        }
+    }
     let mut reply = broker.handle(session, header.version, request);
     loop {
         let then = reply.then;

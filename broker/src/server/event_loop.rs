@@ -132,6 +132,8 @@ struct Loop {
     paused_until: Option<Instant>,
     accept_failed: Throttle,
     refused: Throttle,
+    /// Connections closed for saying no Hello in time (a flood of idle ones is expected).
+    silent: Throttle,
     work: crossbeam_channel::Sender<Conn>,
 }
 
@@ -182,6 +184,7 @@ pub fn run(broker: Arc<Broker>, listener: Listener, limits: ConnLimits) -> Resul
         paused_until: None,
         accept_failed: Throttle::default(),
         refused: Throttle::default(),
+        silent: Throttle::default(),
         work,
     };
     tracing::info!(
@@ -299,8 +302,20 @@ impl Loop {
                     "no Hello within {} s of connecting; connection closed",
                     self.limits.hello_timeout.as_secs_f32()
                 );
-                let end = conn::refuse(&conn.sock, &conn.session, ErrorCode::Protocol, why);
-                self.shared.close(conn, end);
+                let conn::End::Protocol(why) =
+                    conn::refuse(&conn.sock, &conn.session, ErrorCode::Protocol, why)
+                else {
+                    unreachable!("a refusal ends the connection for a protocol error")
+                };
+                if let Some(suppressed) = self.silent.ready() {
+                    tracing::warn!(
+                        uid = conn.session.peer.uid,
+                        suppressed,
+                        why,
+                        "connection closed"
+                    );
+                }
+                self.shared.close(conn, conn::End::Quiet(why));
             }
         }
         self.unread_replies(now);
@@ -409,22 +424,15 @@ impl Loop {
                 return;
             }
         };
-        let pid = cred.pid.as_raw_nonzero().get() as u32;
-        let label = match super::label::peer_label(sock.as_fd(), pid) {
-            Ok(label) => label,
-            Err(e) => {
-                tracing::warn!(error = %e, pid, "cannot read the peer's security label; connection refused");
-                return;
-            }
-        };
         self.next_conn += 1;
         let peer = self.shared.broker.peer(
             self.next_conn,
-            pid,
+            cred.pid.as_raw_nonzero().get() as u32,
             cred.uid.as_raw(),
             cred.gid.as_raw(),
             groups,
-            label,
+            // Read when it says Hello (`conn::step`): an idle flood costs no /proc reads.
+            None,
         );
         // The lowest free fd is the one handed out: this one's number says at least that
         // many files are open.
