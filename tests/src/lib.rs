@@ -382,7 +382,7 @@ impl HugePages {
         };
         let before = read("nr_hugepages");
         if read("free_hugepages") >= extra {
-            // Already there (scripts/test reserves 1 GiB pages before it builds anything).
+            // Already there (reserved by whoever runs the tests): nothing to take or give back.
             return HugePages {
                 path: dir.join("nr_hugepages"),
                 before,
