@@ -3,6 +3,7 @@
 //! and a `membroker upgrade` between two runs.
 
 use std::process::Output;
+use std::time::Duration;
 
 use membroker_client::{LeaseState, PageSize};
 use membroker_tests::{TestBroker, bin_path, stderr_err, stdout_ok};
@@ -54,7 +55,11 @@ fn guest_counts_its_runs_in_the_lease() {
     assert_eq!(run_guest(&broker, "vm/ram"), "MEMBROKER-KVM 2");
     assert_eq!(stored_counter(&broker, "vm/ram"), 2);
 
-    // The lease outlives the VMM that created it, and nobody holds it in between.
+    // The lease outlives the VMM that created it, and nobody holds it in between (the reader
+    // above let go when its connection closed, which the broker sees a moment later).
+    membroker_tests::wait_until(Duration::from_secs(5), "vm/ram idle", || {
+        broker.client().stat("vm/ram").unwrap().state == LeaseState::Idle
+    });
     let info = broker.client().stat("vm/ram").unwrap();
     assert!(info.persistent, "{info:?}");
     assert_eq!(info.state, LeaseState::Idle, "{info:?}");
