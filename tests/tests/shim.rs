@@ -688,8 +688,11 @@ fn hook_overhead_on_unredirected_mmap_is_small() {
         "mmap+munmap of 64 KiB: {plain:.0} ns plain, {hooked:.0} ns under the shim ({:+.0} ns)",
         hooked - plain
     );
+    // Only a gross regression fails here (a hook that makes a system call of its own, talks to
+    // the broker or sleeps costs far more); the number itself comes from the shim benchmark
+    // (`tests/shim/bench.rs`), since this test shares the machine with VMs the suite boots.
     assert!(
-        hooked - plain < 1000.0,
+        hooked - plain < 5000.0,
         "hook adds {:.0} ns",
         hooked - plain
     );
