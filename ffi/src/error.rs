@@ -49,18 +49,11 @@ impl Error {
 
     /// The message with its causes, `outer: inner: …`.
     fn message(&self) -> String {
-        let mut message = self.to_string();
-        let mut source = std::error::Error::source(self);
-        // `Client` is transparent: its own source is the first cause.
-        if let Error::Client(err) = self {
-            source = std::error::Error::source(err);
+        match self {
+            // `Client` is transparent: the client error carries the whole chain.
+            Error::Client(err) => membroker_client::error_chain(err),
+            _ => membroker_client::error_chain(self),
         }
-        while let Some(cause) = source {
-            message.push_str(": ");
-            message.push_str(&cause.to_string());
-            source = cause.source();
-        }
-        message
     }
 }
 
