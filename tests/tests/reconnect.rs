@@ -215,7 +215,15 @@ fn release_while_broker_was_away_succeeds() {
 // A scripted broker, for what a real one cannot be made to do on cue
 
 /// A fake broker on `path` that serves each connection with the next script, in a thread.
+/// One accepted connection's part in a fake broker's script, after the Hello.
+type Script = Box<dyn FnOnce(OwnedFd, &mut [u8]) + Send>;
+
 fn fake_broker(path: &Path, scripts: Vec<fn(OwnedFd, &mut [u8])>) -> std::thread::JoinHandle<()> {
+    let scripts = scripts.into_iter().map(|s| Box::new(s) as Script).collect();
+    fake_broker_with(path, scripts)
+}
+
+fn fake_broker_with(path: &Path, scripts: Vec<Script>) -> std::thread::JoinHandle<()> {
     let listener = rustix::net::socket_with(
         rustix::net::AddressFamily::UNIX,
         rustix::net::SocketType::SEQPACKET,
@@ -342,17 +350,18 @@ fn create_whose_reply_was_lost_is_adopted_by_name() {
     server.join().unwrap();
 }
 
-#[test]
-fn create_meeting_a_different_lease_on_retry_reports_exists() {
+/// A client's create whose reply was lost meets, on its retry, a lease `other` under the same
+/// name: the client must not adopt it, and says the name exists.
+fn create_retry_meeting(other: LeaseInfo) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("fake.sock");
-    let server = fake_broker(
+    let server = fake_broker_with(
         &path,
         vec![
-            |conn, buf| {
+            Box::new(|conn, buf| {
                 recv_request(&conn, buf);
-            },
-            |conn, buf| {
+            }),
+            Box::new(move |conn, buf| {
                 recv_request(&conn, buf);
                 reply(
                     &conn,
@@ -363,23 +372,17 @@ fn create_meeting_a_different_lease_on_retry_reports_exists() {
                     None,
                 );
                 assert!(matches!(recv_request(&conn, buf), Request::Open { .. }));
-                // Somebody else's lease of another size: not ours.
-                let fd = sealed_memfd(4 * MIB);
-                reply(
-                    &conn,
-                    &Response::Lease(fake_info("vm/ram0", 4 * MIB)),
-                    Some(&fd),
-                );
-                let req = recv_request(&conn, buf);
+                let fd = sealed_memfd(other.size);
+                reply(&conn, &Response::Lease(other), Some(&fd));
                 assert_eq!(
-                    req,
+                    recv_request(&conn, buf),
                     Request::Release {
                         name: "vm/ram0".into()
                     }
                 );
                 reply(&conn, &Response::Ok, None);
                 let _ = transport::recv(&conn, buf);
-            },
+            }),
         ],
     );
     let mut client = Client::connect(&path).unwrap();
@@ -390,6 +393,12 @@ fn create_meeting_a_different_lease_on_retry_reports_exists() {
     assert_eq!(client.held_leases().count(), 0);
     drop(client);
     server.join().unwrap();
+}
+
+#[test]
+fn create_meeting_a_different_lease_on_retry_reports_exists() {
+    // Somebody else's lease of another size: not ours.
+    create_retry_meeting(fake_info("vm/ram0", 4 * MIB));
 }
 
 #[test]
@@ -732,47 +741,8 @@ fn squatted_info(name: &str, size: u64) -> LeaseInfo {
 
 #[test]
 fn create_meeting_another_uids_lease_on_retry_reports_exists() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("fake.sock");
-    let server = fake_broker(
-        &path,
-        vec![
-            |conn, buf| {
-                recv_request(&conn, buf);
-            },
-            |conn, buf| {
-                recv_request(&conn, buf);
-                reply(
-                    &conn,
-                    &Response::Error {
-                        code: ErrorCode::Exists,
-                        message: "lease vm/ram0 exists".into(),
-                    },
-                    None,
-                );
-                assert!(matches!(recv_request(&conn, buf), Request::Open { .. }));
-                // The right size and open to all, but somebody else's: never adopted.
-                let fd = sealed_memfd(2 * MIB);
-                reply(
-                    &conn,
-                    &Response::Lease(squatted_info("vm/ram0", 2 * MIB)),
-                    Some(&fd),
-                );
-                let req = recv_request(&conn, buf);
-                assert!(matches!(req, Request::Release { .. }), "{req:?}");
-                reply(&conn, &Response::Ok, None);
-                let _ = transport::recv(&conn, buf);
-            },
-        ],
-    );
-    let mut client = Client::connect(&path).unwrap();
-    let err = client
-        .create(CreateLease::new("vm/ram0", 2 * MIB))
-        .unwrap_err();
-    assert_eq!(err.code(), Some(ErrorCode::Exists), "{err:?}");
-    assert_eq!(client.held_leases().count(), 0);
-    drop(client);
-    server.join().unwrap();
+    // The right size and open to all, but somebody else's: never adopted.
+    create_retry_meeting(squatted_info("vm/ram0", 2 * MIB));
 }
 
 #[test]
