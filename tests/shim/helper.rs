@@ -7,6 +7,10 @@
 //!                            MAP_FIXED|MAP_PRIVATE|MAP_ANONYMOUS RW activation inside it, head
 //!                            and tail trims, one guard page   -> ok INDEX ADDR
 //! anon SIZE                  a plain private anonymous mapping  -> ok INDEX ADDR
+//! memfd NAME SIZE            QEMU's memory-backend-memfd: memfd_create(NAME, CLOEXEC|
+//!                            ALLOW_SEALING), ftruncate64, F_ADD_SEALS GROW|SHRINK|SEAL, then a
+//!                            PROT_NONE reservation of SIZE + 4K and a MAP_SHARED|MAP_FIXED RW
+//!                            mapping of the fd in it -> ok INDEX ADDR FD-LINK (`free` closes it)
 //! fill I OFF LEN BYTE        memset                                 -> ok
 //! sum I OFF LEN              sum of the bytes                       -> ok SUM
 //! madvise I OFF LEN ADVICE   ADVICE: dontneed | remove | free | hugepage | mergeable -> ok RET ERRNO
@@ -61,6 +65,8 @@ extern "C" fn on_sigbus(sig: c_int, info: *mut siginfo_t, _ctx: *mut c_void) {
 struct Block {
     addr: usize,
     size: usize,
+    /// The memfd of a `memfd` block, closed by `free`.
+    fd: Option<c_int>,
 }
 
 fn errno() -> i32 {
@@ -115,6 +121,64 @@ fn qemu_ram_mmap(size: usize) -> Result<usize, String> {
     Ok(a)
 }
 
+/// QEMU 7.2's `qemu_memfd_create` for a memory backend (`seal=on`), then `file_ram_alloc`'s
+/// `qemu_ram_mmap` with the fd (`share=on`): returns the fd and the mapping.
+fn qemu_memfd_backend(name: &std::ffi::CStr, size: usize) -> Result<(c_int, usize), String> {
+    // SAFETY: a NUL-terminated name.
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(format!("memfd_create errno {}", errno()));
+    }
+    let fail = |what: &str| {
+        let e = errno();
+        // SAFETY: our own fd.
+        unsafe { libc::close(fd) };
+        Err(format!("{what} errno {e}"))
+    };
+    // SAFETY: our own fd.
+    if unsafe { libc::ftruncate64(fd, size as i64) } != 0 {
+        return fail("ftruncate");
+    }
+    let seals = libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
+    // SAFETY: our own fd; F_ADD_SEALS takes an int.
+    if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) } != 0 {
+        return fail("F_ADD_SEALS");
+    }
+    // SAFETY: a fresh PROT_NONE reservation replaces nothing.
+    let r = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            size + PAGE,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if r == libc::MAP_FAILED {
+        return fail("reserve");
+    }
+    // SAFETY: inside our own reservation; the fd is ours.
+    let p = unsafe {
+        libc::mmap(
+            r,
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_FIXED,
+            fd,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        let out = fail("mmap");
+        // SAFETY: our reservation.
+        unsafe { libc::munmap(r, size + PAGE) };
+        return out;
+    }
+    Ok((fd, p as usize))
+}
+
 fn arg<T: std::str::FromStr>(words: &[&str], i: usize) -> Result<T, String> {
     let w = words
         .get(i)
@@ -153,8 +217,26 @@ fn run(blocks: &mut Vec<Block>, words: &[&str]) -> Result<String, String> {
         "alloc" => {
             let size: usize = arg(words, 1)?;
             let addr = qemu_ram_mmap(size)?;
-            blocks.push(Block { addr, size });
+            blocks.push(Block {
+                addr,
+                size,
+                fd: None,
+            });
             Ok(format!("{} {addr:#x}", blocks.len() - 1))
+        }
+        "memfd" => {
+            let name = std::ffi::CString::new(*words.get(1).ok_or("missing name")?)
+                .map_err(|e| e.to_string())?;
+            let size: usize = arg(words, 2)?;
+            let (fd, addr) = qemu_memfd_backend(&name, size)?;
+            let link = std::fs::read_link(format!("/proc/self/fd/{fd}"))
+                .map_err(|e| format!("readlink: {e}"))?;
+            blocks.push(Block {
+                addr,
+                size,
+                fd: Some(fd),
+            });
+            Ok(format!("{} {addr:#x} {}", blocks.len() - 1, link.display()))
         }
         "anon" => {
             let size: usize = arg(words, 1)?;
@@ -175,6 +257,7 @@ fn run(blocks: &mut Vec<Block>, words: &[&str]) -> Result<String, String> {
             blocks.push(Block {
                 addr: p as usize,
                 size,
+                fd: None,
             });
             Ok(format!("{} {:#x}", blocks.len() - 1, p as usize))
         }
@@ -236,6 +319,10 @@ fn run(blocks: &mut Vec<Block>, words: &[&str]) -> Result<String, String> {
             let b = block(blocks, words)?;
             // SAFETY: the block and its guard page are ours; nothing uses them afterwards.
             let r = unsafe { libc::munmap(b.addr as *mut c_void, b.size + PAGE) };
+            if let Some(fd) = b.fd {
+                // SAFETY: the block's own memfd, used by nothing else.
+                unsafe { libc::close(fd) };
+            }
             Ok(r.to_string())
         }
         "handler" => {
