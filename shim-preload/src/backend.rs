@@ -19,6 +19,10 @@
 //! reports and the release at `munmap` work as for anonymous RAM. Every other memfd (other
 //! names, or smaller than `MEMBROKER_MIN_SIZE`) stays what QEMU made.
 //!
+//! Only memfd leases can serve: QEMU 7.2 (linked with libdaxctl) refuses a device-dax fd under
+//! a memfd backend, whose `align` is 0 ("backing store align … is larger than 'align' option"),
+//! so the shim refuses a device-dax lease there itself, with a message that says what to do.
+//!
 //! fds are matched by number *and* identity (device and inode), so a number QEMU closed and
 //! reused for something else is never mistaken for a backend. Only this module's mutex is
 //! taken, on calls already recognised as a backend's; the hooks' fast path reads two counters.
@@ -29,7 +33,6 @@ use std::sync::{Mutex, MutexGuard};
 use membroker_client::PageSize;
 
 use crate::broker::Acquired;
-use crate::table::Backing;
 
 /// The name QEMU gives every `memory-backend-memfd` memfd (`TYPE_MEMORY_BACKEND_MEMFD`).
 pub const BACKEND_NAME: &[u8] = b"memory-backend-memfd";
@@ -40,10 +43,6 @@ const SLOTS: usize = 8;
 
 /// A file's identity: (device, inode).
 pub type FileId = (u64, u64);
-
-/// Seals a lease carries by construction when it has none to read (a device-dax lease's size
-/// is fixed by the device).
-const DEVICE_SEALS: u32 = (libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL) as u32;
 
 /// How many backends were created and not yet sized; 0 lets `ftruncate` skip every lookup.
 pub static CREATED: AtomicUsize = AtomicUsize::new(0);
@@ -109,14 +108,6 @@ pub fn seals_satisfied(requested: u32, current: u32) -> bool {
     requested & !current == 0
 }
 
-/// The seals a lease of this backing carries when `F_GET_SEALS` gives `read`.
-pub fn lease_seals(backing: Backing, read: Option<u32>) -> Option<u32> {
-    match backing {
-        Backing::Memfd => read,
-        Backing::DevDax => Some(DEVICE_SEALS),
-    }
-}
-
 /// Remembers a backend memfd QEMU just made. Returns false when too many are outstanding
 /// (the memfd then stays ordinary).
 pub fn created(fd: i32, id: FileId, flags: u32) -> bool {
@@ -162,14 +153,13 @@ pub fn hold(pending: Pending) -> Result<(), Acquired> {
     Ok(())
 }
 
-/// The backing of the pending lease that `fd` (of identity `id`) is.
-pub fn pending_backing(fd: i32, id: Option<FileId>) -> Option<Backing> {
+/// Whether `fd` (of identity `id`) is a pending backend's lease.
+pub fn is_pending(fd: i32, id: Option<FileId>) -> bool {
     let b = backends();
     b.pending
         .iter()
         .flatten()
-        .find(|p| p.fd == fd && Some(p.id) == id)
-        .map(|p| p.lease.backing)
+        .any(|p| p.fd == fd && Some(p.id) == id)
 }
 
 /// Takes the pending lease that `fd` (of identity `id`) is, when QEMU maps all of it.
@@ -224,9 +214,6 @@ mod tests {
         assert!(seals_satisfied(0, 0));
         assert!(!seals_satisfied(qemu, libc::F_SEAL_SEAL as u32));
         assert!(!seals_satisfied(libc::F_SEAL_WRITE as u32, qemu));
-        assert_eq!(lease_seals(Backing::DevDax, None), Some(qemu));
-        assert_eq!(lease_seals(Backing::Memfd, None), None);
-        assert_eq!(lease_seals(Backing::Memfd, Some(5)), Some(5));
     }
 
     #[test]

@@ -64,6 +64,10 @@ pub enum ShimError {
         "lease {name} belongs to uid {owner}, not to this process's uid {uid}: refusing to put guest RAM on memory another uid controls (choose another MEMBROKER_LEASE_PREFIX, or have its owner or an admin remove it)"
     )]
     NotOwner { name: String, owner: u32, uid: u32 },
+    #[error(
+        "lease {name} is device-dax memory, which QEMU refuses under memory-backend-memfd (it has no align option): set MEMBROKER_POOL to a memfd pool for memfd-backed VMs"
+    )]
+    DevDaxBackend { name: String },
     #[error("putting lease {name} under QEMU's memory-backend memfd failed (errno {errno})")]
     Adopt { name: String, errno: i32 },
     #[error("more than {SLOTS} RAM blocks redirected")]
@@ -91,7 +95,9 @@ impl ShimError {
                 Some(ErrorCode::InvalidArgument) => libc::EINVAL,
                 _ => libc::ENOMEM,
             },
-            ShimError::SizeMismatch { .. } | ShimError::Misaligned { .. } => libc::EINVAL,
+            ShimError::SizeMismatch { .. }
+            | ShimError::Misaligned { .. }
+            | ShimError::DevDaxBackend { .. } => libc::EINVAL,
             ShimError::Map { errno, .. } | ShimError::Adopt { errno, .. } => *errno,
             ShimError::NotOwner { .. } => libc::EACCES,
             ShimError::TableFull => libc::ENOMEM,

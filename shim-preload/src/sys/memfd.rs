@@ -15,6 +15,7 @@ use crate::backend::{self, FileId, Pending};
 use crate::broker::{self, Acquired, Instead, ShimError};
 use crate::classify::{self, Guard, MmapArgs};
 use crate::config::Fallback;
+use crate::table::Backing;
 
 type MemfdCreateFn = unsafe extern "C" fn(*const c_char, c_uint) -> c_int;
 type FtruncateFn = unsafe extern "C" fn(c_int, off_t) -> c_int;
@@ -155,6 +156,13 @@ unsafe fn size_backend(real: &AtomicUsize, fd: c_int, len: off_t) -> c_int {
 /// Puts `lease` under QEMU's fd number (closing QEMU's own memfd) and keeps it until QEMU
 /// maps it.
 fn adopt(fd: c_int, flags: c_uint, size: u64, lease: Acquired) -> Result<(), ShimError> {
+    if lease.backing == Backing::DevDax {
+        let err = ShimError::DevDaxBackend {
+            name: lease.name.clone(),
+        };
+        broker::abandon(lease);
+        return Err(err);
+    }
     let Some(id) = file_id(lease.fd.as_raw_fd()) else {
         let err = ShimError::Adopt {
             name: lease.name.clone(),
@@ -241,11 +249,10 @@ unsafe fn seal_backend(real: &AtomicUsize, fd: c_int, cmd: c_int, arg: c_ulong) 
         return unsafe { real_fcntl(real, fd, cmd, arg) };
     }
     let saved = errno();
-    if let Some(backing) = backend::pending_backing(fd, file_id(fd)) {
+    if backend::is_pending(fd, file_id(fd)) {
         // SAFETY: F_GET_SEALS takes no argument and changes nothing.
-        let read = unsafe { real_fcntl(real, fd, libc::F_GET_SEALS, 0) };
-        let current = backend::lease_seals(backing, u32::try_from(read).ok());
-        if current.is_some_and(|c| backend::seals_satisfied(arg as u32, c)) {
+        let current = unsafe { real_fcntl(real, fd, libc::F_GET_SEALS, 0) };
+        if u32::try_from(current).is_ok_and(|c| backend::seals_satisfied(arg as u32, c)) {
             set_errno(saved);
             return 0;
         }
