@@ -7,10 +7,11 @@
 //!                            MAP_FIXED|MAP_PRIVATE|MAP_ANONYMOUS RW activation inside it, head
 //!                            and tail trims, one guard page   -> ok INDEX ADDR
 //! anon SIZE                  a plain private anonymous mapping  -> ok INDEX ADDR
-//! memfd NAME SIZE            QEMU's memory-backend-memfd: memfd_create(NAME, CLOEXEC|
-//!                            ALLOW_SEALING), ftruncate64, F_ADD_SEALS GROW|SHRINK|SEAL, then a
-//!                            PROT_NONE reservation of SIZE + 4K and a MAP_SHARED|MAP_FIXED RW
-//!                            mapping of the fd in it -> ok INDEX ADDR FD-LINK (`free` closes it)
+//! memfd NAME SIZE [hugetlb]  QEMU's memory-backend-memfd: memfd_create(NAME, CLOEXEC|
+//!                            ALLOW_SEALING [| HUGETLB]), ftruncate64, F_ADD_SEALS GROW|SHRINK|
+//!                            SEAL, then a PROT_NONE reservation of SIZE + the fd's page size
+//!                            and a MAP_SHARED|MAP_FIXED RW mapping of the fd at its first
+//!                            aligned address -> ok INDEX ADDR FD-LINK (`free` closes the fd)
 //! fill I OFF LEN BYTE        memset                                 -> ok
 //! sum I OFF LEN              sum of the bytes                       -> ok SUM
 //! madvise I OFF LEN ADVICE   ADVICE: dontneed | remove | free | hugepage | mergeable -> ok RET ERRNO
@@ -37,6 +38,8 @@ use libc::{c_int, c_void, siginfo_t};
 
 const ALIGN: usize = 2 << 20;
 const PAGE: usize = 4096;
+/// `statfs.f_type` of hugetlbfs.
+const HUGETLBFS_MAGIC: libc::c_long = 0x9584_58f6;
 
 static HANDLER_CALLS: AtomicU32 = AtomicU32::new(0);
 static HANDLER_SIGNO: AtomicI32 = AtomicI32::new(0);
@@ -123,10 +126,14 @@ fn qemu_ram_mmap(size: usize) -> Result<usize, String> {
 
 /// QEMU 7.2's `qemu_memfd_create` for a memory backend (`seal=on`), then `file_ram_alloc`'s
 /// `qemu_ram_mmap` with the fd (`share=on`): returns the fd and the mapping.
-fn qemu_memfd_backend(name: &std::ffi::CStr, size: usize) -> Result<(c_int, usize), String> {
+fn qemu_memfd_backend(
+    name: &std::ffi::CStr,
+    size: usize,
+    flags: libc::c_uint,
+) -> Result<(c_int, usize), String> {
+    let flags = flags | libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
     // SAFETY: a NUL-terminated name.
-    let fd =
-        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
     if fd < 0 {
         return Err(format!("memfd_create errno {}", errno()));
     }
@@ -145,11 +152,23 @@ fn qemu_memfd_backend(name: &std::ffi::CStr, size: usize) -> Result<(c_int, usiz
     if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) } != 0 {
         return fail("F_ADD_SEALS");
     }
+    // qemu_fd_getpagesize: a hugetlbfs file's block size, else the base page size.
+    // SAFETY: statfs is plain data, filled in by fstatfs.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: our own fd and a valid statfs.
+    if unsafe { libc::fstatfs(fd, &mut st) } != 0 {
+        return fail("fstatfs");
+    }
+    let page = if st.f_type == HUGETLBFS_MAGIC {
+        st.f_bsize as usize
+    } else {
+        PAGE
+    };
     // SAFETY: a fresh PROT_NONE reservation replaces nothing.
     let r = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
-            size + PAGE,
+            size + page,
             libc::PROT_NONE,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
             -1,
@@ -159,10 +178,11 @@ fn qemu_memfd_backend(name: &std::ffi::CStr, size: usize) -> Result<(c_int, usiz
     if r == libc::MAP_FAILED {
         return fail("reserve");
     }
+    let a = (r as usize).next_multiple_of(page);
     // SAFETY: inside our own reservation; the fd is ours.
     let p = unsafe {
         libc::mmap(
-            r,
+            a as *mut c_void,
             size,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_SHARED | libc::MAP_FIXED,
@@ -173,7 +193,7 @@ fn qemu_memfd_backend(name: &std::ffi::CStr, size: usize) -> Result<(c_int, usiz
     if p == libc::MAP_FAILED {
         let out = fail("mmap");
         // SAFETY: our reservation.
-        unsafe { libc::munmap(r, size + PAGE) };
+        unsafe { libc::munmap(r, size + page) };
         return out;
     }
     Ok((fd, p as usize))
@@ -228,7 +248,12 @@ fn run(blocks: &mut Vec<Block>, words: &[&str]) -> Result<String, String> {
             let name = std::ffi::CString::new(*words.get(1).ok_or("missing name")?)
                 .map_err(|e| e.to_string())?;
             let size: usize = arg(words, 2)?;
-            let (fd, addr) = qemu_memfd_backend(&name, size)?;
+            let hugetlb = match words.get(3) {
+                None => 0,
+                Some(&"hugetlb") => libc::MFD_HUGETLB,
+                Some(other) => return Err(format!("unknown memfd flag {other}")),
+            };
+            let (fd, addr) = qemu_memfd_backend(&name, size, hugetlb)?;
             let link = std::fs::read_link(format!("/proc/self/fd/{fd}"))
                 .map_err(|e| format!("readlink: {e}"))?;
             blocks.push(Block {

@@ -767,6 +767,35 @@ fn huge_1g_lease_backs_ram_at_a_1g_aligned_address() {
     huge_page_ram(1 << 20, "1G", 1 << 30);
 }
 
+/// A memfd backend with `hugetlb=on` (`MFD_HUGETLB`) gets a lease of huge pages without
+/// `MEMBROKER_PAGE_SIZE`, and QEMU aligns its mapping to the lease's page size itself.
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "needs root: run with --features privileged (scripts/test does)"
+)]
+fn memfd_backend_with_hugetlb_gets_a_huge_page_lease() {
+    let _pages = membroker_tests::HugePages::reserve(2048, 32);
+    // The default pool has 4 KiB pages: the backend's flags pick the other one.
+    let broker = TestBroker::start(&["--pool", "memfd:small:64M", "--pool", "memfd:h:64M:2M"]);
+    let mut h = shim_helper(broker.socket(), &[("MEMBROKER_LEASE_PREFIX", "huge/vfs")]);
+    let words = h.ok(&format!("memfd memory-backend-memfd {} hugetlb", 64 * MIB));
+    assert_eq!(words[2], "/memfd:membroker:huge/vfs/ram0");
+    let info = lease(&broker, "huge/vfs/ram0");
+    assert_eq!(
+        (info.size, info.page_size.bytes(), info.pool.as_str()),
+        (64 * MIB, 2 * MIB, "h")
+    );
+    let addr = usize::from_str_radix(words[1].trim_start_matches("0x"), 16).unwrap();
+    assert_eq!(addr % (2 << 20), 0, "{addr:#x}");
+    h.ok(&format!("fill {} {} 4096 4", words[0], 63 * MIB));
+    assert_eq!(
+        sum_through_broker(&broker, "huge/vfs/ram0", 63 * MIB as usize, 4096),
+        4 * 4096
+    );
+    h.finish();
+}
+
 /// Cost of the hook on an mmap it does not redirect: the same helper loop with and without
 /// the shim, best of a few rounds. Prints the numbers; fails only on a gross regression.
 #[test]
