@@ -140,11 +140,26 @@ pub fn take_created(fd: i32, id: Option<FileId>) -> Option<Created> {
     (Some(created.id) == id).then_some(created)
 }
 
+/// Takes the pending leases whose fd QEMU closed without mapping them (a backend that failed
+/// half-way): `is_open(fd, id)` says whether that fd still is that lease.
+pub fn take_stale(is_open: impl Fn(i32, FileId) -> bool) -> Vec<Acquired> {
+    let mut b = backends();
+    let mut stale = Vec::new();
+    for slot in b.pending.iter_mut() {
+        if slot.as_ref().is_some_and(|p| !is_open(p.fd, p.id))
+            && let Some(p) = slot.take()
+        {
+            PENDING.fetch_sub(1, Ordering::Relaxed);
+            stale.push(p.lease);
+        }
+    }
+    stale
+}
+
 /// Remembers a lease put under QEMU's fd number until QEMU maps it. Gives the lease back when
 /// there is no room.
 pub fn hold(pending: Pending) -> Result<(), Acquired> {
     let mut b = backends();
-    // A pending lease whose fd number QEMU reused is stale; its lease stays held until exit.
     let Some(slot) = b.pending.iter_mut().find(|s| s.is_none()) else {
         return Err(pending.lease);
     };
@@ -214,6 +229,51 @@ mod tests {
         assert!(seals_satisfied(0, 0));
         assert!(!seals_satisfied(qemu, libc::F_SEAL_SEAL as u32));
         assert!(!seals_satisfied(libc::F_SEAL_WRITE as u32, qemu));
+    }
+
+    #[test]
+    fn pending_leases_are_mapped_whole_or_taken_when_stale() {
+        let lease = |name: &str| Acquired {
+            fd: rustix::fs::memfd_create(name, rustix::fs::MemfdFlags::CLOEXEC).unwrap(),
+            name: name.to_string(),
+            backing: crate::table::Backing::Memfd,
+            page: 4096,
+        };
+        // fd numbers and identities no other test uses.
+        let (a, b) = ((9101, (7, 1)), (9102, (7, 2)));
+        for ((fd, id), name) in [(a, "a"), (b, "b")] {
+            let pending = Pending {
+                fd,
+                id,
+                size: 8192,
+                lease: lease(name),
+            };
+            hold(pending).unwrap();
+        }
+        let stale = take_stale(|fd, _| fd != a.0);
+        assert_eq!(
+            stale.iter().map(|l| l.name.as_str()).collect::<Vec<_>>(),
+            ["a"]
+        );
+        assert!(!is_pending(a.0, Some(a.1)));
+        assert!(is_pending(b.0, Some(b.1)));
+        assert!(
+            !is_pending(b.0, Some((7, 3))),
+            "another file under that number"
+        );
+        assert!(
+            take_pending(b.0, Some(b.1), 4096, 0).is_none(),
+            "part of it"
+        );
+        assert!(
+            take_pending(b.0, Some(b.1), 8192, 4096).is_none(),
+            "at an offset"
+        );
+        assert_eq!(
+            take_pending(b.0, Some(b.1), 8192, 0).unwrap().lease.name,
+            "b"
+        );
+        assert!(!is_pending(b.0, Some(b.1)));
     }
 
     #[test]

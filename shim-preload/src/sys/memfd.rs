@@ -132,6 +132,9 @@ unsafe fn size_backend(real: &AtomicUsize, fd: c_int, len: off_t) -> c_int {
         return unsafe { real_ftruncate(real, fd, len) };
     };
     let _guard = Guard::enter();
+    for stale in backend::take_stale(|fd, id| file_id(fd) == Some(id)) {
+        broker::abandon(stale);
+    }
     let adopted = broker::acquire(size as u64, backend::page_hint(created.flags))
         .and_then(|lease| adopt(fd, created.flags, size as u64, lease));
     match adopted {
