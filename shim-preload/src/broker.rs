@@ -29,7 +29,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use membroker_client::reconnect::Backoff;
-use membroker_client::{Client, CreateLease, ErrorCode, LostLease, Options};
+use membroker_client::{Client, CreateLease, ErrorCode, LostLease, Options, PageSize};
 use rustix::event::{PollFd, PollFlags};
 
 use crate::classify::Guard;
@@ -64,6 +64,12 @@ pub enum ShimError {
         "lease {name} belongs to uid {owner}, not to this process's uid {uid}: refusing to put guest RAM on memory another uid controls (choose another MEMBROKER_LEASE_PREFIX, or have its owner or an admin remove it)"
     )]
     NotOwner { name: String, owner: u32, uid: u32 },
+    #[error(
+        "lease {name} is device-dax memory, which QEMU refuses under memory-backend-memfd (it has no align option): set MEMBROKER_POOL to a memfd pool for memfd-backed VMs"
+    )]
+    DevDaxBackend { name: String },
+    #[error("putting lease {name} under QEMU's memory-backend memfd failed (errno {errno})")]
+    Adopt { name: String, errno: i32 },
     #[error("more than {SLOTS} RAM blocks redirected")]
     TableFull,
     #[error(
@@ -89,8 +95,10 @@ impl ShimError {
                 Some(ErrorCode::InvalidArgument) => libc::EINVAL,
                 _ => libc::ENOMEM,
             },
-            ShimError::SizeMismatch { .. } | ShimError::Misaligned { .. } => libc::EINVAL,
-            ShimError::Map { errno, .. } => *errno,
+            ShimError::SizeMismatch { .. }
+            | ShimError::Misaligned { .. }
+            | ShimError::DevDaxBackend { .. } => libc::EINVAL,
+            ShimError::Map { errno, .. } | ShimError::Adopt { errno, .. } => *errno,
             ShimError::NotOwner { .. } => libc::EACCES,
             ShimError::TableFull => libc::ENOMEM,
             ShimError::NameTooLong { .. } => libc::EINVAL,
@@ -293,8 +301,9 @@ fn wait_for_broker(cfg: &Config) {
 }
 
 /// Gets a lease for the next RAM block of `len` bytes: re-attaches to `PREFIX/ramN` when it
-/// exists, else creates it. Connects on first use.
-pub fn acquire(len: u64) -> Result<Acquired, ShimError> {
+/// exists, else creates it, with `MEMBROKER_PAGE_SIZE` pages or else `page_hint`'s (the huge
+/// pages a memfd backend asked for). Connects on first use.
+pub fn acquire(len: u64, page_hint: Option<PageSize>) -> Result<Acquired, ShimError> {
     let cfg = config()?;
     let mut st = state();
     let pid = std::process::id();
@@ -330,7 +339,7 @@ pub fn acquire(len: u64) -> Result<Acquired, ShimError> {
         Some(lease) => lease,
         None => {
             let mut req = CreateLease::new(name.clone(), len).persistent(cfg.persist);
-            if let Some(page) = cfg.page_size {
+            if let Some(page) = cfg.page_size.or(page_hint) {
                 req = req.page_size(page);
             }
             if let Some(pool) = &cfg.pool {
@@ -440,8 +449,17 @@ fn drain(poison: &Client) {
     {}
 }
 
+/// What QEMU gets instead of a lease under `MEMBROKER_FALLBACK=anon`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Instead {
+    /// Anonymous RAM: the mapping QEMU asked for.
+    Anonymous,
+    /// A memfd backend: the ordinary memfd QEMU made.
+    Memfd,
+}
+
 /// Says on stderr, in one line, why a RAM block is not on broker memory and what happens now.
-pub fn complain(err: &ShimError, len: usize) -> Fallback {
+pub fn complain(err: &ShimError, len: usize, instead: Instead) -> Fallback {
     let (socket, fallback) = match CONFIG.get() {
         Some(Ok(cfg)) => (cfg.socket.display().to_string(), cfg.fallback),
         _ => (
@@ -456,7 +474,10 @@ pub fn complain(err: &ShimError, len: usize) -> Fallback {
         Fallback::Fail => {
             "failing the allocation (set MEMBROKER_FALLBACK=anon to use anonymous memory instead)"
         }
-        Fallback::Anon => "using anonymous memory (MEMBROKER_FALLBACK=anon)",
+        Fallback::Anon => match instead {
+            Instead::Anonymous => "using anonymous memory (MEMBROKER_FALLBACK=anon)",
+            Instead::Memfd => "keeping QEMU's own memfd (MEMBROKER_FALLBACK=anon)",
+        },
     };
     let line = format!(
         "membroker-preload: guest RAM block of {} not backed by broker {socket}: {reason}; {what}\n",

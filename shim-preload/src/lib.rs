@@ -2,7 +2,8 @@
 //! the QEMU behaviour it relies on is in `docs/qemu-guest-ram.md`).
 //!
 //! Loaded with `LD_PRELOAD`, the library interposes `mmap`/`mmap64`, `munmap`, `madvise`,
-//! `sigaction` and the `signal` family:
+//! `sigaction`, the `signal` family, `memfd_create`, `ftruncate`/`ftruncate64` and
+//! `fcntl`/`fcntl64`:
 //!
 //! - QEMU's anonymous RAM *activation* (a `MAP_FIXED|MAP_PRIVATE|MAP_ANONYMOUS` read-write
 //!   mapping inside the `PROT_NONE` reservation of `len + 2 MiB` the same thread made just
@@ -14,11 +15,15 @@
 //! - the kernel runs the shim's SIGBUS handler, which reports memory errors in redirected
 //!   blocks to the broker ([`poison`]) and then runs QEMU's handler, which QEMU always gets
 //!   back as the installed action;
-//! - QEMU's poison remap (anonymous `MAP_FIXED` over a redirected page) gets lease memory.
+//! - QEMU's poison remap (anonymous `MAP_FIXED` over a redirected page) gets lease memory;
+//! - a `memory-backend-memfd`'s memfd becomes a lease under QEMU's own fd number when QEMU
+//!   sizes it (`memfd_create`, `ftruncate`, `fcntl(F_ADD_SEALS)`, [`backend`]), so that
+//!   vhost-user back-ends QEMU hands the fd to map lease memory too.
 //!
 //! All unsafe code is in the private `sys` module; the rest of the crate is safe.
 #![deny(unsafe_code)]
 
+pub mod backend;
 pub mod broker;
 pub mod classify;
 pub mod config;

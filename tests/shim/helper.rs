@@ -7,6 +7,11 @@
 //!                            MAP_FIXED|MAP_PRIVATE|MAP_ANONYMOUS RW activation inside it, head
 //!                            and tail trims, one guard page   -> ok INDEX ADDR
 //! anon SIZE                  a plain private anonymous mapping  -> ok INDEX ADDR
+//! memfd NAME SIZE [hugetlb]  QEMU's memory-backend-memfd: memfd_create(NAME, CLOEXEC|
+//!                            ALLOW_SEALING [| HUGETLB]), ftruncate64, F_ADD_SEALS GROW|SHRINK|
+//!                            SEAL, then a PROT_NONE reservation of SIZE + the fd's page size
+//!                            and a MAP_SHARED|MAP_FIXED RW mapping of the fd at its first
+//!                            aligned address -> ok INDEX ADDR FD-LINK (`free` closes the fd)
 //! fill I OFF LEN BYTE        memset                                 -> ok
 //! sum I OFF LEN              sum of the bytes                       -> ok SUM
 //! madvise I OFF LEN ADVICE   ADVICE: dontneed | remove | free | hugepage | mergeable -> ok RET ERRNO
@@ -33,6 +38,8 @@ use libc::{c_int, c_void, siginfo_t};
 
 const ALIGN: usize = 2 << 20;
 const PAGE: usize = 4096;
+/// `statfs.f_type` of hugetlbfs.
+const HUGETLBFS_MAGIC: libc::c_long = 0x9584_58f6;
 
 static HANDLER_CALLS: AtomicU32 = AtomicU32::new(0);
 static HANDLER_SIGNO: AtomicI32 = AtomicI32::new(0);
@@ -61,6 +68,8 @@ extern "C" fn on_sigbus(sig: c_int, info: *mut siginfo_t, _ctx: *mut c_void) {
 struct Block {
     addr: usize,
     size: usize,
+    /// The memfd of a `memfd` block, closed by `free`.
+    fd: Option<c_int>,
 }
 
 fn errno() -> i32 {
@@ -115,6 +124,81 @@ fn qemu_ram_mmap(size: usize) -> Result<usize, String> {
     Ok(a)
 }
 
+/// QEMU 7.2's `qemu_memfd_create` for a memory backend (`seal=on`), then `file_ram_alloc`'s
+/// `qemu_ram_mmap` with the fd (`share=on`): returns the fd and the mapping.
+fn qemu_memfd_backend(
+    name: &std::ffi::CStr,
+    size: usize,
+    flags: libc::c_uint,
+) -> Result<(c_int, usize), String> {
+    let flags = flags | libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
+    // SAFETY: a NUL-terminated name.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(format!("memfd_create errno {}", errno()));
+    }
+    let fail = |what: &str| {
+        let e = errno();
+        // SAFETY: our own fd.
+        unsafe { libc::close(fd) };
+        Err(format!("{what} errno {e}"))
+    };
+    // SAFETY: our own fd.
+    if unsafe { libc::ftruncate64(fd, size as i64) } != 0 {
+        return fail("ftruncate");
+    }
+    let seals = libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
+    // SAFETY: our own fd; F_ADD_SEALS takes an int.
+    if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) } != 0 {
+        return fail("F_ADD_SEALS");
+    }
+    // qemu_fd_getpagesize: a hugetlbfs file's block size, else the base page size.
+    // SAFETY: statfs is plain data, filled in by fstatfs.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: our own fd and a valid statfs.
+    if unsafe { libc::fstatfs(fd, &mut st) } != 0 {
+        return fail("fstatfs");
+    }
+    let page = if st.f_type == HUGETLBFS_MAGIC {
+        st.f_bsize as usize
+    } else {
+        PAGE
+    };
+    // SAFETY: a fresh PROT_NONE reservation replaces nothing.
+    let r = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            size + page,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if r == libc::MAP_FAILED {
+        return fail("reserve");
+    }
+    let a = (r as usize).next_multiple_of(page);
+    // SAFETY: inside our own reservation; the fd is ours.
+    let p = unsafe {
+        libc::mmap(
+            a as *mut c_void,
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_FIXED,
+            fd,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        let out = fail("mmap");
+        // SAFETY: our reservation.
+        unsafe { libc::munmap(r, size + page) };
+        return out;
+    }
+    Ok((fd, p as usize))
+}
+
 fn arg<T: std::str::FromStr>(words: &[&str], i: usize) -> Result<T, String> {
     let w = words
         .get(i)
@@ -153,8 +237,31 @@ fn run(blocks: &mut Vec<Block>, words: &[&str]) -> Result<String, String> {
         "alloc" => {
             let size: usize = arg(words, 1)?;
             let addr = qemu_ram_mmap(size)?;
-            blocks.push(Block { addr, size });
+            blocks.push(Block {
+                addr,
+                size,
+                fd: None,
+            });
             Ok(format!("{} {addr:#x}", blocks.len() - 1))
+        }
+        "memfd" => {
+            let name = std::ffi::CString::new(*words.get(1).ok_or("missing name")?)
+                .map_err(|e| e.to_string())?;
+            let size: usize = arg(words, 2)?;
+            let hugetlb = match words.get(3) {
+                None => 0,
+                Some(&"hugetlb") => libc::MFD_HUGETLB,
+                Some(other) => return Err(format!("unknown memfd flag {other}")),
+            };
+            let (fd, addr) = qemu_memfd_backend(&name, size, hugetlb)?;
+            let link = std::fs::read_link(format!("/proc/self/fd/{fd}"))
+                .map_err(|e| format!("readlink: {e}"))?;
+            blocks.push(Block {
+                addr,
+                size,
+                fd: Some(fd),
+            });
+            Ok(format!("{} {addr:#x} {}", blocks.len() - 1, link.display()))
         }
         "anon" => {
             let size: usize = arg(words, 1)?;
@@ -175,6 +282,7 @@ fn run(blocks: &mut Vec<Block>, words: &[&str]) -> Result<String, String> {
             blocks.push(Block {
                 addr: p as usize,
                 size,
+                fd: None,
             });
             Ok(format!("{} {:#x}", blocks.len() - 1, p as usize))
         }
@@ -236,6 +344,10 @@ fn run(blocks: &mut Vec<Block>, words: &[&str]) -> Result<String, String> {
             let b = block(blocks, words)?;
             // SAFETY: the block and its guard page are ours; nothing uses them afterwards.
             let r = unsafe { libc::munmap(b.addr as *mut c_void, b.size + PAGE) };
+            if let Some(fd) = b.fd {
+                // SAFETY: the block's own memfd, used by nothing else.
+                unsafe { libc::close(fd) };
+            }
             Ok(r.to_string())
         }
         "handler" => {

@@ -112,10 +112,63 @@ pub fn pattern_init(mib: u64) -> String {
 
 /// An initramfs with a static busybox whose /init mounts /proc, runs `body`, then idles.
 pub fn initramfs(dir: &Path, body: &str) -> PathBuf {
+    initramfs_with_modules(dir, body, &[])
+}
+
+/// The installed kernel's `.ko` files that `modules` need, dependencies first.
+fn module_files(modules: &[&str]) -> Vec<PathBuf> {
+    let kernel = kernel();
+    let version = kernel
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("vmlinuz-"))
+        .expect("vmlinuz-VERSION")
+        .to_string();
+    let mut files: Vec<PathBuf> = Vec::new();
+    for module in modules {
+        let out = Command::new("modprobe")
+            .args(["-S", &version, "--ignore-install", "--show-depends", module])
+            .output()
+            .expect("run modprobe (install kmod)");
+        assert!(
+            out.status.success(),
+            "module {module} not found for {version}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for line in String::from_utf8(out.stdout).unwrap().lines() {
+            let mut words = line.split_whitespace();
+            if words.next() == Some("insmod")
+                && let Some(path) = words.next().map(PathBuf::from)
+                && !files.contains(&path)
+            {
+                assert!(
+                    path.extension().is_some_and(|e| e == "ko"),
+                    "{} is compressed; the test initramfs takes plain .ko files",
+                    path.display()
+                );
+                files.push(path);
+            }
+        }
+    }
+    files
+}
+
+/// [`initramfs`] whose /init first loads the installed kernel's `modules` (with their
+/// dependencies) and has an empty /mnt.
+pub fn initramfs_with_modules(dir: &Path, body: &str, modules: &[&str]) -> PathBuf {
     let bb = std::fs::read(busybox()).unwrap();
+    let modules = module_files(modules);
+    let insmod: String = modules
+        .iter()
+        .map(|m| {
+            let name = m.file_name().unwrap().to_str().unwrap();
+            format!("/bin/busybox insmod /lib/modules/{name} || echo insmod {name} failed\n")
+        })
+        .collect();
     let init = format!(
         "#!/bin/busybox sh\n\
          /bin/busybox mount -t proc proc /proc\n\
+         {insmod}\
          {body}\n\
          while true; do /bin/busybox sleep 3600; done\n"
     );
@@ -128,7 +181,20 @@ pub fn initramfs(dir: &Path, body: &str) -> PathBuf {
     cpio_entry(&mut out, 5, "dev/mem", chr, (1, 1), b"");
     cpio_entry(&mut out, 6, "bin/busybox", file_mode, (0, 0), &bb);
     cpio_entry(&mut out, 7, "init", file_mode, (0, 0), init.as_bytes());
-    cpio_entry(&mut out, 8, "TRAILER!!!", 0, (0, 0), b"");
+    let mut ino = 8;
+    if !modules.is_empty() {
+        cpio_entry(&mut out, ino, "mnt", dir_mode, (0, 0), b"");
+        cpio_entry(&mut out, ino + 1, "lib", dir_mode, (0, 0), b"");
+        cpio_entry(&mut out, ino + 2, "lib/modules", dir_mode, (0, 0), b"");
+        ino += 3;
+        for m in &modules {
+            let name = format!("lib/modules/{}", m.file_name().unwrap().to_str().unwrap());
+            let data = std::fs::read(m).unwrap();
+            cpio_entry(&mut out, ino, &name, 0o100644, (0, 0), &data);
+            ino += 1;
+        }
+    }
+    cpio_entry(&mut out, ino, "TRAILER!!!", 0, (0, 0), b"");
     let path = dir.join("initramfs.cpio");
     std::fs::write(&path, out).unwrap();
     path

@@ -136,9 +136,14 @@ fn shim_helper(socket: &Path, env: &[(&str, &str)]) -> Helper {
 
 /// Sends `alloc 128M` while the broker is stopped; the answer comes within the deadline.
 fn alloc_while_stopped(broker: &TestBroker, h: &mut Helper, what: &str) -> String {
+    send_while_stopped(broker, h, &format!("alloc {}", 128 * MIB), what)
+}
+
+/// Sends `command` while the broker is stopped; the answer comes within the deadline.
+fn send_while_stopped(broker: &TestBroker, h: &mut Helper, command: &str, what: &str) -> String {
     let _stopped = Stopped::new(broker);
     let started = Instant::now();
-    let reply = h.send(&format!("alloc {}", 128 * MIB));
+    let reply = h.send(command);
     within_deadline(started, what);
     reply
 }
@@ -174,4 +179,21 @@ fn shim_falls_back_to_anonymous_memory_within_the_deadline() {
     let err = h.finish();
     assert!(err.contains(&expected_message(&broker)), "{err}");
     assert!(err.contains("using anonymous memory"), "{err}");
+}
+
+#[test]
+fn shim_fails_a_memfd_backend_within_the_deadline_and_recovers() {
+    let broker = TestBroker::start(&["--pool", "memfd:t:512M"]);
+    let mut h = shim_helper(broker.socket(), &[]);
+    let backend = format!("memfd memory-backend-memfd {}", 128 * MIB);
+    let reply = send_while_stopped(&broker, &mut h, &backend, "a memfd backend");
+    assert_eq!(reply, format!("err ftruncate errno {}", libc::ETIMEDOUT));
+    let reply = h.send(&backend);
+    assert!(
+        reply.starts_with("ok") && reply.contains("memfd:membroker:"),
+        "{reply}"
+    );
+    let err = h.finish();
+    assert_eq!(err.matches(&expected_message(&broker)).count(), 1, "{err}");
+    assert!(err.contains("failing the allocation"), "{err}");
 }

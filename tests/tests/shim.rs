@@ -318,7 +318,15 @@ fn discard_on_a_device_lease_reads_zero() {
         sum_through_broker(&broker, "dd/vm/ram0", 28 * MIB as usize, MIB as usize),
         171 * MIB
     );
-    h.finish();
+    // QEMU refuses device-dax memory under a memfd backend: the shim says why first, and
+    // gives the lease back.
+    let reply = h.send(&format!("memfd memory-backend-memfd {}", 64 * MIB));
+    assert_eq!(reply, format!("err ftruncate errno {}", libc::EINVAL));
+    wait_until(Duration::from_secs(5), "ram1 released", || {
+        lease(&broker, "dd/vm/ram1").holders.is_empty()
+    });
+    let err = h.finish();
+    assert!(err.contains("dd/vm/ram1 is device-dax memory"), "{err}");
 }
 
 #[test]
@@ -531,7 +539,12 @@ fn unreachable_broker_fails_the_mapping_with_one_clear_line() {
     assert!(reply.starts_with("err activate"), "{reply}");
     // Memory the shim does not redirect is unaffected.
     h.ok(&format!("anon {}", 128 * MIB));
-    let err = h.finish();
+    assert_one_clear_line(&h.finish(), &socket);
+}
+
+/// The helper's stderr says in exactly one line that the broker at `socket` is absent, and how
+/// to fall back.
+fn assert_one_clear_line(err: &str, socket: &Path) {
     let lines: Vec<&str> = err
         .lines()
         .filter(|l| l.contains("membroker-preload"))
@@ -553,6 +566,95 @@ fn unreachable_broker_with_anon_fallback_uses_anonymous_memory() {
     assert_eq!(h.ok(&format!("sum {i} 0 4096")), vec!["8192"]);
     let err = h.finish();
     assert!(err.contains("using anonymous memory"), "{err}");
+}
+
+/// `memfd NAME SIZE` → (index, address, what /proc/self/fd says the fd is).
+fn memfd_backend(h: &mut ShimHelper, name: &str, size: u64) -> (usize, usize, String) {
+    let words = h.ok(&format!("memfd {name} {size}"));
+    (
+        words[0].parse().unwrap(),
+        usize::from_str_radix(words[1].trim_start_matches("0x"), 16).unwrap(),
+        words[2].clone(),
+    )
+}
+
+#[test]
+fn memfd_backend_is_a_lease_under_qemus_own_fd() {
+    let broker = TestBroker::start(&["--pool", "memfd:t:512M"]);
+    let mut h = shim_helper(broker.socket(), &[("MEMBROKER_LEASE_PREFIX", "tenant/vm1")]);
+    // QEMU's sequence, seals included, succeeds, and the fd QEMU holds is the lease.
+    let (i, addr, link) = memfd_backend(&mut h, "memory-backend-memfd", 128 * MIB);
+    assert_eq!(link, "/memfd:membroker:tenant/vm1/ram0");
+    let info = lease(&broker, "tenant/vm1/ram0");
+    assert_eq!(info.size, 128 * MIB);
+    assert_eq!(
+        info.holders.iter().map(|h| h.pid).collect::<Vec<_>>(),
+        vec![h.pid]
+    );
+    let line = maps_line(h.pid, addr).expect("mapping at QEMU's address");
+    assert!(
+        line.contains(" rw-s ") && line.contains("memfd:membroker:tenant/vm1/ram0"),
+        "{line}"
+    );
+    h.ok(&format!("fill {i} {} 4096 9", 5 * MIB));
+    assert_eq!(
+        sum_through_broker(&broker, "tenant/vm1/ram0", 5 * MIB as usize, 4096),
+        9 * 4096
+    );
+    // The block is the shim's like anonymous RAM: a discard punches the lease.
+    assert_eq!(
+        h.ok(&format!("madvise {i} {} 4096 dontneed", 5 * MIB)),
+        vec!["0", "0"]
+    );
+    assert_eq!(
+        sum_through_broker(&broker, "tenant/vm1/ram0", 5 * MIB as usize, 4096),
+        0
+    );
+    // Anonymous RAM after it takes the next name.
+    h.alloc(64 * MIB);
+    assert_eq!(lease(&broker, "tenant/vm1/ram1").size, 64 * MIB);
+
+    // Unmapping the block releases the lease (not persistent: it goes).
+    assert_eq!(h.ok(&format!("free {i}")), vec!["0"]);
+    wait_until(Duration::from_secs(5), "ram0 gone", || {
+        broker.client().stat("tenant/vm1/ram0").is_err()
+    });
+    h.finish();
+}
+
+#[test]
+fn other_memfds_stay_ordinary_memfds() {
+    let broker = TestBroker::start(&["--pool", "memfd:t:512M"]);
+    let mut h = shim_helper(broker.socket(), &[]);
+    // Another name (QEMU's own "test" probes, vhost logs, a library's buffers).
+    let (i, addr, link) = memfd_backend(&mut h, "test", 128 * MIB);
+    assert_eq!(link, "/memfd:test");
+    assert!(maps_line(h.pid, addr).is_some_and(|l| l.contains("memfd:test")));
+    h.ok(&format!("fill {i} 0 4096 3"));
+    assert_eq!(h.ok(&format!("sum {i} 0 4096")), vec!["12288"]);
+    // A backend smaller than MEMBROKER_MIN_SIZE (64M).
+    let (_, _, link) = memfd_backend(&mut h, "memory-backend-memfd", 16 * MIB);
+    assert_eq!(link, "/memfd:memory-backend-memfd");
+    assert!(leases(&broker, "").is_empty());
+    h.finish();
+}
+
+#[test]
+fn memfd_backend_without_broker_fails_or_keeps_its_memfd() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("absent.sock");
+    let mut h = shim_helper(&socket, &[]);
+    let reply = h.send(&format!("memfd memory-backend-memfd {}", 128 * MIB));
+    assert_eq!(reply, format!("err ftruncate errno {}", libc::ENOENT));
+    assert_one_clear_line(&h.finish(), &socket);
+
+    let mut h = shim_helper(&socket, &[("MEMBROKER_FALLBACK", "anon")]);
+    let (i, _, link) = memfd_backend(&mut h, "memory-backend-memfd", 128 * MIB);
+    assert_eq!(link, "/memfd:memory-backend-memfd");
+    h.ok(&format!("fill {i} 0 4096 2"));
+    assert_eq!(h.ok(&format!("sum {i} 0 4096")), vec!["8192"]);
+    let err = h.finish();
+    assert!(err.contains("keeping QEMU's own memfd"), "{err}");
 }
 
 #[test]
@@ -598,7 +700,12 @@ fn only_the_hooks_are_exported() {
     names.sort();
     let want = [
         "bsd_signal",
+        "fcntl",
+        "fcntl64",
+        "ftruncate",
+        "ftruncate64",
         "madvise",
+        "memfd_create",
         "mmap",
         "mmap64",
         "munmap",
@@ -658,6 +765,35 @@ fn huge_1g_lease_backs_ram_at_a_1g_aligned_address() {
         return;
     }
     huge_page_ram(1 << 20, "1G", 1 << 30);
+}
+
+/// A memfd backend with `hugetlb=on` (`MFD_HUGETLB`) gets a lease of huge pages without
+/// `MEMBROKER_PAGE_SIZE`, and QEMU aligns its mapping to the lease's page size itself.
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "needs root: run with --features privileged (scripts/test does)"
+)]
+fn memfd_backend_with_hugetlb_gets_a_huge_page_lease() {
+    let _pages = membroker_tests::HugePages::reserve(2048, 32);
+    // The default pool has 4 KiB pages: the backend's flags pick the other one.
+    let broker = TestBroker::start(&["--pool", "memfd:small:64M", "--pool", "memfd:h:64M:2M"]);
+    let mut h = shim_helper(broker.socket(), &[("MEMBROKER_LEASE_PREFIX", "huge/vfs")]);
+    let words = h.ok(&format!("memfd memory-backend-memfd {} hugetlb", 64 * MIB));
+    assert_eq!(words[2], "/memfd:membroker:huge/vfs/ram0");
+    let info = lease(&broker, "huge/vfs/ram0");
+    assert_eq!(
+        (info.size, info.page_size.bytes(), info.pool.as_str()),
+        (64 * MIB, 2 * MIB, "h")
+    );
+    let addr = usize::from_str_radix(words[1].trim_start_matches("0x"), 16).unwrap();
+    assert_eq!(addr % (2 << 20), 0, "{addr:#x}");
+    h.ok(&format!("fill {} {} 4096 4", words[0], 63 * MIB));
+    assert_eq!(
+        sum_through_broker(&broker, "huge/vfs/ram0", 63 * MIB as usize, 4096),
+        4 * 4096
+    );
+    h.finish();
 }
 
 /// Cost of the hook on an mmap it does not redirect: the same helper loop with and without
@@ -1257,24 +1393,12 @@ mod qemu {
         not(feature = "qemu"),
         ignore = "boots QEMU: run with --features qemu (scripts/test does)"
     )]
-    fn qemu_memfd_and_mem_path_backends_are_left_alone() {
+    fn qemu_mem_path_ram_is_left_alone() {
         let broker = TestBroker::start(&["--pool", "memfd:t:1G"]);
         let dir = tempfile::tempdir().unwrap();
         let initrd = initramfs(dir.path(), &pattern_init(1));
         let socket = broker.socket().to_str().unwrap();
         let env = [("MEMBROKER_SOCKET", socket)];
-        let memfd = [
-            "-object",
-            "memory-backend-memfd,id=m0,size=256M",
-            "-machine",
-            "memory-backend=m0",
-        ];
-        let mut qemu = Qemu::start(&initrd, "256M", &memfd, &env, true);
-        qemu.wait_for(MARKER, BOOT_TIMEOUT);
-        let maps = std::fs::read_to_string(format!("/proc/{}/maps", qemu.pid())).unwrap();
-        assert!(maps.contains("memfd:memory-backend-memfd"), "{maps}");
-        assert!(!maps.contains("memfd:membroker"), "{maps}");
-        qemu.kill();
         let mem_path = format!("{}", dir.path().display());
         let mut qemu = Qemu::start(&initrd, "256M", &["-mem-path", &mem_path], &env, true);
         qemu.wait_for(MARKER, BOOT_TIMEOUT);
@@ -1282,5 +1406,112 @@ mod qemu {
         assert!(!maps.contains("memfd:membroker"), "{maps}");
         qemu.kill();
         assert!(leases(&broker, "").is_empty());
+    }
+
+    /// A running virtiofsd, killed on drop.
+    struct Virtiofsd(std::process::Child);
+
+    impl Drop for Virtiofsd {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// A shared-memory VM as libvirt makes it for virtiofs (`<memoryBacking><source
+    /// type='memfd'/><access mode='shared'/>`): its memfd backend is a lease, and the
+    /// vhost-user back-end (Debian's QEMU 7.2 virtiofsd) receives and maps that lease.
+    #[test]
+    #[cfg_attr(
+        not(feature = "qemu"),
+        ignore = "boots QEMU: run with --features qemu (scripts/test does)"
+    )]
+    fn qemu_memfd_shared_ram_is_a_lease_that_virtiofsd_maps() {
+        const VIRTIOFSD: &str = "/usr/lib/qemu/virtiofsd";
+        let broker = TestBroker::start(&["--pool", "memfd:t:1G"]);
+        let dir = tempfile::tempdir().unwrap();
+        let share = dir.path().join("share");
+        std::fs::create_dir(&share).unwrap();
+        let vhost = dir.path().join("vhost-fs.sock");
+        let body = format!(
+            "/bin/busybox mount -t virtiofs share /mnt || echo mount failed\n\
+             echo written-by-the-guest > /mnt/from-guest\n\
+             /bin/busybox umount /mnt\n\
+             {}",
+            pattern_init(16)
+        );
+        let initrd = initramfs_with_modules(dir.path(), &body, &["virtio_pci", "virtiofs"]);
+        let virtiofsd = Virtiofsd(
+            Command::new(VIRTIOFSD)
+                .arg(format!("--socket-path={}", vhost.display()))
+                .args(["-o", &format!("source={}", share.display())])
+                .args(["-o", "cache=none", "-o", "sandbox=chroot"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("{VIRTIOFSD}: {e} (install qemu-system-x86)")),
+        );
+        wait_until(Duration::from_secs(10), "virtiofsd's socket", || {
+            vhost.exists()
+        });
+
+        let socket = broker.socket().to_str().unwrap();
+        let env = [
+            ("MEMBROKER_SOCKET", socket),
+            ("MEMBROKER_LEASE_PREFIX", "vfs/vm1"),
+        ];
+        let chardev = format!("socket,id=vfs,path={}", vhost.display());
+        let extra = [
+            "-object",
+            "memory-backend-memfd,id=mem,size=256M,share=on",
+            "-machine",
+            "memory-backend=mem",
+            "-chardev",
+            &chardev,
+            "-device",
+            "vhost-user-fs-pci,chardev=vfs,tag=share",
+        ];
+        let mut qemu = Qemu::start(&initrd, "256M", &extra, &env, true);
+        qemu.wait_for(MARKER, BOOT_TIMEOUT);
+        assert!(
+            !qemu.seen.iter().any(|l| l.contains("failed")),
+            "{}",
+            qemu.seen.join("\n")
+        );
+
+        // The guest wrote through virtiofs: the host reads its file.
+        assert_eq!(
+            std::fs::read_to_string(share.join("from-guest")).unwrap(),
+            "written-by-the-guest\n"
+        );
+
+        // Guest RAM is the lease, held by QEMU, mapped shared.
+        let info = lease(&broker, "vfs/vm1/ram0");
+        assert_eq!(info.size, 256 * MIB);
+        assert!(info.holders.iter().any(|h| h.pid == qemu.pid()), "{info:?}");
+        assert_eq!(leases(&broker, "vfs/vm1").len(), 1);
+        let memfd = "memfd:membroker:vfs/vm1/ram0";
+        let maps = std::fs::read_to_string(format!("/proc/{}/maps", qemu.pid())).unwrap();
+        let ram = maps
+            .lines()
+            .find(|l| l.contains(memfd))
+            .unwrap_or_else(|| panic!("{maps}"));
+        assert!(ram.contains(" rw-s "), "{ram}");
+        // The guest's pattern is in the lease, read through the test's own mapping.
+        let pages = pattern_pages(&broker, "vfs/vm1/ram0");
+        assert!(
+            pages >= 16 * 256 * 9 / 10,
+            "only {pages} pattern pages of {} written",
+            16 * 256
+        );
+
+        // The vhost-user back-end received the lease's fd and maps the lease.
+        let maps = std::fs::read_to_string(format!("/proc/{}/maps", virtiofsd.0.id())).unwrap();
+        assert!(
+            maps.contains(memfd),
+            "virtiofsd does not map the lease:\n{maps}"
+        );
+        qemu.kill();
     }
 }

@@ -8,7 +8,8 @@ use std::sync::atomic::Ordering;
 use libc::{c_int, c_void, off_t, size_t};
 
 use super::{errno, real_madvise, real_mmap, real_munmap, set_errno};
-use crate::broker::{self, ShimError};
+use crate::backend;
+use crate::broker::{self, Instead, ShimError};
 use crate::classify::{self, Guard, MmapAction, MmapArgs};
 use crate::config::Fallback;
 use crate::table::{Backing, Block, Overlaps, TABLE};
@@ -34,6 +35,13 @@ pub unsafe extern "C" fn mmap(
         fd,
         offset,
     };
+    if args.fd >= 0
+        && backend::PENDING.load(Ordering::Relaxed) != 0
+        && !classify::in_shim()
+        && let Some(ptr) = super::memfd::map_backend(&args)
+    {
+        return ptr;
+    }
     if !classify::maybe_ours(&args) || classify::in_shim() {
         // SAFETY: exactly our caller's request.
         return unsafe { real_mmap(&args) };
@@ -115,7 +123,7 @@ fn activate(args: &MmapArgs) -> *mut c_void {
             set_errno(saved);
             ptr
         }
-        Err(err) => match broker::complain(&err, args.len) {
+        Err(err) => match broker::complain(&err, args.len, Instead::Anonymous) {
             Fallback::Fail => {
                 set_errno(err.errno());
                 libc::MAP_FAILED
@@ -130,7 +138,7 @@ fn activate(args: &MmapArgs) -> *mut c_void {
 }
 
 fn map_lease(args: &MmapArgs) -> Result<*mut c_void, ShimError> {
-    let acquired = broker::acquire(args.len as u64)?;
+    let acquired = broker::acquire(args.len as u64, None)?;
     let page = usize::try_from(acquired.page).unwrap_or(usize::MAX);
     if !args.addr.is_multiple_of(page) || !args.len.is_multiple_of(page) {
         let err = ShimError::Misaligned {
