@@ -14,7 +14,6 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 use membroker_client::proto::LeaseInfo;
-use membroker_client::size::format_size;
 use membroker_client::{Client, CreateLease, ErrorCode};
 
 use super::table::id_entries;
@@ -166,11 +165,9 @@ fn prepare(client: &mut Client, plan: &Plan, uid: u32) -> Result<(), String> {
         if let Err(e) = client.create(req) {
             undo(client, &made);
             return Err(format!(
-                "cannot make lease {} ({}) for its guest RAM: {}; the domain needs {}",
-                planned.name,
-                format_size(planned.size),
-                text(&e),
-                plan.describe()
+                "its guest RAM needs {}: {}",
+                plan.describe(),
+                text(&e)
             ));
         }
         made.push(planned.name.clone());
