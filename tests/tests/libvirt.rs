@@ -6,7 +6,8 @@
 //!
 //! libvirt's qemu driver keeps its state in fixed system directories (/etc/libvirt,
 //! /run/libvirt, /var/lib/libvirt), so this test uses the system's daemons and hook file: it
-//! fails if a libvirtd is already running, and leaves no domain, daemon or hook behind.
+//! fails if a libvirtd is already running, and leaves no domain, daemon, hook or QEMU log
+//! behind.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -147,6 +148,7 @@ impl Drop for Libvirt {
         for name in [VM, BIG] {
             let _ = virsh(&["destroy", name]);
             let _ = virsh(&["undefine", name, "--managed-save"]);
+            let _ = std::fs::remove_file(format!("/var/log/libvirt/qemu/{name}.log"));
         }
         self.stop_libvirtd();
         membroker_tests::signal(self.virtlogd.id(), rustix::process::Signal::TERM);
