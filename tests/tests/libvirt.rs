@@ -1,21 +1,23 @@
-//! Real libvirt (feature `libvirt`): Debian's `libvirtd` and `virtlogd`, started here by hand
-//! (no systemd), with `contrib/libvirt/qemu` installed as the qemu hook, drive one domain under
-//! TCG through its life on broker memory: start, guest reboot, a libvirtd restart, a broker
-//! upgrade, managedsave and restore, destroy; and a domain the pool cannot hold is refused
-//! before its QEMU starts.
+//! `membroker libvirt-hook` run as libvirt runs it (arguments, the domain XML on stdin) against a
+//! real broker; then real libvirt (feature `libvirt`): Debian's `libvirtd` and `virtlogd`,
+//! started here by hand (no systemd), with `contrib/libvirt/qemu` installed as the qemu hook,
+//! drive one domain under TCG through its life on broker memory: start, guest reboot, a
+//! libvirtd restart, a broker upgrade, managedsave and restore, destroy; and a domain the pool
+//! cannot hold is refused before its QEMU starts.
 //!
 //! libvirt's qemu driver keeps its state in fixed system directories (/etc/libvirt,
 //! /run/libvirt, /var/lib/libvirt), so this test uses the system's daemons and hook file: it
 //! fails if a libvirtd is already running, and leaves no domain, daemon, hook or QEMU log
 //! behind.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use membroker_client::proto::LeaseInfo;
 use membroker_client::{ErrorCode, LeaseState};
-use membroker_tests::{TestBroker, bin_path, stdout_ok, wait_until};
+use membroker_tests::{Helper, TestBroker, bin_path, stdout_ok, wait_until};
 
 #[path = "../shim/support.rs"]
 mod support;
@@ -260,6 +262,162 @@ fn used(broker: &TestBroker) -> u64 {
 fn uid_of(user: &str) -> u32 {
     let out = Command::new("id").args(["-u", user]).output().unwrap();
     stdout_ok(&out).trim().parse().unwrap()
+}
+
+/// `membroker libvirt-hook DOMAIN OP SUBOP -` with `xml` on stdin, as libvirt runs the hook.
+fn hook(save_dir: &Path, domain: &str, op: &str, xml: &str) -> Output {
+    let mut child = Command::new(bin_path("membroker"))
+        .args(["--socket", "/nonexistent/the-xml-names-the-socket"])
+        .args(["libvirt-hook", domain, op.split(' ').next().unwrap()])
+        .args([op.split(' ').nth(1).unwrap(), "-"])
+        .arg("--save-dir")
+        .arg(save_dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(xml.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.stdout.is_empty(), "the hook printed a domain XML");
+    out
+}
+
+/// A domain XML for the hook alone: `cells` NUMA cells of `mib` MiB each (none: `<memory>`),
+/// QEMU running as this test's own uid.
+fn hook_xml(broker: &TestBroker, name: &str, mib: u64, cells: usize) -> String {
+    let uid = rustix::process::getuid().as_raw();
+    let numa: String = (0..cells)
+        .map(|i| format!("<cell id='{i}' cpus='{i}' memory='{mib}' unit='MiB'/>"))
+        .collect();
+    format!(
+        "<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>{name}</name>
+  <memory unit='MiB'>{total}</memory>
+  <cpu><numa>{numa}</numa></cpu>
+  <seclabel type='static' model='dac'><label>+{uid}:+{uid}</label></seclabel>
+  <qemu:commandline>
+    <qemu:env name='MEMBROKER_SOCKET' value='{socket}'/>
+    <qemu:env name='MEMBROKER_LEASE_PREFIX' value='libvirt/{name}'/>
+  </qemu:commandline>
+</domain>",
+        total = mib * cells.max(1) as u64,
+        socket = broker.socket().display(),
+    )
+}
+
+fn names_and_sizes(broker: &TestBroker, prefix: &str) -> Vec<(String, u64)> {
+    leases(broker, prefix)
+        .into_iter()
+        .map(|l| (l.name, l.size))
+        .collect()
+}
+
+#[test]
+fn hook_makes_keeps_and_removes_a_domains_leases() {
+    let broker = TestBroker::start(&["--pool", "memfd:t:512M"]);
+    let save = tempfile::tempdir().unwrap();
+    let uid = rustix::process::getuid().as_raw();
+    let ok = |out: Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+
+    // prepare: one lease per NUMA cell, owned by QEMU's user (the DAC label), persistent.
+    let two = hook_xml(&broker, "d1", 128, 2);
+    ok(hook(save.path(), "d1", "prepare begin", &two));
+    assert_eq!(
+        names_and_sizes(&broker, "libvirt/d1"),
+        [
+            ("libvirt/d1/ram0".to_string(), 128 * MIB),
+            ("libvirt/d1/ram1".to_string(), 128 * MIB)
+        ]
+    );
+    let made = broker.client().stat("libvirt/d1/ram0").unwrap();
+    assert_eq!((made.uid, made.mode, made.persistent), (uid, 0o600, true));
+
+    // Operations other than prepare and release change nothing.
+    for op in [
+        "start begin",
+        "started begin",
+        "reconnect begin",
+        "stopped end",
+    ] {
+        ok(hook(save.path(), "d1", op, &two));
+    }
+    assert_eq!(leases(&broker, "libvirt/d1").len(), 2);
+
+    // prepare again with one bigger cell: ram0 is made again at its new size, ram1 goes.
+    let one = hook_xml(&broker, "d1", 256, 1);
+    ok(hook(save.path(), "d1", "prepare begin", &one));
+    assert_eq!(
+        names_and_sizes(&broker, "libvirt/d1"),
+        [("libvirt/d1/ram0".to_string(), 256 * MIB)]
+    );
+    let ram0 = broker.client().stat("libvirt/d1/ram0").unwrap();
+
+    // A lease that fits is kept as it is (a restore after managedsave).
+    ok(hook(save.path(), "d1", "prepare begin", &one));
+    assert_eq!(
+        broker.client().stat("libvirt/d1/ram0").unwrap().extents,
+        ram0.extents
+    );
+
+    // A held lease that does not fit refuses the start, naming its holder.
+    let mut holder = Helper::spawn({
+        let mut cmd = Command::new(bin_path("mb-holder"));
+        cmd.arg(broker.socket())
+            .args(["open", "libvirt/d1/ram0", "rw"]);
+        cmd
+    });
+    assert!(holder.line().starts_with("ok"));
+    let out = hook(save.path(), "d1", "prepare begin", &two);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("membroker: domain d1: lease libvirt/d1/ram0 is held by pid")
+            && err.contains("is QEMU still running?"),
+        "{err}"
+    );
+    drop(holder);
+
+    // A start the pool cannot hold fails with the broker's reason and leaves nothing made.
+    let big = hook_xml(&broker, "d2", 256, 2);
+    let out = hook(save.path(), "d2", "prepare begin", &big);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(
+            "membroker: domain d2: its guest RAM needs libvirt/d2/ram0 (256 MiB), \
+             libvirt/d2/ram1 (256 MiB): lease libvirt/d2/ram1: pool t has"
+        ),
+        "{err}"
+    );
+    assert!(leases(&broker, "libvirt/d2").is_empty());
+
+    // release with a managed-save image keeps the leases; without one removes them.
+    std::fs::write(save.path().join("d1.save"), b"").unwrap();
+    ok(hook(save.path(), "d1", "release end", &one));
+    assert_eq!(leases(&broker, "libvirt/d1").len(), 1);
+    std::fs::remove_file(save.path().join("d1.save")).unwrap();
+    ok(hook(save.path(), "d1", "release end", &one));
+    assert!(leases(&broker, "libvirt").is_empty());
+    wait_until(Duration::from_secs(5), "the pool to be empty", || {
+        used(&broker) == 0
+    });
+
+    // A domain without the shim's environment is none of the hook's business.
+    let plain = "<domain><name>p</name><memory unit='GiB'>64</memory></domain>";
+    ok(hook(save.path(), "p", "prepare begin", plain));
+    assert!(leases(&broker, "").is_empty());
 }
 
 #[test]
