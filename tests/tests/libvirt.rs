@@ -80,8 +80,10 @@ impl Libvirt {
             !virsh(&["version"]).status.success(),
             "a libvirtd is already running: this test starts its own"
         );
+        // A hook this test left when it was killed is replaced; any other is the host's.
+        let existing = std::fs::read_to_string(HOOK).unwrap_or_default();
         assert!(
-            !Path::new(HOOK).exists(),
+            existing.is_empty() || existing.contains("membroker libvirt-hook"),
             "{HOOK} exists: this test installs its own"
         );
         // contrib/libvirt/qemu as shipped, pointed at the membroker binary under test.
@@ -96,7 +98,9 @@ impl Libvirt {
         std::fs::set_permissions(HOOK, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
         let log = dir.join("libvirtd.log");
-        let virtlogd = Command::new("virtlogd")
+        let mut virtlogd = Command::new("virtlogd");
+        membroker_tests::sys::terminate_with_parent(&mut virtlogd);
+        let virtlogd = virtlogd
             .stderr(std::fs::File::create(dir.join("virtlogd.log")).unwrap())
             .spawn()
             .expect("virtlogd (Debian package libvirt-daemon-system) is not installed");
@@ -106,7 +110,17 @@ impl Libvirt {
             log,
         };
         libvirt.start_libvirtd();
+        // Domains a killed run of this test left (libvirtd reconnected to them) go first.
+        libvirt.remove_domains();
         libvirt
+    }
+
+    fn remove_domains(&self) {
+        for name in [VM, BIG] {
+            let _ = virsh(&["destroy", name]);
+            let _ = virsh(&["undefine", name, "--managed-save"]);
+            let _ = std::fs::remove_file(format!("/var/log/libvirt/qemu/{name}.log"));
+        }
     }
 
     fn start_libvirtd(&mut self) {
@@ -115,7 +129,9 @@ impl Libvirt {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new("libvirtd")
+        let mut child = Command::new("libvirtd");
+        membroker_tests::sys::terminate_with_parent(&mut child);
+        let child = child
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -147,11 +163,7 @@ impl Libvirt {
 
 impl Drop for Libvirt {
     fn drop(&mut self) {
-        for name in [VM, BIG] {
-            let _ = virsh(&["destroy", name]);
-            let _ = virsh(&["undefine", name, "--managed-save"]);
-            let _ = std::fs::remove_file(format!("/var/log/libvirt/qemu/{name}.log"));
-        }
+        self.remove_domains();
         self.stop_libvirtd();
         membroker_tests::signal(self.virtlogd.id(), rustix::process::Signal::TERM);
         let _ = self.virtlogd.wait();
