@@ -96,6 +96,10 @@ enum Command {
         #[command(subcommand)]
         command: Option<cli::QuarantineCommand>,
     },
+    /// libvirt's qemu hook (/etc/libvirt/hooks/qemu execs it): makes a domain's leases
+    /// before QEMU starts, sized from the domain XML on stdin, and removes them after it
+    /// stops. See contrib/libvirt/.
+    LibvirtHook(cli::libvirt::HookArgs),
 }
 
 fn main() -> ExitCode {
@@ -122,6 +126,7 @@ fn main() -> ExitCode {
         Command::Exec(exec) => cli::exec::run(&socket, exec),
         Command::Quota { json } => cli::quota(&socket, json),
         Command::Quarantine { json, command } => cli::quarantine(&socket, command, json),
+        Command::LibvirtHook(hook) => cli::libvirt::run(&socket, hook),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,4 +1,5 @@
-//! The test harness's unsafe code: catching SIGBUS around a memory-error injection.
+//! The test harness's unsafe code: catching SIGBUS around a memory-error injection, and a
+//! child that ends with the test.
 #![allow(unsafe_code)]
 
 use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
@@ -85,4 +86,19 @@ pub fn try_map_shared_writable(
     }?;
     // SAFETY: exactly the range mmap returned above, never used.
     unsafe { rustix::mm::munmap(ptr, len) }
+}
+
+/// Makes the program `cmd` runs get SIGTERM when the thread that spawned it ends, so that a
+/// daemon a test starts (libvirtd) does not outlive a test that was killed.
+pub fn terminate_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    let set = || {
+        rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))
+            .map_err(std::io::Error::from)
+    };
+    // SAFETY: the closure only makes one prctl system call, which is async-signal-safe, and
+    // touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(set);
+    }
 }

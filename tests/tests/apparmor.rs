@@ -1,7 +1,8 @@
 //! Leases bound to their creator's AppArmor label, for real: processes of one uid under two
 //! profiles (as libvirt runs each VM's QEMU under its own `libvirt-UUID` profile) cannot open
-//! each other's leases. Boots the project's VM (tests/vm/run-in-vm: Debian's kernel, AppArmor
-//! its default LSM) and runs itself inside as root; profiles are loaded with Debian's
+//! each other's leases; and libvirt's QEMU abstraction with `contrib/libvirt/apparmor/membroker`
+//! runs a shim client on a lease. Boots the project's VM (tests/vm/run-in-vm: Debian's kernel,
+//! AppArmor its default LSM) and runs itself inside as root; profiles are loaded with Debian's
 //! apparmor package (`apparmor_parser`, `aa-exec`), which the VM takes from the host's root.
 
 use std::os::unix::process::CommandExt;
@@ -9,6 +10,9 @@ use std::process::{Command, Stdio};
 
 use membroker_client::ErrorCode;
 use membroker_tests::{Helper, TestBroker, bin_path, in_dax_vm};
+
+#[path = "../shim/support.rs"]
+mod support;
 
 const A: &str = "membroker-test-a";
 const B: &str = "membroker-test-b";
@@ -29,6 +33,12 @@ fn profiles() -> String {
 }
 
 fn load_profiles() {
+    load(&profiles(), &[A, B]);
+}
+
+/// Loads the profiles in `text` (apparmor_parser, from Debian's apparmor package) and checks
+/// that `names` are now enforced.
+fn load(text: &str, names: &[&str]) {
     let enabled = std::fs::read_to_string("/sys/module/apparmor/parameters/enabled")
         .expect("AppArmor is not in the VM's kernel");
     assert_eq!(
@@ -38,7 +48,7 @@ fn load_profiles() {
     );
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("membroker-test");
-    std::fs::write(&path, profiles()).unwrap();
+    std::fs::write(&path, text).unwrap();
     let out = Command::new("apparmor_parser")
         .args(["--replace", "--skip-cache"])
         .arg(&path)
@@ -50,7 +60,7 @@ fn load_profiles() {
         String::from_utf8_lossy(&out.stderr)
     );
     let loaded = std::fs::read_to_string("/sys/kernel/security/apparmor/profiles").unwrap();
-    for name in [A, B] {
+    for name in names {
         assert!(loaded.contains(&format!("{name} (enforce)")), "{loaded}");
     }
 }
@@ -138,4 +148,101 @@ fn same_uid_processes_under_two_apparmor_profiles_open_only_their_own_leases() {
             .unwrap_or_else(|e| panic!("root opens {name}: {e}"));
     }
     drop((vm_a, vm_b));
+}
+
+/// A profile made like libvirt's per-domain ones (`/etc/apparmor.d/libvirt/TEMPLATE.qemu`:
+/// the `libvirt-qemu` abstraction) that may also run `mb-shim-helper`, which makes QEMU's
+/// guest-RAM system calls. `chroot_relative`: the VM's root is a chroot, and the
+/// abstractions name files as the chroot sees them.
+fn libvirt_like_profile(name: &str) -> String {
+    format!(
+        "#include <tunables/global>\n\
+         profile {name} flags=(attach_disconnected, chroot_relative) {{\n\
+         \x20 #include <abstractions/libvirt-qemu>\n\
+         \x20 {} rm,\n\
+         }}\n",
+        bin_path("mb-shim-helper").display()
+    )
+}
+
+/// `contrib/libvirt/apparmor/membroker`, installed as the README says, compiles into libvirt's
+/// `libvirt-qemu` abstraction, and a process confined like libvirt's QEMU loads the shim from
+/// the multiarch directory, reaches the broker's socket and puts its guest RAM on a lease bound
+/// to its profile.
+///
+/// Debian 12's kernel (6.1) does not mediate `connect` on a pathname socket, so there the
+/// socket rule is not what lets it in; kernels with AppArmor's Unix-socket mediation (Ubuntu's)
+/// need it.
+#[test]
+#[cfg_attr(
+    not(feature = "devdax"),
+    ignore = "boots the dax VM: run with --features devdax (scripts/test does)"
+)]
+fn libvirt_qemu_profile_with_the_membroker_abstraction_runs_on_a_lease() {
+    const VM: &str = "membroker-test-libvirt-vm";
+    const SOCKET: &str = "/run/membroker/broker.sock";
+    const SHIM: &str = "/usr/lib/x86_64-linux-gnu/libmembroker_preload.so";
+    if !in_dax_vm(
+        "libvirt_qemu_profile_with_the_membroker_abstraction_runs_on_a_lease",
+        &["--no-dax"],
+    ) {
+        return;
+    }
+    // The VM's root is an overlay: what is installed here stays in the VM.
+    std::fs::copy(support::shim_path(), SHIM).unwrap();
+    let snippet = include_str!("../../contrib/libvirt/apparmor/membroker");
+    std::fs::create_dir_all("/etc/apparmor.d/abstractions/libvirt-qemu.d").unwrap();
+    std::fs::write(
+        "/etc/apparmor.d/abstractions/libvirt-qemu.d/membroker",
+        snippet,
+    )
+    .unwrap();
+    let local = "/etc/apparmor.d/local/abstractions/libvirt-qemu";
+    let mut text = std::fs::read_to_string(local).unwrap_or_default();
+    text.push_str("include if exists <abstractions/libvirt-qemu.d>\n");
+    std::fs::write(local, text).unwrap();
+    load(&libvirt_like_profile(VM), &[VM]);
+
+    let state = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all("/run/membroker").unwrap();
+    let mut broker = Command::new(bin_path("membroker"))
+        .args(["--socket", SOCKET, "serve", "--pool", "memfd:t:256M"])
+        .args(["--socket-group", &UID.to_string(), "--state-dir"])
+        .arg(state.path())
+        .spawn()
+        .unwrap();
+    membroker_tests::wait_until(std::time::Duration::from_secs(10), "the broker", || {
+        membroker_client::Client::connect(SOCKET).is_ok()
+    });
+
+    let mut cmd = Command::new("aa-exec");
+    cmd.args(["-p", VM, "--"])
+        .arg(bin_path("mb-shim-helper"))
+        .env("LD_PRELOAD", SHIM)
+        .env("MEMBROKER_SOCKET", SOCKET)
+        .env("MEMBROKER_LEASE_PREFIX", format!("libvirt/{VM}"))
+        .uid(UID)
+        .gid(UID)
+        .stderr(Stdio::piped());
+    let mut confined = Helper::spawn(cmd);
+    let ready = confined.line();
+    let pid = ready.strip_prefix("ready ").expect(&ready);
+    let attr = std::fs::read_to_string(format!("/proc/{pid}/attr/current")).unwrap();
+    assert_eq!(
+        attr.trim_end_matches(['\0', '\n']),
+        format!("{VM} (enforce)")
+    );
+    let reply = confined.send("alloc 134217728");
+    assert!(reply.starts_with("ok 0 "), "{reply}");
+    let mut root = membroker_client::Client::connect(SOCKET).unwrap();
+    let lease = root.stat(&format!("libvirt/{VM}/ram0")).unwrap();
+    assert_eq!(
+        (lease.size, lease.uid, lease.label.as_deref()),
+        (128 << 20, UID, Some(VM))
+    );
+    assert_eq!(lease.holders.len(), 1, "{lease:?}");
+
+    drop(confined);
+    let _ = broker.kill();
+    let _ = broker.wait();
 }

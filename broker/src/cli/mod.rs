@@ -3,6 +3,7 @@
 
 pub mod dirs;
 pub mod exec;
+pub mod libvirt;
 mod quota;
 pub mod serve;
 mod table;

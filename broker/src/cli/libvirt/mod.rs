@@ -1,0 +1,223 @@
+//! `membroker libvirt-hook`: libvirt's qemu hook (`/etc/libvirt/hooks/qemu` execs it with
+//! `DOMAIN OPERATION SUB-OPERATION EXTRA` and the domain XML on stdin).
+//!
+//! - `prepare begin`: make the leases the shim inside the domain's QEMU will open
+//!   (`MEMBROKER_LEASE_PREFIX/ramN`, sized from the domain XML, owned by the user QEMU runs
+//!   as), or refuse the start with a message libvirt shows.
+//! - `release end`: remove them, unless a managed-save image of the domain waits for them.
+//! - everything else (`reconnect` after a libvirtd restart among them): keep them.
+
+mod domain;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use membroker_client::proto::LeaseInfo;
+use membroker_client::{Client, CreateLease, ErrorCode};
+
+use super::table::id_entries;
+use super::{connect, text};
+pub use domain::{Domain, Plan, PlanError};
+
+/// The user libvirt runs QEMU as when neither the domain nor qemu.conf says (Debian's).
+const DEFAULT_QEMU_USER: &str = "libvirt-qemu";
+
+#[derive(Debug, Args)]
+pub struct HookArgs {
+    /// The domain's name.
+    domain: String,
+    /// libvirt's operation: prepare, start, started, stopped, release, migrate, restore,
+    /// reconnect or attach.
+    operation: String,
+    /// begin or end.
+    sub_operation: String,
+    /// libvirt's extra argument (`-` for most operations).
+    extra: Option<String>,
+    /// libvirt's QEMU driver configuration, read for the user QEMU runs as.
+    #[arg(long, value_name = "PATH", default_value = "/etc/libvirt/qemu.conf")]
+    qemu_conf: PathBuf,
+    /// Where `virsh managedsave` keeps its images (`NAME.save`): a domain with one keeps its
+    /// leases for its restore.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/libvirt/qemu/save")]
+    save_dir: PathBuf,
+}
+
+pub fn run(socket: &Path, args: HookArgs) -> Result<(), String> {
+    // libvirt writes the domain XML for every operation: read it all so its write never fails.
+    let mut xml = String::new();
+    std::io::stdin().read_to_string(&mut xml).map_err(|e| {
+        format!(
+            "domain {}: cannot read the domain XML on stdin: {e}",
+            args.domain
+        )
+    })?;
+    let op = (args.operation.as_str(), args.sub_operation.as_str());
+    if op != ("prepare", "begin") && op != ("release", "end") {
+        // Nothing to do, and nothing on stdout: for migrate and restore libvirt would take
+        // it as a new domain XML.
+        return Ok(());
+    }
+    let fail = |e: &dyn std::fmt::Display| format!("domain {}: {e}", args.domain);
+    let domain = Domain::parse(&xml).map_err(|e| fail(&crate::error::error_chain(&e)))?;
+    let Some(plan) = domain.plan().map_err(|e| fail(&e))? else {
+        return Ok(());
+    };
+    let socket = plan.socket.as_deref().map_or(socket, Path::new);
+    let mut client = connect(socket).map_err(|e| fail(&e))?;
+    if op == ("prepare", "begin") {
+        let uid = qemu_uid(&domain, &args.qemu_conf).map_err(|e| fail(&e))?;
+        prepare(&mut client, &plan, uid).map_err(|e| fail(&e))
+    } else if args.save_dir.join(format!("{}.save", domain.name)).exists() {
+        Ok(())
+    } else {
+        release(&mut client, &plan).map_err(|e| fail(&e))
+    }
+}
+
+/// The uid QEMU runs as: the domain's DAC label, else qemu.conf's `user`, else libvirt-qemu.
+fn qemu_uid(domain: &Domain, qemu_conf: &Path) -> Result<u32, String> {
+    let user = match &domain.dac_label {
+        Some(label) => label.split(':').next().unwrap_or_default().to_string(),
+        None => std::fs::read_to_string(qemu_conf)
+            .ok()
+            .and_then(|conf| conf_user(&conf))
+            .unwrap_or_else(|| DEFAULT_QEMU_USER.to_string()),
+    };
+    if let Some(number) = user.strip_prefix('+') {
+        return number
+            .parse()
+            .map_err(|_| format!("QEMU's user {user:?} is not a uid"));
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    id_entries(&passwd)
+        .find(|(name, _)| *name == user)
+        .map(|(_, uid)| uid)
+        .or_else(|| user.parse().ok())
+        .ok_or_else(|| {
+            format!(
+                "QEMU's user {user:?} (from the domain's DAC label or {}) is not in /etc/passwd",
+                qemu_conf.display()
+            )
+        })
+}
+
+/// `user = "NAME"` in qemu.conf, if set.
+fn conf_user(conf: &str) -> Option<String> {
+    conf.lines().find_map(|line| {
+        let (key, value) = line.split_once('=')?;
+        (key.trim() == "user").then(|| value.trim().trim_matches('"').to_string())
+    })
+}
+
+/// The shim's leases under the plan's prefix as the broker has them now.
+fn current(client: &mut Client, plan: &Plan) -> Result<Vec<LeaseInfo>, String> {
+    let all = client.list(&plan.prefix).map_err(|e| text(&e))?;
+    Ok(all
+        .into_iter()
+        .filter(|l| plan.is_ram_lease(&l.name))
+        .collect())
+}
+
+fn holders(lease: &LeaseInfo) -> String {
+    let pids: Vec<String> = lease.holders.iter().map(|h| h.pid.to_string()).collect();
+    format!("lease {} is held by pid {}", lease.name, pids.join(", "))
+}
+
+/// Makes every planned lease (keeping one that already fits: a restore after a managed save,
+/// a start after a crash), removes ram leases the plan no longer has; on failure removes what
+/// it made.
+fn prepare(client: &mut Client, plan: &Plan, uid: u32) -> Result<(), String> {
+    let existing = current(client, plan)?;
+    for stale in existing
+        .iter()
+        .filter(|l| !plan.leases.iter().any(|p| p.name == l.name))
+    {
+        if !stale.holders.is_empty() {
+            return Err(format!("{}: is QEMU still running?", holders(stale)));
+        }
+        client.remove(&stale.name).map_err(|e| text(&e))?;
+    }
+    let mut made = Vec::new();
+    for planned in &plan.leases {
+        let old = existing.iter().find(|l| l.name == planned.name);
+        let fits = |l: &LeaseInfo| {
+            l.uid == uid
+                && l.size == planned.size
+                && plan.page_size.is_none_or(|p| p == l.page_size)
+                && plan.pool.as_ref().is_none_or(|p| *p == l.pool)
+        };
+        match old {
+            Some(l) if fits(l) => continue,
+            Some(l) if !l.holders.is_empty() => {
+                undo(client, &made);
+                return Err(format!("{}: is QEMU still running?", holders(l)));
+            }
+            Some(l) => client.remove(&l.name).map_err(|e| text(&e))?,
+            None => {}
+        }
+        let mut req = CreateLease::new(planned.name.clone(), planned.size)
+            .persistent(true)
+            .mode(0o600);
+        req.owner = Some(uid);
+        req.page_size = plan.page_size;
+        req.pool = plan.pool.clone();
+        if let Err(e) = client.create(req) {
+            undo(client, &made);
+            return Err(format!(
+                "its guest RAM needs {}: {}",
+                plan.describe(),
+                text(&e)
+            ));
+        }
+        made.push(planned.name.clone());
+    }
+    Ok(())
+}
+
+/// Removes the leases a failed prepare made, best effort: the failure being reported is
+/// the one the operator must see.
+fn undo(client: &mut Client, made: &[String]) {
+    for name in made {
+        if let Err(e) = client.remove(name) {
+            eprintln!(
+                "membroker: could not remove lease {name} again: {}",
+                text(&e)
+            );
+        }
+    }
+}
+
+/// Removes the domain's ram leases (the broker removes the automatic directories above them
+/// once empty).
+fn release(client: &mut Client, plan: &Plan) -> Result<(), String> {
+    for lease in current(client, plan)? {
+        match client.remove(&lease.name) {
+            Err(e) if e.code() != Some(ErrorCode::NotFound) => return Err(text(&e)),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_conf_user() {
+        let conf = "#user = \"qemu\"\n# user = \"+0\"\nuser = \"libvirt-qemu\"\ngroup = \"kvm\"\n";
+        assert_eq!(conf_user(conf).as_deref(), Some("libvirt-qemu"));
+        assert_eq!(conf_user("#user = \"libvirt-qemu\"\n"), None);
+    }
+
+    #[test]
+    fn qemu_uid_from_the_dac_label_first() {
+        let xml = "<domain><name>d</name><memory>1024</memory>\
+                   <seclabel model='dac'><label>+4242:+4242</label></seclabel></domain>";
+        let d = Domain::parse(xml).unwrap();
+        assert_eq!(qemu_uid(&d, Path::new("/nonexistent")), Ok(4242));
+        let root = Domain::parse(&xml.replace("+4242:+4242", "root:root")).unwrap();
+        assert_eq!(qemu_uid(&root, Path::new("/nonexistent")), Ok(0));
+    }
+}
