@@ -246,6 +246,7 @@ mod tests {
             persistent: true,
             mode: 0o600,
             owner: None,
+            node: Some(1),
         })
     }
 

@@ -161,6 +161,9 @@ pub struct CreateLease {
     pub mode: u32,
     /// Owner uid; only root or the admin group may give a lease to someone else.
     pub owner: Option<u32>,
+    /// `Some(n)`: take the memory from a pool bound to NUMA node `n` (with `pool`, that pool
+    /// must be on node `n`).
+    pub node: Option<u32>,
 }
 
 /// A reply from the broker.
@@ -353,6 +356,8 @@ pub struct PoolInfo {
     pub quarantined: u64,
     pub leases: u64,
     pub default: bool,
+    /// The NUMA node every page of the pool's leases is on, if the pool is bound to one.
+    pub node: Option<u32>,
 }
 
 /// A quota and what counts against it.

@@ -55,6 +55,7 @@ fn requests() -> Vec<Request> {
             persistent: true,
             mode: 0o640,
             owner: Some(1000),
+            node: Some(1),
         }),
         Request::Open {
             name: "t/vm1/ram0".into(),
@@ -128,6 +129,7 @@ fn responses() -> Vec<Response> {
             quarantined: 2 << 20,
             leases: 1,
             default: true,
+            node: Some(1),
         }]),
         Response::Error {
             code: ErrorCode::NoSpace,
