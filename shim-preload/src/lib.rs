@@ -2,7 +2,7 @@
 //! the QEMU behaviour it relies on is in `docs/qemu-guest-ram.md`).
 //!
 //! Loaded with `LD_PRELOAD`, the library interposes `mmap`/`mmap64`, `munmap`, `madvise`,
-//! `sigaction` and the `signal` family:
+//! `mbind`, `sigaction` and the `signal` family:
 //!
 //! - QEMU's anonymous RAM *activation* (a `MAP_FIXED|MAP_PRIVATE|MAP_ANONYMOUS` read-write
 //!   mapping inside the `PROT_NONE` reservation of `len + 2 MiB` the same thread made just
@@ -14,7 +14,9 @@
 //! - the kernel runs the shim's SIGBUS handler, which reports memory errors in redirected
 //!   blocks to the broker ([`poison`]) and then runs QEMU's handler, which QEMU always gets
 //!   back as the installed action;
-//! - QEMU's poison remap (anonymous `MAP_FIXED` over a redirected page) gets lease memory.
+//! - QEMU's poison remap (anonymous `MAP_FIXED` over a redirected page) gets lease memory;
+//! - QEMU's `mbind` of a redirected block to a NUMA node puts the block on a lease from a pool
+//!   on that node ([`numa`]).
 //!
 //! All unsafe code is in the private `sys` module; the rest of the crate is safe.
 #![deny(unsafe_code)]
@@ -22,6 +24,7 @@
 pub mod broker;
 pub mod classify;
 pub mod config;
+pub mod numa;
 pub mod poison;
 mod sys;
 pub mod table;

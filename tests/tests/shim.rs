@@ -599,6 +599,7 @@ fn only_the_hooks_are_exported() {
     let want = [
         "bsd_signal",
         "madvise",
+        "mbind",
         "mmap",
         "mmap64",
         "munmap",

@@ -1,5 +1,6 @@
 //! The crate's unsafe code: the library constructor, the real libc symbols and errno here; the
-//! memory hooks in [`mem`]; the signal hooks and the SIGBUS handler in [`signal`].
+//! memory hooks in [`mem`]; the `mbind` hook in [`numa`]; the signal hooks and the SIGBUS
+//! handler in [`signal`].
 //!
 //! Rules for everything here (the crate's README.md, "Rules for hook code"): hook bodies on the
 //! fast path and the SIGBUS handler do not allocate, lock, log or panic; errno is saved and set
@@ -10,6 +11,7 @@
 #![allow(unsafe_code)]
 
 mod mem;
+mod numa;
 mod signal;
 
 use std::ffi::CStr;
