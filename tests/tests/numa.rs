@@ -7,7 +7,9 @@ use std::process::Command;
 
 use membroker_client::{CreateLease, ErrorCode, PageSize};
 use membroker_tests::sys::page_nodes;
-use membroker_tests::{Helper, TestBroker, bin_path, in_dax_vm, physical_address, stdout_ok};
+use membroker_tests::{
+    Helper, TestBroker, bin_path, in_dax_vm, physical_address, stdout_ok, wait_until,
+};
 
 #[path = "../shim/support.rs"]
 mod support;
@@ -74,6 +76,7 @@ fn numa_placement() {
     hugetlb_pages_from_their_node_only(&broker);
     devdax_pools_on_their_region_node(&broker);
     shim_follows_mbind(&broker);
+    qemu_host_nodes_bind(&broker);
 }
 
 fn df_shows_nodes(broker: &TestBroker) {
@@ -272,10 +275,78 @@ fn shim_follows_mbind(broker: &TestBroker) {
         format!("ok -1 {}", libc::EINVAL)
     );
     assert_eq!(pool(&mut client, 3), "n0");
+    // bind to a node no pool is on: refused, and the block keeps its lease.
+    assert_eq!(
+        helper.send("mbind 3 bind 2"),
+        format!("ok -1 {}", libc::EINVAL)
+    );
+    assert_eq!(pool(&mut client, 3), "n0");
     let mut stderr = String::new();
     let mut pipe = helper.child.stderr.take().expect("stderr piped");
     drop(helper);
     std::io::Read::read_to_string(&mut pipe, &mut stderr).unwrap();
     assert!(stderr.contains("interleave"), "{stderr}");
-    println!("shim, interleave: {}", stderr.trim());
+    assert!(
+        stderr.contains("no pool of the broker is on NUMA node 2 with 4K pages"),
+        "{stderr}"
+    );
+    println!("shim, refusals: {}", stderr.trim());
+}
+
+/// Real QEMU under the shim, as libvirt's `<memnode cellid='0' mode='strict' nodeset='1'/>`
+/// runs it: a memory backend bound to host node 1. Stopped before its first instruction (`-S`):
+/// by then its guest RAM is a lease of the node-1 pool, every page on node 1.
+fn qemu_host_nodes_bind(broker: &TestBroker) {
+    let mut qemu = stopped_qemu(broker, "numa/qemu", "host-nodes=1,policy=bind");
+    let mut client = broker.client();
+    wait_until(
+        std::time::Duration::from_secs(120),
+        "QEMU's guest RAM on a lease of the node-1 pool",
+        || {
+            client
+                .stat("numa/qemu/ram0")
+                .is_ok_and(|l| l.pool == "n1" && !l.holders.is_empty())
+        },
+    );
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", qemu.pid())).unwrap();
+    let ram: Vec<&str> = maps
+        .lines()
+        .filter(|l| l.contains("/memfd:membroker:numa/qemu/ram0"))
+        .collect();
+    assert_eq!(ram.len(), 1, "QEMU maps the lease once: {maps}");
+    let lease = client.open("numa/qemu/ram0", false).unwrap();
+    let map = lease.map().unwrap();
+    for page in (0..map.len()).step_by(4096) {
+        map.load(page).unwrap();
+    }
+    let nodes = page_nodes(map.as_ptr(), map.len() / 4096, 4096).unwrap();
+    all_on(&nodes, 1, "QEMU host-nodes=1,policy=bind");
+    qemu.kill();
+    let stderr = qemu.stderr.lock().unwrap().clone();
+    assert!(!stderr.contains("membroker-preload"), "{stderr}");
+    // Interleaving over both nodes cannot be one lease: QEMU stops, saying why.
+    let qemu = stopped_qemu(broker, "numa/qemu2", "host-nodes=0-1,policy=interleave");
+    let (ok, stderr) = qemu.wait_exit(std::time::Duration::from_secs(120));
+    assert!(!ok, "{stderr}");
+    assert!(
+        stderr.contains("policy interleave over nodes [0, 1] cannot be followed")
+            && stderr.contains("cannot bind memory to host NUMA nodes"),
+        "{stderr}"
+    );
+    println!("QEMU, interleave: {}", stderr.trim());
+}
+
+/// QEMU under the shim with one 64 MiB memory backend of these NUMA options, stopped before
+/// its first instruction.
+fn stopped_qemu(broker: &TestBroker, prefix: &str, numa: &str) -> support::Qemu {
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-S", "-nodefaults", "-no-user-config", "-display", "none"])
+        .args(["-machine", "pc", "-accel", "tcg", "-m", "64M"])
+        .arg("-object")
+        .arg(format!("memory-backend-ram,id=m0,size=64M,{numa}"))
+        .args(["-numa", "node,nodeid=0,memdev=m0"])
+        .env("LD_PRELOAD", support::shim_path())
+        .env("MEMBROKER_SOCKET", broker.socket())
+        .env("MEMBROKER_LEASE_PREFIX", prefix);
+    support::Qemu::spawn(cmd)
 }
