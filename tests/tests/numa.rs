@@ -123,10 +123,25 @@ fn memfd_pages_on_their_node(broker: &TestBroker) {
         map.touch(4096, 0x5a).unwrap();
         let nodes = page_nodes(map.as_ptr(), map.len() / 4096, 4096).unwrap();
         all_on(&nodes, node as i32, &format!("4K lease on node {node}"));
-        // The file's policy keeps a punched and re-touched page on the node too.
-        drop(map);
-        drop(lease);
+        // The file's policy keeps pages a holder punched out and touched again on the node,
+        // even when the holder runs on the other node's CPU (local allocation would not).
+        let mut cpu = rustix::thread::CpuSet::new();
+        cpu.set(if node == 1 { 0 } else { 1 });
+        rustix::thread::sched_setaffinity(None, &cpu).expect("pin to the other node's CPU");
+        let punch = rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE;
+        rustix::fs::fallocate(&lease, punch, 0, 4 * MIB).expect("punch");
+        map.touch(4096, 0x33).unwrap();
+        let nodes = page_nodes(map.as_ptr(), map.len() / 4096, 4096).unwrap();
+        all_on(
+            &nodes,
+            node as i32,
+            &format!("4K lease on node {node}, punched, touched from the other node"),
+        );
     }
+    let mut all = rustix::thread::CpuSet::new();
+    all.set(0);
+    all.set(1);
+    rustix::thread::sched_setaffinity(None, &all).expect("unpin");
     // The CLI picks the pool by node.
     let out = stdout_ok(
         &broker
