@@ -51,6 +51,8 @@ fn all_on(nodes: &[i32], node: i32, what: &str) {
     ignore = "boots the two-node VM (tests/vm/run-in-vm --numa); run with --features devdax"
 )]
 fn numa_placement() {
+    // Built (if stale) on the host: the VM runs no cargo.
+    support::shim_path();
     if !in_dax_vm("numa_placement", &["--numa", "--dax-size", "128M"]) {
         return;
     }
@@ -160,6 +162,23 @@ fn memfd_pages_on_their_node(broker: &TestBroker) {
     );
     let info: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(info["pool"], "n1", "{out}");
+    // So does exec, for the leases it creates.
+    let exec = broker
+        .cli()
+        .args([
+            "exec",
+            "--node",
+            "1",
+            "--persistent",
+            "--lease",
+            "exec-node1:4M",
+            "--",
+            "true",
+        ])
+        .output()
+        .unwrap();
+    stdout_ok(&exec);
+    assert_eq!(broker.client().stat("exec-node1").unwrap().pool, "n1");
 }
 
 fn hugetlb_pages_from_their_node_only(broker: &TestBroker) {
