@@ -9,8 +9,9 @@ use serde::{Deserialize, Serialize};
 
 /// Oldest protocol version this build speaks.
 pub const PROTOCOL_MIN: u16 = 1;
-/// Newest protocol version this build speaks.
-pub const PROTOCOL_MAX: u16 = 1;
+/// Newest protocol version this build speaks. Version 2 added `node` to
+/// [`CreateLease`] and [`PoolInfo`]; the codec speaks version 1's layout to older peers.
+pub const PROTOCOL_MAX: u16 = 2;
 
 /// Page size backing a lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Encode, Decode, Serialize, Deserialize)]

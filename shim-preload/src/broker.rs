@@ -24,10 +24,11 @@
 
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, IntoRawFd, OwnedFd};
-use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU16, AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
+use membroker_client::proto::PROTOCOL_MIN;
 use membroker_client::reconnect::Backoff;
 use membroker_client::{Client, CreateLease, ErrorCode, LostLease, Options, PageSize};
 use rustix::event::{PollFd, PollFlags};
@@ -156,6 +157,8 @@ static CONFIG: OnceLock<Result<Config, ConfigError>> = OnceLock::new();
 
 /// The raw fd of the pre-connected poison-report socket, or -1.
 pub static POISON_FD: AtomicI32 = AtomicI32::new(-1);
+/// The protocol version the poison-report connection agreed on (stored before its fd).
+pub static POISON_VERSION: AtomicU16 = AtomicU16::new(PROTOCOL_MIN);
 
 /// The process whose watcher thread runs (a forked child starts its own), or 0.
 static WATCHER: AtomicU32 = AtomicU32::new(0);
@@ -192,6 +195,7 @@ fn connect(cfg: &Config) -> Result<Conn, ShimError> {
     let client = Client::connect_with(&cfg.socket, options(cfg)).map_err(ShimError::Client)?;
     let mut poison = Client::connect_with(&cfg.socket, options(cfg)).map_err(ShimError::Client)?;
     poison.set_reconnect_timeout(POISON_RECONNECT_TIMEOUT);
+    POISON_VERSION.store(poison.version(), Ordering::Release);
     POISON_FD.store(poison.as_fd().as_raw_fd(), Ordering::Release);
     Ok(Conn {
         pid: std::process::id(),
@@ -208,6 +212,7 @@ fn rearm_poison(conn: &mut Conn) {
         // A handler that loads -1 skips its report, which the dead socket would lose anyway.
         POISON_FD.store(-1, Ordering::Release);
         let _ = conn.poison.reconnect();
+        POISON_VERSION.store(conn.poison.version(), Ordering::Release);
         POISON_FD.store(conn.poison.as_fd().as_raw_fd(), Ordering::Release);
     }
 }
