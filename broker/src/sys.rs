@@ -1,5 +1,5 @@
 //! The broker's only unsafe code: mapping a device to zero it, `execve`, reading a peer's
-//! supplementary groups and security label.
+//! supplementary groups and security label, binding memory to a NUMA node.
 #![allow(unsafe_code)]
 
 use std::os::fd::BorrowedFd;
@@ -169,4 +169,72 @@ pub fn peer_security(sock: BorrowedFd<'_>, max: usize) -> Result<Option<Vec<u8>>
             _ => return Err(err),
         }
     }
+}
+
+/// `MPOL_BIND` of linux/mempolicy.h: allocate only on the given nodes, never elsewhere.
+const MPOL_BIND: libc::c_long = 2;
+
+/// A node mask with only `node` set, as `mbind`/`set_mempolicy` read it, and the `maxnode`
+/// argument that makes the kernel read exactly those words (it reads `maxnode - 1` bits).
+fn node_mask(node: u32) -> (Vec<libc::c_ulong>, libc::c_ulong) {
+    let bits = libc::c_ulong::BITS;
+    let mut mask = vec![0; (node / bits) as usize + 1];
+    mask[(node / bits) as usize] = 1 << (node % bits);
+    let maxnode = (mask.len() as libc::c_ulong) * libc::c_ulong::from(bits) + 1;
+    (mask, maxnode)
+}
+
+fn check(ret: libc::c_long) -> Result<(), Errno> {
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(Errno::from_io_error(&std::io::Error::last_os_error()).unwrap_or(Errno::INVAL))
+    }
+}
+
+/// Binds `[0, len)` of a shmem file (a memfd without huge pages) to NUMA node `node`: the
+/// file's shared memory policy, kept by its inode and used for every page the file gets
+/// afterwards (fallocate, faults after a hole was punched), whoever allocates it. Done
+/// through a brief `PROT_NONE` mapping that touches no page; call it before the memory exists.
+pub fn bind_shmem(fd: BorrowedFd<'_>, len: u64, node: u32) -> Result<(), Errno> {
+    let len = usize::try_from(len).map_err(|_| Errno::INVAL)?;
+    // SAFETY: a fresh inaccessible shared mapping at a kernel-chosen address, unmapped below;
+    // nothing reads or writes through it.
+    let ptr = unsafe {
+        rustix::mm::mmap(
+            std::ptr::null_mut(),
+            len,
+            ProtFlags::empty(),
+            MapFlags::SHARED,
+            fd,
+            0,
+        )
+    }?;
+    let (mask, maxnode) = node_mask(node);
+    // SAFETY: mbind(2) on exactly the mapping made above, with a node mask of `maxnode - 1`
+    // readable bits; it changes a memory policy and no memory contents.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_mbind,
+            ptr,
+            len,
+            MPOL_BIND,
+            mask.as_ptr(),
+            maxnode,
+            0 as libc::c_uint,
+        )
+    };
+    let bound = check(ret);
+    // SAFETY: exactly the range mmap returned above.
+    unsafe { rustix::mm::munmap(ptr, len) }?;
+    bound
+}
+
+/// Binds the calling thread's future allocations to NUMA node `node` (set_mempolicy(2)).
+/// Only for a thread made for the allocation and ended after it: the binding lasts as long
+/// as the thread.
+pub fn bind_thread(node: u32) -> Result<(), Errno> {
+    let (mask, maxnode) = node_mask(node);
+    // SAFETY: set_mempolicy(2) reads `maxnode - 1` bits of `mask`, which holds that many.
+    check(unsafe { libc::syscall(libc::SYS_set_mempolicy, MPOL_BIND, mask.as_ptr(), maxnode) })
 }

@@ -8,7 +8,9 @@
 //! is at most [`MAX_MSG_SIZE`] bytes. bincode is pinned (`=2.0.1`, unmaintained upstream) and
 //! used only here, so swapping the payload encoding touches this module alone.
 
-use crate::proto::{PROTOCOL_MAX, PROTOCOL_MIN, Request, Response};
+use crate::proto::{
+    CreateLease, PROTOCOL_MAX, PROTOCOL_MIN, PageSize, PoolInfo, PoolKind, Request, Response,
+};
 
 /// `MBRK` read as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"MBRK");
@@ -53,6 +55,14 @@ pub enum CodecError {
     Trailing(usize),
     #[error("payload does not encode")]
     Encode(#[source] bincode::error::EncodeError),
+    #[error(
+        "{what} needs protocol version {since}, and the peer speaks {version} (upgrade the broker)"
+    )]
+    Unsupported {
+        what: &'static str,
+        version: u16,
+        since: u16,
+    },
 }
 
 /// Result alias of this module.
@@ -152,14 +162,95 @@ pub fn encoded_len<T: bincode::Encode>(value: &T) -> usize {
     }
 }
 
+/// The protocol version that added `node` to [`CreateLease`] and [`PoolInfo`]. Version 1
+/// peers send and expect both without it, so at version 1 this module writes and reads that
+/// older layout: the variant index, then the fields before `node`, exactly as the derive
+/// made them (a tuple encodes as its fields in order).
+const NODE_VERSION: u16 = 2;
+/// `Request::Create`'s bincode variant index and header kind (checked by the tests).
+const CREATE_VARIANT: u32 = 1;
+const CREATE_KIND: u16 = 2;
+/// `Response::Df`'s bincode variant index and header kind (checked by the tests).
+const DF_VARIANT: u32 = 5;
+const DF_KIND: u16 = 0x8006;
+
+/// A version-1 `Create` payload.
+type CreateV1 = (
+    u32,
+    String,
+    u64,
+    Option<PageSize>,
+    Option<String>,
+    bool,
+    u32,
+    Option<u32>,
+);
+/// A version-1 `PoolInfo`.
+type PoolInfoV1 = (
+    String,
+    PoolKind,
+    PageSize,
+    u64,
+    u64,
+    u64,
+    u64,
+    u64,
+    u64,
+    bool,
+);
+
 /// Encodes a request at protocol `version`.
 pub fn encode_request(version: u16, req: &Request) -> Result<Vec<u8>> {
-    encode(version, req.kind(), req)
+    match req {
+        Request::Create(c) if version < NODE_VERSION => {
+            if c.node.is_some() {
+                return Err(CodecError::Unsupported {
+                    what: "a NUMA node in Create",
+                    version,
+                    since: NODE_VERSION,
+                });
+            }
+            let fields = (
+                CREATE_VARIANT,
+                &c.name,
+                c.size,
+                c.page_size,
+                &c.pool,
+                c.persistent,
+                c.mode,
+                c.owner,
+            );
+            encode(version, CREATE_KIND, &fields)
+        }
+        _ => encode(version, req.kind(), req),
+    }
 }
 
 /// Encodes a response at protocol `version`.
 pub fn encode_response(version: u16, resp: &Response) -> Result<Vec<u8>> {
-    encode(version, resp.kind(), resp)
+    match resp {
+        Response::Df(pools) if version < NODE_VERSION => {
+            let pools: Vec<_> = pools
+                .iter()
+                .map(|p| {
+                    (
+                        &p.name,
+                        p.kind,
+                        p.page_size,
+                        p.size,
+                        p.used,
+                        p.free,
+                        p.scrubbing,
+                        p.quarantined,
+                        p.leases,
+                        p.default,
+                    )
+                })
+                .collect();
+            encode(version, DF_KIND, &(DF_VARIANT, pools))
+        }
+        _ => encode(version, resp.kind(), resp),
+    }
 }
 
 /// `Request::ReportPoison`'s bincode variant index: the derive numbers variants from 0 in
@@ -213,8 +304,33 @@ pub fn encode_report_poison_into(
     Ok(total)
 }
 
+/// Whether `msg` is a version-1 message whose payload is enum variant `variant` (a varint
+/// below 251 is that one byte).
+fn is_v1_variant(msg: &[u8], variant: u32) -> Result<bool> {
+    let header = Header::parse(msg)?;
+    Ok(header.version < NODE_VERSION && msg.get(HEADER_LEN) == Some(&(variant as u8)))
+}
+
 /// Decodes and validates a whole request message.
 pub fn decode_request(msg: &[u8]) -> Result<(Header, Request)> {
+    if is_v1_variant(msg, CREATE_VARIANT)? {
+        let (header, v1): (Header, CreateV1) = decode(msg)?;
+        let (_, name, size, page_size, pool, persistent, mode, owner) = v1;
+        if header.kind != CREATE_KIND {
+            return Err(CodecError::Kind(header.kind));
+        }
+        let create = CreateLease {
+            name,
+            size,
+            page_size,
+            pool,
+            persistent,
+            mode,
+            owner,
+            node: None,
+        };
+        return Ok((header, Request::Create(create)));
+    }
     let (header, req): (Header, Request) = decode(msg)?;
     if req.kind() != header.kind {
         return Err(CodecError::Kind(header.kind));
@@ -224,6 +340,29 @@ pub fn decode_request(msg: &[u8]) -> Result<(Header, Request)> {
 
 /// Decodes and validates a whole response message.
 pub fn decode_response(msg: &[u8]) -> Result<(Header, Response)> {
+    if is_v1_variant(msg, DF_VARIANT)? {
+        let (header, (_, pools)): (Header, (u32, Vec<PoolInfoV1>)) = decode(msg)?;
+        if header.kind != DF_KIND {
+            return Err(CodecError::Kind(header.kind));
+        }
+        let pools = pools
+            .into_iter()
+            .map(|p| PoolInfo {
+                name: p.0,
+                kind: p.1,
+                page_size: p.2,
+                size: p.3,
+                used: p.4,
+                free: p.5,
+                scrubbing: p.6,
+                quarantined: p.7,
+                leases: p.8,
+                default: p.9,
+                node: None,
+            })
+            .collect();
+        return Ok((header, Response::Df(pools)));
+    }
     let (header, resp): (Header, Response) = decode(msg)?;
     if resp.kind() != header.kind {
         return Err(CodecError::Kind(header.kind));
@@ -246,6 +385,7 @@ mod tests {
             persistent: true,
             mode: 0o600,
             owner: None,
+            node: None,
         })
     }
 
@@ -255,6 +395,83 @@ mod tests {
         let (header, req) = decode_request(&msg).unwrap();
         assert_eq!(header.kind, 2);
         assert_eq!(req, create());
+    }
+
+    fn pools() -> Vec<PoolInfo> {
+        let pool = |name: &str, node: Option<u32>| PoolInfo {
+            name: name.into(),
+            kind: PoolKind::Memfd,
+            page_size: PageSize::Huge2M,
+            size: 1 << 30,
+            used: 2 << 20,
+            free: (1 << 30) - (2 << 20),
+            scrubbing: 0,
+            quarantined: 0,
+            leases: 1,
+            default: node.is_none(),
+            node,
+        };
+        vec![pool("any", None), pool("near", Some(1))]
+    }
+
+    #[test]
+    fn node_fields_travel_at_version_2() {
+        let Request::Create(mut c) = create() else {
+            unreachable!()
+        };
+        c.node = Some(1);
+        let req = Request::Create(c);
+        let (header, back) = decode_request(&encode_request(2, &req).unwrap()).unwrap();
+        assert_eq!((header.version, header.kind), (2, CREATE_KIND));
+        assert_eq!(back, req);
+        let resp = Response::Df(pools());
+        let (header, back) = decode_response(&encode_response(2, &resp).unwrap()).unwrap();
+        assert_eq!((header.version, header.kind), (2, DF_KIND));
+        assert_eq!(back, resp);
+        assert_eq!(
+            Request::Create(CreateLease::new("x", 1)).kind(),
+            CREATE_KIND
+        );
+        assert_eq!(Response::Df(Vec::new()).kind(), DF_KIND);
+    }
+
+    #[test]
+    fn version_1_peers_get_the_layout_without_nodes() {
+        // A version-1 Create is the version-2 one without its last field (None: one 0 byte).
+        let v1 = encode_request(1, &create()).unwrap();
+        let v2 = encode_request(2, &create()).unwrap();
+        assert_eq!(v1[HEADER_LEN..], v2[HEADER_LEN..v2.len() - 1]);
+        assert_eq!(v2.last(), Some(&0));
+        assert_eq!(v2[HEADER_LEN], CREATE_VARIANT as u8);
+        let Request::Create(mut c) = create() else {
+            unreachable!()
+        };
+        c.node = Some(1);
+        assert!(matches!(
+            encode_request(1, &Request::Create(c)),
+            Err(CodecError::Unsupported {
+                version: 1,
+                since: 2,
+                ..
+            })
+        ));
+        // Df: each pool without its node, which a version-1 reader gets back as None.
+        let msg = encode_response(1, &Response::Df(pools())).unwrap();
+        assert_eq!(msg[HEADER_LEN], DF_VARIANT as u8);
+        let v2 = encode_response(2, &Response::Df(pools())).unwrap();
+        assert_eq!(
+            msg.len(),
+            v2.len() - 1 - 2,
+            "one byte less per pool (None, Some(1))"
+        );
+        let (_, Response::Df(back)) = decode_response(&msg).unwrap() else {
+            panic!("not a Df")
+        };
+        let want: Vec<PoolInfo> = pools()
+            .into_iter()
+            .map(|p| PoolInfo { node: None, ..p })
+            .collect();
+        assert_eq!(back, want);
     }
 
     #[test]

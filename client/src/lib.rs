@@ -101,6 +101,7 @@ impl CreateLease {
             persistent: false,
             mode: 0o600,
             owner: None,
+            node: None,
         }
     }
 
@@ -126,6 +127,12 @@ impl CreateLease {
 
     pub fn owner(mut self, uid: u32) -> Self {
         self.owner = Some(uid);
+        self
+    }
+
+    /// Takes the memory from a pool bound to NUMA node `node`.
+    pub fn node(mut self, node: u32) -> Self {
+        self.node = Some(node);
         self
     }
 }

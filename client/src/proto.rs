@@ -9,8 +9,9 @@ use serde::{Deserialize, Serialize};
 
 /// Oldest protocol version this build speaks.
 pub const PROTOCOL_MIN: u16 = 1;
-/// Newest protocol version this build speaks.
-pub const PROTOCOL_MAX: u16 = 1;
+/// Newest protocol version this build speaks. Version 2 added `node` to
+/// [`CreateLease`] and [`PoolInfo`]; the codec speaks version 1's layout to older peers.
+pub const PROTOCOL_MAX: u16 = 2;
 
 /// Page size backing a lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Encode, Decode, Serialize, Deserialize)]
@@ -161,6 +162,9 @@ pub struct CreateLease {
     pub mode: u32,
     /// Owner uid; only root or the admin group may give a lease to someone else.
     pub owner: Option<u32>,
+    /// `Some(n)`: take the memory from a pool bound to NUMA node `n` (with `pool`, that pool
+    /// must be on node `n`).
+    pub node: Option<u32>,
 }
 
 /// A reply from the broker.
@@ -353,6 +357,8 @@ pub struct PoolInfo {
     pub quarantined: u64,
     pub leases: u64,
     pub default: bool,
+    /// The NUMA node every page of the pool's leases is on, if the pool is bound to one.
+    pub node: Option<u32>,
 }
 
 /// A quota and what counts against it.

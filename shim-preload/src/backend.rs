@@ -238,6 +238,7 @@ mod tests {
             name: name.to_string(),
             backing: crate::table::Backing::Memfd,
             page: 4096,
+            created: true,
         };
         // fd numbers and identities no other test uses.
         let (a, b) = ((9101, (7, 1)), (9102, (7, 2)));

@@ -24,17 +24,18 @@
 
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, IntoRawFd, OwnedFd};
-use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU16, AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
+use membroker_client::proto::PROTOCOL_MIN;
 use membroker_client::reconnect::Backoff;
 use membroker_client::{Client, CreateLease, ErrorCode, LostLease, Options, PageSize};
 use rustix::event::{PollFd, PollFlags};
 
 use crate::classify::Guard;
 use crate::config::{Config, ConfigError, Fallback};
-use crate::table::{Backing, NAME_MAX, SLOTS, TABLE};
+use crate::table::{Backing, Block, NAME_MAX, SLOTS, TABLE};
 
 /// Why a RAM block could not be backed by a lease.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +77,33 @@ pub enum ShimError {
         "lease name {name} is {} bytes; the shim's memory-error reports carry at most {NAME_MAX} (choose a shorter MEMBROKER_LEASE_PREFIX)", name.len()
     )]
     NameTooLong { name: String },
+    #[error("lease {name}: {problem}")]
+    Policy { name: String, problem: String },
+    #[error(
+        "lease {name}: no pool of the broker is on NUMA node {nodes} with {page} pages and {size} free (see `membroker df`; bind one with --pool memfd:NAME:SIZE:{page}:node=N)"
+    )]
+    NoNodePool {
+        name: String,
+        nodes: String,
+        page: PageSize,
+        size: String,
+    },
+    #[error(
+        "lease {name} was re-attached with the guest's memory, and its pool {pool} is not on NUMA node {nodes}: the shim does not move a live guest's memory (create the lease on a pool of that node, or drop the binding)"
+    )]
+    Placed {
+        name: String,
+        pool: String,
+        nodes: String,
+    },
+    #[error(
+        "lease {name} backs a memory-backend-memfd whose fd QEMU holds and hands to vhost-user back-ends, and its pool {pool} is not on NUMA node {nodes}: the shim cannot change that fd's memory (set MEMBROKER_POOL to a pool on that node for this QEMU, or use memory-backend-ram/file for blocks bound to other nodes)"
+    )]
+    SharedFd {
+        name: String,
+        pool: String,
+        nodes: String,
+    },
 }
 
 impl ShimError {
@@ -101,7 +129,11 @@ impl ShimError {
             ShimError::Map { errno, .. } | ShimError::Adopt { errno, .. } => *errno,
             ShimError::NotOwner { .. } => libc::EACCES,
             ShimError::TableFull => libc::ENOMEM,
-            ShimError::NameTooLong { .. } => libc::EINVAL,
+            ShimError::NameTooLong { .. }
+            | ShimError::Policy { .. }
+            | ShimError::NoNodePool { .. }
+            | ShimError::Placed { .. }
+            | ShimError::SharedFd { .. } => libc::EINVAL,
         }
     }
 }
@@ -113,6 +145,8 @@ pub struct Acquired {
     pub name: String,
     pub backing: Backing,
     pub page: u64,
+    /// Made for this block (nothing has used it yet), not re-attached with a guest's memory.
+    pub created: bool,
 }
 
 struct Conn {
@@ -126,17 +160,25 @@ struct State {
     conn: Option<Conn>,
     next_index: u32,
     names: [Option<String>; SLOTS],
+    /// Per slot: the lease was made for the block (see [`Acquired::created`]).
+    created: [bool; SLOTS],
+    /// Per slot: the lease backs a `memory-backend-memfd`, so QEMU holds its fd too.
+    backend: [bool; SLOTS],
 }
 
 static STATE: Mutex<State> = Mutex::new(State {
     conn: None,
     next_index: 0,
     names: [const { None }; SLOTS],
+    created: [false; SLOTS],
+    backend: [false; SLOTS],
 });
 static CONFIG: OnceLock<Result<Config, ConfigError>> = OnceLock::new();
 
 /// The raw fd of the pre-connected poison-report socket, or -1.
 pub static POISON_FD: AtomicI32 = AtomicI32::new(-1);
+/// The protocol version the poison-report connection agreed on (stored before its fd).
+pub static POISON_VERSION: AtomicU16 = AtomicU16::new(PROTOCOL_MIN);
 
 /// The process whose watcher thread runs (a forked child starts its own), or 0.
 static WATCHER: AtomicU32 = AtomicU32::new(0);
@@ -173,6 +215,7 @@ fn connect(cfg: &Config) -> Result<Conn, ShimError> {
     let client = Client::connect_with(&cfg.socket, options(cfg)).map_err(ShimError::Client)?;
     let mut poison = Client::connect_with(&cfg.socket, options(cfg)).map_err(ShimError::Client)?;
     poison.set_reconnect_timeout(POISON_RECONNECT_TIMEOUT);
+    POISON_VERSION.store(poison.version(), Ordering::Release);
     POISON_FD.store(poison.as_fd().as_raw_fd(), Ordering::Release);
     Ok(Conn {
         pid: std::process::id(),
@@ -189,6 +232,7 @@ fn rearm_poison(conn: &mut Conn) {
         // A handler that loads -1 skips its report, which the dead socket would lose anyway.
         POISON_FD.store(-1, Ordering::Release);
         let _ = conn.poison.reconnect();
+        POISON_VERSION.store(conn.poison.version(), Ordering::Release);
         POISON_FD.store(conn.poison.as_fd().as_raw_fd(), Ordering::Release);
     }
 }
@@ -335,6 +379,7 @@ pub fn acquire(len: u64, page_hint: Option<PageSize>) -> Result<Acquired, ShimEr
     } else {
         None
     };
+    let created = existing.is_none();
     let lease = match existing {
         Some(lease) => lease,
         None => {
@@ -385,11 +430,23 @@ pub fn acquire(len: u64, page_hint: Option<PageSize>) -> Result<Acquired, ShimEr
         name,
         backing,
         page,
+        created,
     })
 }
 
 /// Records a mapped lease in the block table.
 pub fn commit(acquired: Acquired, start: usize, len: usize) -> Result<(), ShimError> {
+    record(acquired, start, len, false)
+}
+
+/// Records the mapped lease of a `memory-backend-memfd` in the block table: QEMU holds the
+/// lease's fd under its own number and hands it to vhost-user back-ends, so the block can never
+/// move to another lease.
+pub fn commit_backend(acquired: Acquired, start: usize, len: usize) -> Result<(), ShimError> {
+    record(acquired, start, len, true)
+}
+
+fn record(acquired: Acquired, start: usize, len: usize, backend: bool) -> Result<(), ShimError> {
     let mut st = state();
     let fd = acquired.fd.as_raw_fd();
     let page = usize::try_from(acquired.page).unwrap_or(usize::MAX);
@@ -401,6 +458,8 @@ pub fn commit(acquired: Acquired, start: usize, len: usize) -> Result<(), ShimEr
     };
     let _ = acquired.fd.into_raw_fd();
     st.names[slot] = Some(acquired.name);
+    st.created[slot] = acquired.created;
+    st.backend[slot] = backend;
     Ok(())
 }
 
@@ -485,4 +544,124 @@ pub fn complain(err: &ShimError, len: usize, instead: Instead) -> Fallback {
     );
     let _ = std::io::stderr().write_all(line.as_bytes());
     fallback
+}
+
+/// A policy the shim cannot follow for `block`, with its lease's name.
+pub fn policy_error(block: &Block, problem: String) -> ShimError {
+    let name = state().names[block.slot].clone().unwrap_or_default();
+    ShimError::Policy { name, problem }
+}
+
+/// Gets a lease on one of `nodes` for `block`, in node order, for QEMU's `mbind`: `None` when
+/// its lease already is on one of them, or (not `strict`: a preferred node) when no pool on
+/// them has room. The old lease, made for the block and never touched, is removed first, so
+/// its memory is free for the new one, which takes its name. A lease re-attached with a
+/// guest's memory is never replaced.
+pub fn place(block: &Block, nodes: &[u32], strict: bool) -> Result<Option<Acquired>, ShimError> {
+    let cfg = config()?;
+    let mut st = state();
+    let name = st.names[block.slot].clone().unwrap_or_default();
+    let created = st.created[block.slot];
+    let backend = st.backend[block.slot];
+    let pid = std::process::id();
+    let Some(conn) = st.conn.as_mut().filter(|c| c.pid == pid) else {
+        return Err(ShimError::Policy {
+            name,
+            problem: "not connected to the broker in this process".into(),
+        });
+    };
+    let info = conn.client.stat(&name).map_err(ShimError::Client)?;
+    let pools = conn.client.df().map_err(ShimError::Client)?;
+    let node_of = |pool: &str| pools.iter().find(|p| p.name == pool).and_then(|p| p.node);
+    let list = nodes
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(" or ");
+    if node_of(&info.pool).is_some_and(|n| nodes.contains(&n)) {
+        return Ok(None);
+    }
+    let target = nodes.iter().copied().find(|n| {
+        pools
+            .iter()
+            .any(|p| p.node == Some(*n) && p.page_size == info.page_size && p.free >= info.size)
+    });
+    let node = match (target, strict) {
+        (Some(node), _) => node,
+        (None, false) => return Ok(None),
+        (None, true) => {
+            return Err(ShimError::NoNodePool {
+                name,
+                nodes: list,
+                page: info.page_size,
+                size: membroker_client::size::format_size(info.size),
+            });
+        }
+    };
+    if backend {
+        if !strict {
+            return Ok(None);
+        }
+        return Err(ShimError::SharedFd {
+            name,
+            pool: info.pool,
+            nodes: list,
+        });
+    }
+    if !created {
+        if !strict {
+            return Ok(None);
+        }
+        return Err(ShimError::Placed {
+            name,
+            pool: info.pool,
+            nodes: list,
+        });
+    }
+    conn.client.remove(&name).map_err(ShimError::Client)?;
+    conn.client.release(&name).map_err(ShimError::Client)?;
+    let req = CreateLease::new(name.clone(), info.size)
+        .persistent(cfg.persist)
+        .page_size(info.page_size)
+        .node(node);
+    let lease = conn.client.create(req).map_err(ShimError::Client)?;
+    let backing = match lease.backing() {
+        Ok(membroker_client::Backing::Memfd) => Backing::Memfd,
+        Ok(membroker_client::Backing::DevDax) => Backing::DevDax,
+        Err(e) => {
+            let _ = conn.client.release(&name);
+            return Err(ShimError::Client(e));
+        }
+    };
+    Ok(Some(Acquired {
+        page: lease.page_size().bytes(),
+        fd: lease.into_fd(),
+        name,
+        backing,
+        created: true,
+    }))
+}
+
+/// The lease `acquired` is mapped over the block in `slot`: close the old lease's fd and
+/// record the new one.
+pub fn replace(slot: usize, acquired: Acquired, start: usize, len: usize) -> Result<(), ShimError> {
+    {
+        let mut st = state();
+        if let Some(old) = TABLE.remove(slot) {
+            crate::sys::close_table_fd(old.fd);
+        }
+        st.names[slot] = None;
+        st.created[slot] = false;
+        st.backend[slot] = false;
+    }
+    commit(acquired, start, len)
+}
+
+/// Says on stderr, in one line, why QEMU's `mbind` of a RAM block fails.
+pub fn complain_mbind(err: &ShimError) {
+    let line = format!(
+        "membroker-preload: cannot place guest RAM as QEMU's mbind asks: {}; the mbind fails\n",
+        membroker_client::error_chain(err)
+    );
+    let _ = std::io::stderr().write_all(line.as_bytes());
 }

@@ -2,7 +2,7 @@
 //! the QEMU behaviour it relies on is in `docs/qemu-guest-ram.md`).
 //!
 //! Loaded with `LD_PRELOAD`, the library interposes `mmap`/`mmap64`, `munmap`, `madvise`,
-//! `sigaction`, the `signal` family, `memfd_create`, `ftruncate`/`ftruncate64` and
+//! `mbind`, `sigaction`, the `signal` family, `memfd_create`, `ftruncate`/`ftruncate64` and
 //! `fcntl`/`fcntl64`:
 //!
 //! - QEMU's anonymous RAM *activation* (a `MAP_FIXED|MAP_PRIVATE|MAP_ANONYMOUS` read-write
@@ -18,7 +18,9 @@
 //! - QEMU's poison remap (anonymous `MAP_FIXED` over a redirected page) gets lease memory;
 //! - a `memory-backend-memfd`'s memfd becomes a lease under QEMU's own fd number when QEMU
 //!   sizes it (`memfd_create`, `ftruncate`, `fcntl(F_ADD_SEALS)`, [`backend`]), so that
-//!   vhost-user back-ends QEMU hands the fd to map lease memory too.
+//!   vhost-user back-ends QEMU hands the fd to map lease memory too;
+//! - QEMU's `mbind` of a redirected block to a NUMA node puts the block on a lease from a pool
+//!   on that node ([`numa`]).
 //!
 //! All unsafe code is in the private `sys` module; the rest of the crate is safe.
 #![deny(unsafe_code)]
@@ -27,6 +29,7 @@ pub mod backend;
 pub mod broker;
 pub mod classify;
 pub mod config;
+pub mod numa;
 pub mod poison;
 mod sys;
 pub mod table;

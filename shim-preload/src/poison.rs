@@ -5,7 +5,6 @@
 //! [`codec::encode_report_poison_into`], so the wire format stays in `membroker-client`.
 
 use membroker_client::codec;
-use membroker_client::proto::PROTOCOL_MIN;
 
 use crate::table::NAME_MAX;
 
@@ -13,9 +12,16 @@ use crate::table::NAME_MAX;
 pub const REPORT_MAX: usize = codec::report_poison_max_len(NAME_MAX);
 
 /// Encodes a report that `[offset, offset + len)` of lease `name` has a memory error into
-/// `buf`; returns the message length. Async-signal-safe: no allocation, no panic.
-pub fn encode(buf: &mut [u8; REPORT_MAX], name: &str, offset: u64, len: u64) -> Option<usize> {
-    codec::encode_report_poison_into(buf, PROTOCOL_MIN, name, offset, len).ok()
+/// `buf`, at the protocol `version` the connection agreed on; returns the message length.
+/// Async-signal-safe: no allocation, no panic.
+pub fn encode(
+    buf: &mut [u8; REPORT_MAX],
+    version: u16,
+    name: &str,
+    offset: u64,
+    len: u64,
+) -> Option<usize> {
+    codec::encode_report_poison_into(buf, version, name, offset, len).ok()
 }
 
 /// The page-aligned range a memory error at `addr` covers within a block starting at
@@ -40,7 +46,7 @@ mod tests {
     fn a_report_about_the_longest_name_fits() {
         let name = "n".repeat(NAME_MAX);
         let mut buf = [0u8; REPORT_MAX];
-        let n = encode(&mut buf, &name, u64::MAX, u64::MAX).unwrap();
+        let n = encode(&mut buf, 2, &name, u64::MAX, u64::MAX).unwrap();
         let (_, req) = codec::decode_request(&buf[..n]).unwrap();
         assert_eq!(
             req,

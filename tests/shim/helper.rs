@@ -24,6 +24,12 @@
 //! query                      is sigaction(SIGBUS, NULL, &old)'s handler the helper's? -> ok yes|no
 //! sigbus I OFF CODE LSB      rt_tgsigqueueinfo(SIGBUS) to this thread with si_addr inside
 //!                            block I -> ok CALLS SIGNO CODE ADDR (what the handler saw)
+//! mbind I POLICY [NODES]     QEMU's binding of a memory backend: mbind(block, POLICY =
+//!                            default|preferred|bind|interleave, NODES = 1 or 0,1,
+//!                            MPOL_MF_STRICT|MPOL_MF_MOVE) via libnuma's symbol -> ok RET ERRNO
+//! nodes I                    write every 4K page of block I, then move_pages(2) status:
+//!                            -> ok NODE:PAGES ... (negative NODE: an errno)
+//! numa_maps I                block I's line of /proc/self/numa_maps -> ok LINE
 //! bench N                    N mmap+munmap pairs of 64 KiB anonymous memory -> ok NS_PER_PAIR
 //! bench-einval N             N mmap calls the kernel refuses at once (EINVAL) -> ok NS_PER_CALL
 //! exit
@@ -199,6 +205,69 @@ fn qemu_memfd_backend(
     Ok((fd, p as usize))
 }
 
+/// QEMU 7.2's host_memory_backend_memory_complete: `mbind(ptr, size, policy, host-nodes,
+/// maxnode + 1, MPOL_MF_STRICT | MPOL_MF_MOVE)` through libnuma's `mbind` (the shim's, when
+/// preloaded; the raw system call when no library defines one).
+fn qemu_mbind(b: Block, policy: &str, nodes: &[u32]) -> Result<i64, String> {
+    type MbindFn =
+        unsafe extern "C" fn(*mut c_void, u64, c_int, *const u64, u64, u32) -> libc::c_long;
+    let mode = match policy {
+        "default" => 0,
+        "preferred" => 1,
+        "bind" => 2,
+        "interleave" => 3,
+        other => return Err(format!("unknown policy {other}")),
+    };
+    let mut mask = [0u64; 2];
+    for &n in nodes {
+        *mask.get_mut(n as usize / 64).ok_or("node above 127")? |= 1 << (n % 64);
+    }
+    let maxnode = nodes.iter().max().map_or(0, |n| u64::from(*n) + 1);
+    let mask_ptr = if maxnode == 0 {
+        std::ptr::null()
+    } else {
+        mask.as_ptr()
+    };
+    const MPOL_MF_STRICT: u32 = 1;
+    const MPOL_MF_MOVE: u32 = 2;
+    let flags = MPOL_MF_STRICT | MPOL_MF_MOVE;
+    // SAFETY: dlopen/dlsym with NUL-terminated names; libnuma may be missing (then the
+    // symbol comes from the shim, or not at all).
+    let sym = unsafe {
+        libc::dlopen(c"libnuma.so.1".as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL);
+        libc::dlsym(libc::RTLD_DEFAULT, c"mbind".as_ptr())
+    };
+    let r = if sym.is_null() {
+        // SAFETY: mbind(2) on our own block with a mask of maxnode bits.
+        unsafe {
+            libc::syscall(
+                libc::SYS_mbind,
+                b.addr,
+                b.size,
+                mode,
+                mask_ptr,
+                maxnode + 1,
+                flags,
+            )
+        }
+    } else {
+        // SAFETY: `mbind` has libnuma's signature (the shim's too).
+        let f: MbindFn = unsafe { std::mem::transmute::<*mut c_void, MbindFn>(sym) };
+        // SAFETY: as above.
+        unsafe {
+            f(
+                b.addr as *mut c_void,
+                b.size as u64,
+                mode,
+                mask_ptr,
+                maxnode + 1,
+                flags,
+            )
+        }
+    };
+    Ok(r)
+}
+
 fn arg<T: std::str::FromStr>(words: &[&str], i: usize) -> Result<T, String> {
     let w = words
         .get(i)
@@ -339,6 +408,44 @@ fn run(blocks: &mut Vec<Block>, words: &[&str]) -> Result<String, String> {
             } else {
                 Ok(String::new())
             }
+        }
+        "mbind" => {
+            let b = block(blocks, words)?;
+            let nodes: Vec<u32> = match words.get(3) {
+                Some(list) => list
+                    .split(',')
+                    .map(|n| n.parse().map_err(|_| format!("bad node {n:?}")))
+                    .collect::<Result<_, _>>()?,
+                None => Vec::new(),
+            };
+            let r = qemu_mbind(b, words.get(2).copied().unwrap_or(""), &nodes)?;
+            Ok(format!("{r} {}", if r == 0 { 0 } else { errno() }))
+        }
+        "nodes" => {
+            let b = block(blocks, words)?;
+            let pages = b.size / PAGE;
+            for i in 0..pages {
+                // SAFETY: inside our own read-write block.
+                unsafe { std::ptr::write_volatile((b.addr + i * PAGE) as *mut u8, 1) };
+            }
+            let nodes = membroker_tests::sys::page_nodes(b.addr as *const u8, pages, PAGE)
+                .map_err(|e| format!("move_pages: {e}"))?;
+            let mut counts = std::collections::BTreeMap::new();
+            for n in nodes {
+                *counts.entry(n).or_insert(0usize) += 1;
+            }
+            let counts: Vec<String> = counts.iter().map(|(n, c)| format!("{n}:{c}")).collect();
+            Ok(counts.join(" "))
+        }
+        "numa_maps" => {
+            let b = block(blocks, words)?;
+            let maps =
+                std::fs::read_to_string("/proc/self/numa_maps").map_err(|e| e.to_string())?;
+            let prefix = format!("{:x} ", b.addr);
+            maps.lines()
+                .find(|l| l.starts_with(&prefix))
+                .map(str::to_string)
+                .ok_or_else(|| format!("no numa_maps line at {:#x}", b.addr))
         }
         "free" => {
             let b = block(blocks, words)?;

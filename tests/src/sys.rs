@@ -102,3 +102,30 @@ pub fn terminate_with_parent(cmd: &mut std::process::Command) {
         cmd.pre_exec(set);
     }
 }
+
+/// The NUMA node of each page at `addr + i * page` for `i` in `0..count`, as move_pages(2)
+/// reports it without moving anything (a negative errno for a page it cannot tell, e.g.
+/// `-ENOENT` for one not mapped yet).
+pub fn page_nodes(addr: *const u8, count: usize, page: usize) -> std::io::Result<Vec<i32>> {
+    let pages: Vec<*const libc::c_void> = (0..count)
+        .map(|i| addr.wrapping_add(i * page).cast())
+        .collect();
+    let mut status = vec![i32::MIN; count];
+    // SAFETY: move_pages(2) on this process (pid 0) with `nodes` NULL only reads the `count`
+    // page addresses and writes `count` statuses, both arrays of that length; it moves nothing.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_move_pages,
+            0,
+            count as libc::c_ulong,
+            pages.as_ptr(),
+            std::ptr::null::<libc::c_int>(),
+            status.as_mut_ptr(),
+            0,
+        )
+    };
+    if ret != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(status)
+}

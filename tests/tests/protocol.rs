@@ -367,3 +367,34 @@ fn many_clients_at_once() {
     let df = broker.client().df().unwrap();
     assert_eq!((df[0].used, df[0].leases), (0, 0));
 }
+
+#[test]
+fn a_version_1_client_still_creates_and_reads_df() {
+    let broker = TestBroker::start(&["--pool", "memfd:t:64M"]);
+    let sock = after_hello(&broker);
+    // What a version-1 client sends: Create without the trailing node (None: one 0 byte).
+    let mut create =
+        codec::encode_request(2, &Request::Create(CreateLease::new("old", 4096))).expect("encode");
+    assert_eq!(create.pop(), Some(0));
+    create[4..6].copy_from_slice(&1u16.to_le_bytes());
+    let len = (create.len() - HEADER_LEN) as u32;
+    create[8..12].copy_from_slice(&len.to_le_bytes());
+    let mut buf = vec![0u8; MAX_MSG_SIZE + 1];
+    send_raw(&sock, &create, &[]);
+    let got = transport::recv(&sock, &mut buf).unwrap();
+    assert_eq!(got.fds.len(), 1, "the lease's fd");
+    let (header, resp) = codec::decode_response(&buf[..got.len]).unwrap();
+    assert_eq!(header.version, 1);
+    assert!(
+        matches!(resp, Response::Lease(ref l) if l.name == "old"),
+        "{resp:?}"
+    );
+    send_raw(&sock, &codec::encode_request(1, &Request::Df).unwrap(), &[]);
+    let got = transport::recv(&sock, &mut buf).unwrap();
+    let Response::Df(pools) = codec::decode_response(&buf[..got.len]).unwrap().1 else {
+        panic!("not a Df")
+    };
+    assert_eq!((pools.len(), pools[0].leases), (1, 1));
+    // A client of this build agrees on version 2 with the same broker.
+    assert_eq!(broker.client().version(), 2);
+}

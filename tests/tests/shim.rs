@@ -623,6 +623,32 @@ fn memfd_backend_is_a_lease_under_qemus_own_fd() {
 }
 
 #[test]
+fn memfd_backend_bound_to_another_node_is_refused_not_moved() {
+    // QEMU holds a memfd backend's fd and hands it to vhost-user back-ends: the shim cannot
+    // swap the block to a lease on the node asked for, so a strict binding fails clearly and
+    // the lease stays; a preferred one is left as it is.
+    let broker = TestBroker::start(&[
+        "--pool",
+        "memfd:t:512M",
+        "--pool",
+        "memfd:n0:512M:4K:node=0",
+    ]);
+    let mut h = shim_helper(broker.socket(), &[("MEMBROKER_LEASE_PREFIX", "tenant/vm1")]);
+    let (i, _, _) = memfd_backend(&mut h, "memory-backend-memfd", 128 * MIB);
+    assert_eq!(
+        h.send(&format!("mbind {i} bind 0")),
+        format!("ok -1 {}", libc::EINVAL)
+    );
+    assert_eq!(h.send(&format!("mbind {i} preferred 0")), "ok 0 0");
+    assert_eq!(lease(&broker, "tenant/vm1/ram0").pool, "t");
+    let stderr = h.finish();
+    assert!(
+        stderr.contains("backs a memory-backend-memfd whose fd QEMU holds"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn other_memfds_stay_ordinary_memfds() {
     let broker = TestBroker::start(&["--pool", "memfd:t:512M"]);
     let mut h = shim_helper(broker.socket(), &[]);
@@ -706,6 +732,7 @@ fn only_the_hooks_are_exported() {
         "ftruncate64",
         "madvise",
         "memfd_create",
+        "mbind",
         "mmap",
         "mmap64",
         "munmap",

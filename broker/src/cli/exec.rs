@@ -35,6 +35,9 @@ pub struct ExecArgs {
     /// Pool to create the leases in [default: the first pool serving their page size].
     #[arg(long)]
     pool: Option<String>,
+    /// NUMA node: create the leases in a pool bound to this node (see `membroker df`).
+    #[arg(long)]
+    node: Option<u32>,
     /// Permission bits, in octal, of the leases created.
     #[arg(long, default_value = "0600", value_parser = super::parse_mode)]
     mode: u32,
@@ -151,6 +154,7 @@ fn attach(client: &mut Client, spec: &LeaseSpec, args: &ExecArgs) -> Result<Leas
             .mode(args.mode);
         req.page_size = spec.page;
         req.pool = args.pool.clone();
+        req.node = args.node;
         match client.create(req) {
             Ok(lease) => return Ok(lease),
             Err(e) if e.code() == Some(ErrorCode::Exists) => {}

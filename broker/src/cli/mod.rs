@@ -206,9 +206,13 @@ pub struct CreateArgs {
     /// Page size: 4K, 2M or 1G [default: the pool's].
     #[arg(long)]
     page_size: Option<PageSize>,
-    /// Pool to take the memory from [default: the first pool serving the page size].
+    /// Pool to take the memory from [default: the first pool serving the page size (and the
+    /// node)].
     #[arg(long)]
     pool: Option<String>,
+    /// NUMA node: take the memory from a pool bound to this node (see `membroker df`).
+    #[arg(long)]
+    node: Option<u32>,
     /// Keep the lease until `membroker rm` (always the case from the CLI; accepted for clarity).
     #[arg(long)]
     persistent: bool,
@@ -241,6 +245,7 @@ pub fn create(socket: &Path, args: CreateArgs) -> Result<(), String> {
     req.page_size = args.page_size;
     req.pool = args.pool;
     req.owner = args.owner;
+    req.node = args.node;
     let lease = connect(socket)?.create(req).map_err(|e| text(&e))?;
     if args.json {
         return json(lease.info());
@@ -269,8 +274,9 @@ pub fn df(socket: &Path, as_json: bool) -> Result<(), String> {
             "SCRUBBING",
             "QUARANTINED",
             "LEASES",
+            "NODE",
         ],
-        &[false, false, true, true, true, true, true, true, true],
+        &[false, false, true, true, true, true, true, true, true, true],
     );
     for p in &pools {
         let name = if p.default {
@@ -288,6 +294,7 @@ pub fn df(socket: &Path, as_json: bool) -> Result<(), String> {
             format_size(p.scrubbing),
             format_size(p.quarantined),
             p.leases.to_string(),
+            p.node.map_or_else(|| "-".to_string(), |n| n.to_string()),
         ]);
     }
     print!("{}", t.render());

@@ -130,6 +130,8 @@ pub struct PoolAccount {
     pub size: u64,
     pub used: u64,
     pub leases: u64,
+    /// The NUMA node the pool's memory is on, if it is bound to one.
+    pub node: Option<u32>,
 }
 
 impl PoolAccount {
@@ -142,6 +144,7 @@ impl PoolAccount {
             size: pool.size,
             used: 0,
             leases: 0,
+            node: pool.node,
         }
     }
 }
@@ -368,12 +371,50 @@ impl Namespace {
     fn pool_names(&self) -> String {
         self.pools
             .iter()
-            .map(|p| format!("{} ({} pages)", p.name, p.page_size))
+            .map(|p| match p.node {
+                Some(node) => format!("{} ({} pages, node {node})", p.name, p.page_size),
+                None => format!("{} ({} pages)", p.name, p.page_size),
+            })
             .collect::<Vec<_>>()
             .join(", ")
     }
 
     fn choose_pool(&self, req: &CreateLease) -> Result<usize> {
+        let Some(node) = req.node else {
+            return self.choose_pool_by_page(req);
+        };
+        let invalid = |m: String| Err(NsError::Invalid(format!("lease {}: {m}", req.name)));
+        if req.pool.is_some() {
+            let i = self.choose_pool_by_page(req)?;
+            return match self.pools[i].node {
+                Some(n) if n == node => Ok(i),
+                _ => invalid(format!(
+                    "pool {} is not on NUMA node {node}; pools: {}",
+                    self.pools[i].name,
+                    self.pool_names()
+                )),
+            };
+        }
+        let fits = |p: &PoolAccount| {
+            p.node == Some(node) && req.page_size.is_none_or(|page| page == p.page_size)
+        };
+        if fits(&self.pools[self.default_pool]) {
+            return Ok(self.default_pool);
+        }
+        match self.pools.iter().position(fits) {
+            Some(i) => Ok(i),
+            None => invalid(format!(
+                "no pool on NUMA node {node}{}; pools: {} (bind one with \
+                 --pool memfd:NAME:SIZE[:PAGE]:node={node})",
+                req.page_size
+                    .map(|page| format!(" serves {page} pages"))
+                    .unwrap_or_default(),
+                self.pool_names()
+            )),
+        }
+    }
+
+    fn choose_pool_by_page(&self, req: &CreateLease) -> Result<usize> {
         let invalid = |m: String| Err(NsError::Invalid(format!("lease {}: {m}", req.name)));
         match (&req.pool, req.page_size) {
             (Some(name), page) => {
@@ -876,6 +917,7 @@ impl Namespace {
                 quarantined: 0,
                 leases: p.leases,
                 default: i == self.default_pool,
+                node: p.node,
             })
             .collect()
     }

@@ -10,6 +10,7 @@ fn pools() -> Vec<PoolAccount> {
         size,
         used: 0,
         leases: 0,
+        node: None,
     };
     vec![
         pool("default", PageSize::Base4K, 64 << 20),
@@ -116,6 +117,34 @@ fn page_size_picks_the_pool() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("serves 2M pages"), "{err}");
+}
+
+#[test]
+fn node_picks_the_pool() {
+    let mut with_nodes = pools();
+    with_nodes[1].node = Some(1);
+    with_nodes.push(PoolAccount {
+        name: "near".into(),
+        node: Some(1),
+        page_size: PageSize::Base4K,
+        ..with_nodes[0].clone()
+    });
+    let mut ns = Namespace::new(with_nodes, 1);
+    let p = peer(1, 1000);
+    let info = create(&mut ns, &p, CreateLease::new("a", 4 << 20).node(1)).unwrap();
+    assert_eq!(info.pool, "huge", "the first pool on node 1");
+    let req = CreateLease::new("b", 4 << 20)
+        .node(1)
+        .page_size(PageSize::Base4K);
+    assert_eq!(create(&mut ns, &p, req).unwrap().pool, "near");
+    let err = create(&mut ns, &p, CreateLease::new("c", 4 << 20).node(0)).unwrap_err();
+    assert!(err.to_string().contains("no pool on NUMA node 0"), "{err}");
+    assert!(err.to_string().contains("huge (2M pages, node 1)"), "{err}");
+    let req = CreateLease::new("d", 4 << 20).node(1).pool("default");
+    let err = create(&mut ns, &p, req).unwrap_err();
+    assert!(err.to_string().contains("not on NUMA node 1"), "{err}");
+    let nodes: Vec<Option<u32>> = ns.df().iter().map(|p| p.node).collect();
+    assert_eq!(nodes, [None, Some(1), Some(1)]);
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! memfd pools: each lease is its own sealed memfd (shmem, or hugetlb with 2 MiB / 1 GiB pages).
 
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use rustix::fs::{FallocateFlags, MemfdFlags, SealFlags};
 use rustix::io::Errno;
@@ -11,18 +11,20 @@ use membroker_client::{LEASE_SEALS, PageSize};
 
 use super::{Allocation, PoolError, Result};
 
-/// Makes memfd leases of one page size.
+/// Makes memfd leases of one page size, on one NUMA node if the pool is bound to one.
 #[derive(Debug)]
 pub struct MemfdPool {
     name: String,
     page_size: PageSize,
+    node: Option<u32>,
 }
 
 impl MemfdPool {
-    pub fn new(name: &str, page_size: PageSize) -> MemfdPool {
+    pub fn new(name: &str, page_size: PageSize, node: Option<u32>) -> MemfdPool {
         MemfdPool {
             name: name.to_string(),
             page_size,
+            node,
         }
     }
 
@@ -36,7 +38,7 @@ impl MemfdPool {
     }
 
     /// Creates, sizes, backs (fallocate: a holder never faults for lack of memory) and seals
-    /// a memfd of `size` bytes.
+    /// a memfd of `size` bytes. A pool bound to a node backs it from that node only, or fails.
     pub fn allocate(&self, lease: &str, size: u64) -> Result<Allocation> {
         let sys = |op| {
             move |source| PoolError::Sys {
@@ -52,22 +54,30 @@ impl MemfdPool {
         let fd =
             rustix::fs::memfd_create(label.as_str(), self.flags()).map_err(sys("memfd_create"))?;
         rustix::fs::ftruncate(&fd, size).map_err(sys("ftruncate"))?;
-        match rustix::fs::fallocate(&fd, FallocateFlags::empty(), 0, size) {
-            Ok(()) => {}
-            Err(Errno::NOMEM | Errno::NOSPC) if self.page_size != PageSize::Base4K => {
+        match (self.back(&fd, size)?, self.node) {
+            (Ok(()), _) => {}
+            (Err(Errno::NOMEM | Errno::NOSPC), Some(node)) => {
+                return Err(PoolError::NodeFull {
+                    pool: self.name.clone(),
+                    node,
+                    page: self.page_size,
+                    size: format_size(size),
+                });
+            }
+            (Err(Errno::NOMEM | Errno::NOSPC), None) if self.page_size != PageSize::Base4K => {
                 return Err(PoolError::NoHugePages {
                     pool: self.name.clone(),
                     page: self.page_size,
                     size: format_size(size),
                 });
             }
-            Err(Errno::NOMEM | Errno::NOSPC) => {
+            (Err(Errno::NOMEM | Errno::NOSPC), None) => {
                 return Err(PoolError::NoMemory {
                     pool: self.name.clone(),
                     size: format_size(size),
                 });
             }
-            Err(e) => return Err(sys("fallocate")(e)),
+            (Err(e), _) => return Err(sys("fallocate")(e)),
         }
         rustix::fs::fcntl_add_seals(&fd, LEASE_SEALS).map_err(sys("F_ADD_SEALS"))?;
         debug_assert!(rustix::fs::fcntl_get_seals(&fd).is_ok_and(|s| s.contains(SealFlags::SEAL)));
@@ -78,6 +88,39 @@ impl MemfdPool {
                 len: size,
             }],
             device: None,
+        })
+    }
+
+    /// Allocates every page of the fresh memfd `fd` (fallocate), on the pool's node if it has
+    /// one. The outer error is a failed binding, the inner one fallocate's.
+    fn back(&self, fd: &OwnedFd, size: u64) -> Result<rustix::io::Result<()>> {
+        let fallocate = || rustix::fs::fallocate(fd, FallocateFlags::empty(), 0, size);
+        let Some(node) = self.node else {
+            return Ok(fallocate());
+        };
+        let bind_failed = |op| {
+            move |source| PoolError::Sys {
+                pool: self.name.clone(),
+                op,
+                source,
+            }
+        };
+        if self.page_size == PageSize::Base4K {
+            // shmem allocates by the file's own policy first: bound once, every page the file
+            // ever gets (a hole a holder punched and touched again too) is on the node.
+            crate::sys::bind_shmem(fd.as_fd(), size, node).map_err(bind_failed("mbind"))?;
+            return Ok(fallocate());
+        }
+        // hugetlbfs has no per-file policy: it takes huge pages by the allocating thread's
+        // policy, so a thread bound to the node and ended afterwards does the fallocate.
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    crate::sys::bind_thread(node).map_err(bind_failed("set_mempolicy"))?;
+                    Ok(fallocate())
+                })
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         })
     }
 }
@@ -121,7 +164,7 @@ mod tests {
 
     #[test]
     fn memfd_lease_is_sized_backed_and_sealed() {
-        let pool = MemfdPool::new("t", PageSize::Base4K);
+        let pool = MemfdPool::new("t", PageSize::Base4K, None);
         let a = pool.allocate("tenant/vm/ram0", 8 << 20).unwrap();
         let link = std::fs::read_link(format!(
             "/proc/self/fd/{}",

@@ -6,6 +6,7 @@
 mod devdax;
 pub mod extents;
 pub mod memfd;
+mod numa;
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
@@ -43,6 +44,18 @@ pub enum PoolError {
     },
     #[error("pool {pool}: the kernel refused {size} of memory")]
     NoMemory { pool: String, size: String },
+    #[error(
+        "pool {pool} is bound to NUMA node {node}, which has no {size} of {page} pages free \
+         (the pool never takes memory from another node; see \
+         /sys/devices/system/node/node{node}/meminfo and, for huge pages, \
+         /sys/devices/system/node/node{node}/hugepages/hugepages-*/free_hugepages)"
+    )]
+    NodeFull {
+        pool: String,
+        node: u32,
+        page: PageSize,
+        size: String,
+    },
     #[error("pool {pool} has {free} free, {asked} asked")]
     NoSpace {
         pool: String,
@@ -65,7 +78,9 @@ pub enum PoolError {
 impl WireError for PoolError {
     fn code(&self) -> ErrorCode {
         match self {
-            PoolError::NoHugePages { .. } | PoolError::NoMemory { .. } => ErrorCode::OutOfMemory,
+            PoolError::NoHugePages { .. }
+            | PoolError::NoMemory { .. }
+            | PoolError::NodeFull { .. } => ErrorCode::OutOfMemory,
             PoolError::NoSpace { .. }
             | PoolError::Dax {
                 source: DaxError::StaticBusy { .. },
@@ -129,11 +144,13 @@ pub struct Restored {
 /// A parsed `--pool` argument.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PoolSpec {
-    /// `memfd:NAME:SIZE[:PAGE]`
+    /// `memfd:NAME:SIZE[:PAGE][:node=N]`
     Memfd {
         name: String,
         size: u64,
         page_size: PageSize,
+        /// Every page on this NUMA node, or the allocation fails.
+        node: Option<u32>,
     },
     /// `devdax:NAME:REGION[:ALIGN]`
     Devdax {
@@ -162,12 +179,24 @@ impl std::str::FromStr for PoolSpec {
         };
         let parts: Vec<&str> = spec.split(':').collect();
         match parts.as_slice() {
-            ["memfd", name, size, rest @ ..] if rest.len() <= 1 => {
+            ["memfd", name, size, rest @ ..] if rest.len() <= 2 => {
                 check_pool_name(name).map_err(|p| bad(&p))?;
                 let size = parse_size(size).map_err(|e| bad(&e.to_string()))?;
-                let page_size = match rest.first() {
+                let (page, node) = match rest {
+                    [last @ .., n] if n.starts_with("node=") => (last.first(), Some(*n)),
+                    [page] => (Some(page), None),
+                    [] => (None, None),
+                    _ => return Err(bad("after PAGE only node=N may follow")),
+                };
+                let page_size = match page {
                     Some(p) => p.parse::<PageSize>().map_err(|e| bad(&e))?,
                     None => PageSize::Base4K,
+                };
+                let node = match node.and_then(|n| n.strip_prefix("node=")) {
+                    Some(n) => Some(n.parse::<u32>().map_err(|_| {
+                        bad("node=N names a NUMA node by number (see /sys/devices/system/node)")
+                    })?),
+                    None => None,
                 };
                 if size == 0 || size % page_size.bytes() != 0 {
                     return Err(bad(&format!(
@@ -178,6 +207,7 @@ impl std::str::FromStr for PoolSpec {
                     name: name.to_string(),
                     size,
                     page_size,
+                    node,
                 })
             }
             ["devdax", name, region, rest @ ..] if rest.len() <= 1 => {
@@ -202,8 +232,8 @@ impl std::str::FromStr for PoolSpec {
                 })
             }
             _ => Err(bad(
-                "expected memfd:NAME:SIZE[:PAGE] or devdax:NAME:REGION[:ALIGN], \
-                 e.g. memfd:default:4G:2M or devdax:fast:region0:2M",
+                "expected memfd:NAME:SIZE[:PAGE][:node=N] or devdax:NAME:REGION[:ALIGN], \
+                 e.g. memfd:default:4G:2M, memfd:near:4G:2M:node=1 or devdax:fast:region0:2M",
             )),
         }
     }
@@ -230,6 +260,9 @@ pub struct Pool {
     pub page_size: PageSize,
     /// Capacity in bytes (admission control limit).
     pub size: u64,
+    /// The NUMA node every page of the pool is on: a memfd pool's `node=N`, a device-dax
+    /// region's `target_node`.
+    pub node: Option<u32>,
     backend: Backend,
 }
 
@@ -254,13 +287,23 @@ impl Pool {
                 name,
                 size,
                 page_size,
-            } => Ok(Pool {
-                name: name.clone(),
-                kind: PoolKind::Memfd,
-                page_size: *page_size,
-                size: *size,
-                backend: Backend::Memfd(MemfdPool::new(name, *page_size)),
-            }),
+                node,
+            } => {
+                if let Some(node) = *node {
+                    numa::check_node(node).map_err(|problem| PoolError::Spec {
+                        spec: format!("memfd:{name}:...:node={node}"),
+                        problem,
+                    })?;
+                }
+                Ok(Pool {
+                    name: name.clone(),
+                    kind: PoolKind::Memfd,
+                    page_size: *page_size,
+                    size: *size,
+                    node: *node,
+                    backend: Backend::Memfd(MemfdPool::new(name, *page_size, *node)),
+                })
+            }
             PoolSpec::Devdax {
                 name,
                 region,
@@ -276,6 +319,7 @@ impl Pool {
                     kind: PoolKind::Devdax,
                     page_size: pool.align(),
                     size: pool.size(),
+                    node: pool.node(),
                     backend: Backend::Devdax(pool),
                 })
             }
@@ -298,6 +342,7 @@ impl Pool {
             name: "default".into(),
             size,
             page_size: PageSize::Base4K,
+            node: None,
         }
     }
 
@@ -411,8 +456,9 @@ impl Pool {
             PoolKind::Memfd => "memfd",
             PoolKind::Devdax => "devdax",
         };
+        let node = self.node.map(|n| format!(", node {n}")).unwrap_or_default();
         format!(
-            "{} ({kind}, {} pages, {})",
+            "{} ({kind}, {} pages, {}{node})",
             self.name,
             self.page_size,
             format_size(self.size)
@@ -438,7 +484,26 @@ mod tests {
             PoolSpec::Memfd {
                 name: "default".into(),
                 size: 4 << 30,
-                page_size: PageSize::Huge2M
+                page_size: PageSize::Huge2M,
+                node: None
+            }
+        );
+        assert_eq!(
+            "memfd:near:4G:2M:node=1".parse::<PoolSpec>().unwrap(),
+            PoolSpec::Memfd {
+                name: "near".into(),
+                size: 4 << 30,
+                page_size: PageSize::Huge2M,
+                node: Some(1)
+            }
+        );
+        assert_eq!(
+            "memfd:near:64M:node=0".parse::<PoolSpec>().unwrap(),
+            PoolSpec::Memfd {
+                name: "near".into(),
+                size: 64 << 20,
+                page_size: PageSize::Base4K,
+                node: Some(0)
             }
         );
         assert_eq!(
@@ -446,7 +511,8 @@ mod tests {
             PoolSpec::Memfd {
                 name: "small".into(),
                 size: 64 << 20,
-                page_size: PageSize::Base4K
+                page_size: PageSize::Base4K,
+                node: None
             }
         );
         for bad in [
@@ -458,6 +524,10 @@ mod tests {
             "memfd:a/b:1G",
             "tmpfs:x:1G",
             "memfd:x:1G:2M:extra",
+            "memfd:x:1G:node=1:2M",
+            "memfd:x:1G:2M:node=",
+            "memfd:x:1G:2M:node=-1",
+            "memfd:x:1G:node=1:node=1",
         ] {
             assert!(bad.parse::<PoolSpec>().is_err(), "{bad} parsed");
         }

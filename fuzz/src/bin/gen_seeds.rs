@@ -8,8 +8,9 @@ use membroker::journal::{DirRecord, LeaseRecord, Record};
 use membroker_client::PageSize;
 use membroker_client::codec::{encode_request, encode_response};
 use membroker_client::proto::{
-    CreateLease, DirInfo, ErrorCode, Extent, HolderInfo, LeaseInfo, LeaseState, Mkdir, PoisonInfo,
-    PoisonedLease, PoolInfo, PoolKind, QuarantineInfo, QuotaInfo, Request, Response,
+    CreateLease, DirInfo, ErrorCode, Extent, HolderInfo, LeaseInfo, LeaseState, Mkdir,
+    PROTOCOL_MAX, PoisonInfo, PoisonedLease, PoolInfo, PoolKind, QuarantineInfo, QuotaInfo,
+    Request, Response,
 };
 use membroker_fuzz::journal::encode_input;
 
@@ -55,6 +56,7 @@ fn requests() -> Vec<Request> {
             persistent: true,
             mode: 0o640,
             owner: Some(1000),
+            node: Some(1),
         }),
         Request::Open {
             name: "t/vm1/ram0".into(),
@@ -128,6 +130,7 @@ fn responses() -> Vec<Response> {
             quarantined: 2 << 20,
             leases: 1,
             default: true,
+            node: Some(1),
         }]),
         Response::Error {
             code: ErrorCode::NoSpace,
@@ -312,7 +315,7 @@ fn write(dir: &Path, name: &str, data: &[u8]) {
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
     for (i, req) in requests().iter().enumerate() {
-        let msg = encode_request(1, req).expect("seed request encodes");
+        let msg = encode_request(PROTOCOL_MAX, req).expect("seed request encodes");
         write(
             &root.join("codec_request"),
             &format!("kind-{:02}", i + 1),
@@ -320,13 +323,29 @@ fn main() {
         );
     }
     for (i, resp) in responses().iter().enumerate() {
-        let msg = encode_response(1, resp).expect("seed response encodes");
+        let msg = encode_response(PROTOCOL_MAX, resp).expect("seed response encodes");
         write(
             &root.join("codec_response"),
             &format!("kind-{:02}", i + 1),
             &msg,
         );
     }
+    // Version 1's layouts of the messages version 2 extended (a Create without a node).
+    let mut create = requests()
+        .into_iter()
+        .find(|r| matches!(r, Request::Create(_)))
+        .expect("a Create seed");
+    if let Request::Create(c) = &mut create {
+        c.node = None;
+    }
+    let msg = encode_request(1, &create).expect("version-1 Create encodes");
+    write(&root.join("codec_request"), "create-v1", &msg);
+    let df = responses()
+        .into_iter()
+        .find(|r| matches!(r, Response::Df(_)))
+        .expect("a Df seed");
+    let msg = encode_response(1, &df).expect("version-1 Df encodes");
+    write(&root.join("codec_response"), "df-v1", &msg);
     for (name, data) in journals() {
         write(&root.join("journal_replay"), name, &data);
     }

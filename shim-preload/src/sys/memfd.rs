@@ -287,7 +287,7 @@ pub(super) fn map_backend(args: &MmapArgs) -> Option<*mut c_void> {
     }
     let saved = errno();
     // A full table leaves the mapping as it is: it is QEMU's fd, already the lease.
-    let _ = broker::commit(pending.lease, ptr as usize, args.len);
+    let _ = broker::commit_backend(pending.lease, ptr as usize, args.len);
     set_errno(saved);
     Some(ptr)
 }

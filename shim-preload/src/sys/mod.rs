@@ -1,6 +1,6 @@
 //! The crate's unsafe code: the library constructor, the real libc symbols and errno here; the
-//! memory hooks in [`mem`]; the memfd-backend hooks in [`memfd`]; the signal hooks and the
-//! SIGBUS handler in [`signal`].
+//! memory hooks in [`mem`]; the memfd-backend hooks in [`memfd`]; the `mbind` hook in
+//! [`numa`]; the signal hooks and the SIGBUS handler in [`signal`].
 //!
 //! Rules for everything here (the crate's README.md, "Rules for hook code"): hook bodies on the
 //! fast path and the SIGBUS handler do not allocate, lock, log or panic; errno is saved and set
@@ -12,6 +12,7 @@
 
 mod mem;
 mod memfd;
+mod numa;
 mod signal;
 
 use std::ffi::CStr;

@@ -253,7 +253,8 @@ fn report_poison(addr: usize, lsb: i16) {
     };
     let (offset, len) = poison::error_range(block.start, block.len, addr, lsb);
     let mut buf = [0u8; poison::REPORT_MAX];
-    let Some(n) = poison::encode(&mut buf, name, offset, len) else {
+    let version = broker::POISON_VERSION.load(Ordering::Acquire);
+    let Some(n) = poison::encode(&mut buf, version, name, offset, len) else {
         return;
     };
     // Drop the broker's replies to earlier reports first, so they never fill the socket.

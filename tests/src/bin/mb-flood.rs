@@ -85,7 +85,7 @@ fn main() {
             for sock in &socks {
                 hello(sock).expect("hello");
             }
-            let df = codec::encode_request(PROTOCOL_MIN, &Request::Df).expect("encode");
+            let df = codec::encode_request(PROTOCOL_MAX, &Request::Df).expect("encode");
             for sock in &socks {
                 stuff(sock, &df);
             }

@@ -256,6 +256,11 @@ impl DevdaxPool {
         self.align
     }
 
+    /// The NUMA node of the region's memory, if the kernel knows one.
+    pub fn node(&self) -> Option<u32> {
+        self.region.node
+    }
+
     pub fn size(&self) -> u64 {
         match &self.whole {
             Some((_, size, _)) => *size,

@@ -52,6 +52,8 @@ pub struct Region {
     pub align: u64,
     /// Has `create`/`delete`: sub-devices can be made (dax_hmem); else static (pmem namespace).
     pub dynamic: bool,
+    /// The NUMA node of the region's memory (its devices' `target_node`; none when -1).
+    pub node: Option<u32>,
 }
 
 /// A device of the region as sysfs shows it.
@@ -113,6 +115,11 @@ impl Region {
         let parent = device.parent().ok_or(DaxError::NoRegion(id))?.to_path_buf();
         let dir = parent.join("dax_region");
         let dynamic = dir.join("create").exists();
+        // Every device of a region has the region's target_node.
+        let node = read(&device_dir(first).join("target_node"))
+            .ok()
+            .and_then(|n| n.parse::<i64>().ok())
+            .and_then(|n| u32::try_from(n).ok());
         let size = read_u64(&dir.join("size"))?;
         let align = read_u64(&dir.join("align"))?;
         let base = if dynamic {
@@ -131,6 +138,7 @@ impl Region {
             size,
             align,
             dynamic,
+            node,
         })
     }
 
