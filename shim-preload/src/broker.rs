@@ -598,24 +598,17 @@ pub fn place(block: &Block, nodes: &[u32], strict: bool) -> Result<Option<Acquir
             });
         }
     };
-    if backend {
+    // A lease that holds the guest's memory, or whose fd QEMU holds, stays: a preferred
+    // binding is satisfied as it is, a strict one is refused.
+    if backend || !created {
         if !strict {
             return Ok(None);
         }
-        return Err(ShimError::SharedFd {
-            name,
-            pool: info.pool,
-            nodes: list,
-        });
-    }
-    if !created {
-        if !strict {
-            return Ok(None);
-        }
-        return Err(ShimError::Placed {
-            name,
-            pool: info.pool,
-            nodes: list,
+        let (pool, nodes) = (info.pool, list);
+        return Err(if backend {
+            ShimError::SharedFd { name, pool, nodes }
+        } else {
+            ShimError::Placed { name, pool, nodes }
         });
     }
     conn.client.remove(&name).map_err(ShimError::Client)?;
