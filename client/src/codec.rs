@@ -9,7 +9,8 @@
 //! used only here, so swapping the payload encoding touches this module alone.
 
 use crate::proto::{
-    CreateLease, PROTOCOL_MAX, PROTOCOL_MIN, PageSize, PoolInfo, PoolKind, Request, Response,
+    BindLabel, CreateLease, PROTOCOL_MAX, PROTOCOL_MIN, PageSize, PoolInfo, PoolKind, Request,
+    Response,
 };
 
 /// `MBRK` read as a little-endian u32.
@@ -162,7 +163,8 @@ pub fn encoded_len<T: bincode::Encode>(value: &T) -> usize {
     }
 }
 
-/// The protocol version that added `node` to [`CreateLease`] and [`PoolInfo`]. Version 1
+/// The protocol version that added `node` (and `label`) to [`CreateLease`] and `node` to
+/// [`PoolInfo`]. Version 1
 /// peers send and expect both without it, so at version 1 this module writes and reads that
 /// older layout: the variant index, then the fields before `node`, exactly as the derive
 /// made them (a tuple encodes as its fields in order).
@@ -206,6 +208,13 @@ pub fn encode_request(version: u16, req: &Request) -> Result<Vec<u8>> {
             if c.node.is_some() {
                 return Err(CodecError::Unsupported {
                     what: "a NUMA node in Create",
+                    version,
+                    since: NODE_VERSION,
+                });
+            }
+            if c.label != BindLabel::Creator {
+                return Err(CodecError::Unsupported {
+                    what: "a security label in Create",
                     version,
                     since: NODE_VERSION,
                 });
@@ -328,6 +337,7 @@ pub fn decode_request(msg: &[u8]) -> Result<(Header, Request)> {
             mode,
             owner,
             node: None,
+            label: BindLabel::Creator,
         };
         return Ok((header, Request::Create(create)));
     }
@@ -386,6 +396,7 @@ mod tests {
             mode: 0o600,
             owner: None,
             node: None,
+            label: BindLabel::Creator,
         })
     }
 
@@ -437,24 +448,34 @@ mod tests {
 
     #[test]
     fn version_1_peers_get_the_layout_without_nodes() {
-        // A version-1 Create is the version-2 one without its last field (None: one 0 byte).
+        // A version-1 Create is the version-2 one without its last two fields (node None:
+        // one 0 byte; label Creator: variant 0, one 0 byte).
         let v1 = encode_request(1, &create()).unwrap();
         let v2 = encode_request(2, &create()).unwrap();
-        assert_eq!(v1[HEADER_LEN..], v2[HEADER_LEN..v2.len() - 1]);
-        assert_eq!(v2.last(), Some(&0));
+        assert_eq!(v1[HEADER_LEN..], v2[HEADER_LEN..v2.len() - 2]);
+        assert_eq!(v2[v2.len() - 2..], [0, 0]);
         assert_eq!(v2[HEADER_LEN], CREATE_VARIANT as u8);
-        let Request::Create(mut c) = create() else {
+        let Request::Create(c) = create() else {
             unreachable!()
         };
-        c.node = Some(1);
-        assert!(matches!(
-            encode_request(1, &Request::Create(c)),
-            Err(CodecError::Unsupported {
-                version: 1,
-                since: 2,
-                ..
-            })
-        ));
+        let with_node = CreateLease {
+            node: Some(1),
+            ..c.clone()
+        };
+        let with_label = CreateLease {
+            label: BindLabel::Unbound,
+            ..c
+        };
+        for newer in [with_node, with_label] {
+            assert!(matches!(
+                encode_request(1, &Request::Create(newer)),
+                Err(CodecError::Unsupported {
+                    version: 1,
+                    since: 2,
+                    ..
+                })
+            ));
+        }
         // Df: each pool without its node, which a version-1 reader gets back as None.
         let msg = encode_response(1, &Response::Df(pools())).unwrap();
         assert_eq!(msg[HEADER_LEN], DF_VARIANT as u8);

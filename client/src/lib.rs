@@ -82,7 +82,8 @@ pub use lease::{Backing, LEASE_SEALS, Lease};
 pub use mapping::Mapping;
 pub use options::{DEFAULT_TIMEOUT, Options, TIMEOUT_ENV};
 pub use proto::{
-    CreateLease, DirInfo, ErrorCode, LeaseInfo, LeaseState, Mkdir, PageSize, PoolInfo, PoolKind,
+    BindLabel, CreateLease, DirInfo, ErrorCode, LeaseInfo, LeaseState, Mkdir, PageSize, PoolInfo,
+    PoolKind,
 };
 pub use reconnect::DEFAULT_RECONNECT_TIMEOUT;
 /// The `vm-memory` this crate builds guest regions with, for VMMs that want the same version.
@@ -102,6 +103,7 @@ impl CreateLease {
             mode: 0o600,
             owner: None,
             node: None,
+            label: BindLabel::Creator,
         }
     }
 
@@ -133,6 +135,12 @@ impl CreateLease {
     /// Takes the memory from a pool bound to NUMA node `node`.
     pub fn node(mut self, node: u32) -> Self {
         self.node = Some(node);
+        self
+    }
+
+    /// Binds the lease to `label` instead of its creator's (root and the admin group only).
+    pub fn label(mut self, label: BindLabel) -> Self {
+        self.label = label;
         self
     }
 }

@@ -165,6 +165,23 @@ pub struct CreateLease {
     /// `Some(n)`: take the memory from a pool bound to NUMA node `n` (with `pool`, that pool
     /// must be on node `n`).
     pub node: Option<u32>,
+    /// Which security label the lease is bound to; anything but [`BindLabel::Creator`] is for
+    /// root and the admin group only (protocol version 2).
+    pub label: BindLabel,
+}
+
+/// The security label (AppArmor profile, SELinux context) a new lease is bound to: only
+/// processes with that label (and root and the admin group) may open, see or remove it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Encode, Decode)]
+pub enum BindLabel {
+    /// The creator's own label, as `serve --bind-labels` says (the default).
+    #[default]
+    Creator,
+    /// No label: owner and mode alone protect the lease.
+    Unbound,
+    /// This label: how an admin tool (libvirt's hook) makes a lease for a confined process
+    /// that starts later, such as a domain's QEMU under its `libvirt-UUID` profile.
+    Named(String),
 }
 
 /// A reply from the broker.

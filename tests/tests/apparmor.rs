@@ -167,8 +167,9 @@ fn libvirt_like_profile(name: &str) -> String {
 
 /// `contrib/libvirt/apparmor/membroker`, installed as the README says, compiles into libvirt's
 /// `libvirt-qemu` abstraction, and a process confined like libvirt's QEMU loads the shim from
-/// the multiarch directory, reaches the broker's socket and puts its guest RAM on a lease bound
-/// to its profile.
+/// the multiarch directory, reaches the broker's socket and puts its guest RAM on the lease a
+/// confined admin (libvirt's hook) made for it, bound to its profile; another profile of the
+/// same uid is refused that lease.
 ///
 /// Debian 12's kernel (6.1) does not mediate `connect` on a pathname socket, so there the
 /// socket rule is not what lets it in; kernels with AppArmor's Unix-socket mediation (Ubuntu's)
@@ -215,6 +216,19 @@ fn libvirt_qemu_profile_with_the_membroker_abstraction_runs_on_a_lease() {
         membroker_client::Client::connect(SOCKET).is_ok()
     });
 
+    // libvirt's hook makes the domain's lease before QEMU starts, itself confined (under
+    // libvirtd's profile; profile A plays it here): it binds the lease to the profile QEMU
+    // will run under, not to its own.
+    load_profiles();
+    let hook = Command::new("aa-exec")
+        .args(["-p", A, "--"])
+        .arg(bin_path("membroker"))
+        .args(["--socket", SOCKET, "create", &format!("libvirt/{VM}/ram0")])
+        .args(["--size", "128M", "--owner", &UID.to_string(), "--label", VM])
+        .output()
+        .unwrap();
+    assert!(hook.status.success(), "{hook:?}");
+
     let mut cmd = Command::new("aa-exec");
     cmd.args(["-p", VM, "--"])
         .arg(bin_path("mb-shim-helper"))
@@ -241,6 +255,20 @@ fn libvirt_qemu_profile_with_the_membroker_abstraction_runs_on_a_lease() {
         (128 << 20, UID, Some(VM))
     );
     assert_eq!(lease.holders.len(), 1, "{lease:?}");
+    // Another domain's QEMU (same uid, another profile) cannot open it.
+    let other = Command::new("aa-exec")
+        .args(["-p", B, "--"])
+        .arg(bin_path("membroker"))
+        .args(["--socket", SOCKET, "stat", &format!("libvirt/{VM}/ram0")])
+        .uid(UID)
+        .gid(UID)
+        .output()
+        .unwrap();
+    assert!(!other.status.success(), "{other:?}");
+    assert!(
+        String::from_utf8_lossy(&other.stderr).contains(VM),
+        "{other:?}"
+    );
 
     drop(confined);
     let _ = broker.kill();

@@ -13,7 +13,7 @@ use std::path::Path;
 use clap::Args;
 use membroker_client::proto::{LeaseInfo, PoolInfo};
 use membroker_client::size::{format_size, parse_size};
-use membroker_client::{Client, CreateLease, Error, Options, PageSize, TIMEOUT_ENV};
+use membroker_client::{BindLabel, Client, CreateLease, Error, Options, PageSize, TIMEOUT_ENV};
 
 pub use quota::{QuarantineCommand, quarantine, quota};
 use table::{Names, Table, mode_string};
@@ -222,6 +222,14 @@ pub struct CreateArgs {
     /// Owner uid (root or the admin group only) [default: yours].
     #[arg(long)]
     owner: Option<u32>,
+    /// Bind the lease to this security label (an AppArmor profile) instead of yours, for a
+    /// confined process that starts later (root or the admin group only).
+    #[arg(long, conflicts_with = "no_label")]
+    label: Option<String>,
+    /// Bind the lease to no security label: owner and mode alone protect it (root or the
+    /// admin group only).
+    #[arg(long)]
+    no_label: bool,
     /// Machine-readable output (a JSON object).
     #[arg(long)]
     json: bool,
@@ -246,6 +254,11 @@ pub fn create(socket: &Path, args: CreateArgs) -> Result<(), String> {
     req.pool = args.pool;
     req.owner = args.owner;
     req.node = args.node;
+    req.label = match (args.label, args.no_label) {
+        (Some(label), _) => BindLabel::Named(label),
+        (None, true) => BindLabel::Unbound,
+        (None, false) => BindLabel::Creator,
+    };
     let lease = connect(socket)?.create(req).map_err(|e| text(&e))?;
     if args.json {
         return json(lease.info());

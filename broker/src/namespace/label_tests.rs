@@ -89,3 +89,40 @@ fn others_do_not_see_the_label() {
     assert_eq!(info.label, None, "a reader of another uid sees no label");
     ns.open(&reader, "shared", false).unwrap();
 }
+
+#[test]
+fn an_admin_binds_a_lease_to_a_label_it_names_for_a_process_that_starts_later() {
+    let mut ns = Namespace::new(pools(), 1);
+    // libvirt's hook: an admin, itself confined (libvirtd's profile), makes a domain's lease.
+    let hook = Peer {
+        admin: true,
+        ..labelled(1, 0, Some("libvirtd"))
+    };
+    let named = lease("d/ram0")
+        .owner(1000)
+        .label(BindLabel::Named("libvirt-1234".into()));
+    create(&mut ns, &hook, named).unwrap();
+    let qemu = labelled(2, 1000, Some("libvirt-1234"));
+    let other_qemu = labelled(3, 1000, Some("libvirt-5678"));
+    ns.open(&qemu, "d/ram0", true).unwrap();
+    label_denied(ns.open(&other_qemu, "d/ram0", false), "libvirt-1234");
+    // Unbound: owner and mode alone, whatever the creator's label.
+    create(
+        &mut ns,
+        &hook,
+        lease("d/ram1").owner(1000).label(BindLabel::Unbound),
+    )
+    .unwrap();
+    ns.open(&other_qemu, "d/ram1", true).unwrap();
+    // Only root and the admin group choose a label, and it must be one.
+    for label in [BindLabel::Unbound, BindLabel::Named("libvirt-1234".into())] {
+        let err = create(&mut ns, &qemu, lease("mine").label(label)).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::PermissionDenied, "{err}");
+    }
+    let err = create(
+        &mut ns,
+        &hook,
+        lease("e").label(BindLabel::Named(String::new())),
+    );
+    assert_eq!(err.unwrap_err().code(), ErrorCode::InvalidArgument);
+}

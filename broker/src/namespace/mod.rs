@@ -26,7 +26,8 @@ use crate::error::WireError;
 use crate::journal::{LeaseRecord, Record as JournalRecord, ReplayedLease};
 use crate::pool::Allocation;
 use membroker_client::proto::{
-    CreateLease, ErrorCode, HolderInfo, LeaseInfo, LeaseState, PoisonInfo, PoolInfo, PoolKind,
+    BindLabel, CreateLease, ErrorCode, HolderInfo, LeaseInfo, LeaseState, PoisonInfo, PoolInfo,
+    PoolKind,
 };
 use membroker_client::size::format_size;
 use quota::Quotas;
@@ -54,8 +55,8 @@ pub enum NsError {
         mode: u32,
     },
     #[error(
-        "lease {name}: permission denied to {op}: it is bound to the security label {label:?} of \
-         its creator, and only processes with that label (or root and the admin group) may"
+        "lease {name}: permission denied to {op}: it is bound to the security label {label:?}, \
+         and only processes with that label (or root and the admin group) may"
     )]
     LabelDenied {
         name: String,
@@ -501,6 +502,7 @@ impl Namespace {
                 mode: req.mode,
             });
         }
+        let label = self.bind_label(peer, req)?;
         let pool = self.choose_pool(req)?;
         self.check_name_free(&req.name)?;
         self.may_create(peer, &req.name)?;
@@ -536,11 +538,36 @@ impl Namespace {
             gid: peer.gid,
             mode: req.mode,
             persistent: req.persistent,
-            label: self
+            label,
+        })
+    }
+
+    /// The security label a create binds its lease to: the creator's (when `--bind-labels`
+    /// says so), none, or one an admin names.
+    fn bind_label(&self, peer: &Peer, req: &CreateLease) -> Result<Option<String>> {
+        match &req.label {
+            BindLabel::Creator => Ok(self
                 .bind_labels
                 .then(|| peer.label.as_deref().map(str::to_string))
-                .flatten(),
-        })
+                .flatten()),
+            _ if !peer.admin => Err(NsError::Denied {
+                name: req.name.clone(),
+                op: "choose its security label (root and the admin group only)",
+                uid: req.owner.unwrap_or(peer.uid),
+                mode: req.mode,
+            }),
+            BindLabel::Unbound => Ok(None),
+            BindLabel::Named(label) => {
+                if label.is_empty() || label.len() > MAX_LABEL || label.contains('\0') {
+                    return Err(NsError::Invalid(format!(
+                        "lease {}: security label {label:?} must be 1 to {MAX_LABEL} bytes \
+                         without NUL",
+                        req.name
+                    )));
+                }
+                Ok(Some(label.clone()))
+            }
+        }
     }
 
     /// Gives a failed create's charge back.

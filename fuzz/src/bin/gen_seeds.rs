@@ -8,7 +8,7 @@ use membroker::journal::{DirRecord, LeaseRecord, Record};
 use membroker_client::PageSize;
 use membroker_client::codec::{encode_request, encode_response};
 use membroker_client::proto::{
-    CreateLease, DirInfo, ErrorCode, Extent, HolderInfo, LeaseInfo, LeaseState, Mkdir,
+    BindLabel, CreateLease, DirInfo, ErrorCode, Extent, HolderInfo, LeaseInfo, LeaseState, Mkdir,
     PROTOCOL_MAX, PoisonInfo, PoisonedLease, PoolInfo, PoolKind, QuarantineInfo, QuotaInfo,
     Request, Response,
 };
@@ -57,6 +57,7 @@ fn requests() -> Vec<Request> {
             mode: 0o640,
             owner: Some(1000),
             node: Some(1),
+            label: BindLabel::Named("libvirt-1234".into()),
         }),
         Request::Open {
             name: "t/vm1/ram0".into(),

@@ -67,6 +67,8 @@ pub struct Domain {
     pub memory_devices: Vec<String>,
     /// `<seclabel model='dac'><label>`: the user QEMU runs as, when the domain says.
     pub dac_label: Option<String>,
+    /// `<seclabel model='apparmor'>`: its `type` and its `<label>`, if the domain has one.
+    pub apparmor: Option<(String, Option<String>)>,
 }
 
 /// One lease the shim will open as `PREFIX/ramN`.
@@ -136,13 +138,21 @@ impl Domain {
                     .collect()
             })
             .unwrap_or_default();
-        let dac_label = root
-            .children()
-            .filter(|c| c.has_tag_name("seclabel"))
-            .find(|c| c.attribute("model") == Some("dac"))
-            .and_then(|c| child(c, "label"))
-            .and_then(|l| l.text())
-            .map(|t| t.trim().to_string());
+        let seclabel = |model: &str| {
+            root.children()
+                .filter(|c| c.has_tag_name("seclabel"))
+                .find(|c| c.attribute("model") == Some(model))
+        };
+        let label_of = |c: roxmltree::Node| {
+            child(c, "label")
+                .and_then(|l| l.text())
+                .map(|t| t.trim().to_string())
+        };
+        let dac_label = seclabel("dac").and_then(label_of);
+        let apparmor = seclabel("apparmor").map(|c| {
+            let kind = c.attribute("type").unwrap_or("dynamic").to_string();
+            (kind, label_of(c))
+        });
         let env = root
             .descendants()
             .filter(|n| n.has_tag_name((QEMU_NS, "env")))
@@ -157,6 +167,7 @@ impl Domain {
             file_backed,
             memory_devices,
             dac_label,
+            apparmor,
         })
     }
 

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 use membroker_client::proto::LeaseInfo;
-use membroker_client::{Client, CreateLease, ErrorCode};
+use membroker_client::{BindLabel, Client, CreateLease, ErrorCode};
 
 use super::table::id_entries;
 use super::{connect, text};
@@ -67,7 +67,9 @@ pub fn run(socket: &Path, args: HookArgs) -> Result<(), String> {
     let mut client = connect(socket).map_err(|e| fail(&e))?;
     if op == ("prepare", "begin") {
         let uid = qemu_uid(&domain, &args.qemu_conf).map_err(|e| fail(&e))?;
-        prepare(&mut client, &plan, uid).map_err(|e| fail(&e))
+        let conf = std::fs::read_to_string(&args.qemu_conf).unwrap_or_default();
+        let label = qemu_label(&domain, &conf, apparmor_enabled());
+        prepare(&mut client, &plan, uid, &label).map_err(|e| fail(&e))
     } else if args.save_dir.join(format!("{}.save", domain.name)).exists() {
         Ok(())
     } else {
@@ -102,12 +104,43 @@ fn qemu_uid(domain: &Domain, qemu_conf: &Path) -> Result<u32, String> {
         })
 }
 
+/// `KEY = "VALUE"` in qemu.conf, if set.
+fn conf_value(conf: &str, key: &str) -> Option<String> {
+    conf.lines().find_map(|line| {
+        let (k, value) = line.split_once('=')?;
+        (k.trim() == key).then(|| value.trim().trim_matches('"').to_string())
+    })
+}
+
 /// `user = "NAME"` in qemu.conf, if set.
 fn conf_user(conf: &str) -> Option<String> {
-    conf.lines().find_map(|line| {
-        let (key, value) = line.split_once('=')?;
-        (key.trim() == "user").then(|| value.trim().trim_matches('"').to_string())
-    })
+    conf_value(conf, "user")
+}
+
+/// Whether the kernel runs AppArmor, so that libvirt confines each QEMU in its own profile.
+fn apparmor_enabled() -> bool {
+    std::fs::read_to_string("/sys/module/apparmor/parameters/enabled")
+        .is_ok_and(|v| v.trim() == "Y")
+}
+
+/// The security label the domain's QEMU will run under, to bind its leases to: the hook runs
+/// under libvirtd's own label, which must not be the one the leases get. libvirt confines each
+/// QEMU in the AppArmor profile `libvirt-UUID` (or the domain's static `<label>`) when AppArmor
+/// runs and qemu.conf's `security_driver` does not turn it off; otherwise the leases are bound
+/// to no label (owner and mode protect them; SELinux's per-domain contexts are not followed).
+fn qemu_label(domain: &Domain, conf: &str, apparmor: bool) -> BindLabel {
+    let driver = conf_value(conf, "security_driver");
+    let driver_allows = driver.as_deref().is_none_or(|d| d.contains("apparmor"));
+    let named = |label: String| BindLabel::Named(label);
+    match &domain.apparmor {
+        Some((kind, _)) if kind == "none" => BindLabel::Unbound,
+        Some((_, Some(label))) => named(label.clone()),
+        _ if !apparmor || !driver_allows => BindLabel::Unbound,
+        _ => match &domain.uuid {
+            Some(uuid) => named(format!("libvirt-{uuid}")),
+            None => BindLabel::Unbound,
+        },
+    }
 }
 
 /// The shim's leases under the plan's prefix as the broker has them now.
@@ -127,7 +160,7 @@ fn holders(lease: &LeaseInfo) -> String {
 /// Makes every planned lease (keeping one that already fits: a restore after a managed save,
 /// a start after a crash), removes ram leases the plan no longer has; on failure removes what
 /// it made.
-fn prepare(client: &mut Client, plan: &Plan, uid: u32) -> Result<(), String> {
+fn prepare(client: &mut Client, plan: &Plan, uid: u32, label: &BindLabel) -> Result<(), String> {
     let existing = current(client, plan)?;
     for stale in existing
         .iter()
@@ -141,8 +174,13 @@ fn prepare(client: &mut Client, plan: &Plan, uid: u32) -> Result<(), String> {
     let mut made = Vec::new();
     for planned in &plan.leases {
         let old = existing.iter().find(|l| l.name == planned.name);
+        let bound = match label {
+            BindLabel::Named(name) => Some(name.as_str()),
+            _ => None,
+        };
         let fits = |l: &LeaseInfo| {
             l.uid == uid
+                && l.label.as_deref() == bound
                 && l.size == planned.size
                 && plan.page_size.is_none_or(|p| p == l.page_size)
                 && plan.pool.as_ref().is_none_or(|p| *p == l.pool)
@@ -158,7 +196,8 @@ fn prepare(client: &mut Client, plan: &Plan, uid: u32) -> Result<(), String> {
         }
         let mut req = CreateLease::new(planned.name.clone(), planned.size)
             .persistent(true)
-            .mode(0o600);
+            .mode(0o600)
+            .label(label.clone());
         req.owner = Some(uid);
         req.page_size = plan.page_size;
         req.pool = plan.pool.clone();
@@ -219,5 +258,40 @@ mod tests {
         assert_eq!(qemu_uid(&d, Path::new("/nonexistent")), Ok(4242));
         let root = Domain::parse(&xml.replace("+4242:+4242", "root:root")).unwrap();
         assert_eq!(qemu_uid(&root, Path::new("/nonexistent")), Ok(0));
+    }
+
+    #[test]
+    fn leases_are_bound_to_the_label_qemu_will_run_under() {
+        let uuid = "5a1c1d9e-32ad-4a4b-9b2a-4b1f3a6c2d10";
+        let xml = |seclabel: &str| {
+            format!(
+                "<domain><name>d</name><uuid>{uuid}</uuid><memory>1024</memory>{seclabel}</domain>"
+            )
+        };
+        let plain = Domain::parse(&xml("")).unwrap();
+        let per_domain = BindLabel::Named(format!("libvirt-{uuid}"));
+        // AppArmor on: libvirt's per-domain profile, never the hook's own (libvirtd's) label.
+        assert_eq!(qemu_label(&plain, "", true), per_domain);
+        assert_eq!(
+            qemu_label(&plain, "security_driver = \"apparmor\"\n", true),
+            per_domain
+        );
+        // No AppArmor, or libvirt told not to use it: bound to no label.
+        assert_eq!(qemu_label(&plain, "", false), BindLabel::Unbound);
+        assert_eq!(
+            qemu_label(&plain, "security_driver = \"none\"\n", true),
+            BindLabel::Unbound
+        );
+        // The domain's own word wins.
+        let none = Domain::parse(&xml("<seclabel type='none' model='apparmor'/>")).unwrap();
+        assert_eq!(qemu_label(&none, "", true), BindLabel::Unbound);
+        let fixed = Domain::parse(&xml(
+            "<seclabel type='static' model='apparmor'><label>vm-profile</label></seclabel>",
+        ))
+        .unwrap();
+        assert_eq!(
+            qemu_label(&fixed, "", true),
+            BindLabel::Named("vm-profile".into())
+        );
     }
 }
