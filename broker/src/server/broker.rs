@@ -16,6 +16,7 @@ use rustix::fs::{Mode, OFlags};
 
 use crate::error::{WireError, error_chain};
 use crate::journal::Journal;
+use crate::metrics::Metrics;
 use crate::namespace::{Freed, Namespace, NsError, Peer};
 use crate::notify::Notifier;
 use crate::pool::{Allocation, Pool};
@@ -141,6 +142,7 @@ pub struct Broker {
     handover: parking_lot::Mutex<Option<(OwnedFd, OwnedFd)>>,
     /// This instance, for `Hello`: a restart or upgrade changes it.
     instance: String,
+    metrics: Arc<Metrics>,
 }
 
 impl Broker {
@@ -156,6 +158,10 @@ impl Broker {
         let started = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
+        let metrics = Arc::new(Metrics::default());
+        if let Some(journal) = &journal {
+            journal.time_syncs(metrics.journal_sync());
+        }
         Broker {
             pools,
             ns: Mutex::new(ns),
@@ -171,7 +177,23 @@ impl Broker {
                 started.as_secs(),
                 started.subsec_millis()
             ),
+            metrics,
         }
+    }
+
+    /// What the broker counts.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The metrics' text now (Prometheus exposition format).
+    pub fn metrics_text(&self) -> String {
+        let (pools, states) = {
+            let ns = self.ns.lock();
+            (ns.df(), ns.lease_states())
+        };
+        let pools = self.with_usage(pools).into_iter().zip(states).collect();
+        self.metrics.encode(crate::metrics::State { pools })
     }
 
     /// The systemd notifier, if started by systemd.
@@ -211,6 +233,14 @@ impl Broker {
 
     /// Answers one decoded request of a connection; `version` is the one its header carries.
     pub fn handle(&self, session: &mut Session, version: u16, request: Request) -> Reply {
+        let started = std::time::Instant::now();
+        let op = crate::metrics::Op::of(&request);
+        let reply = self.answer(session, version, request);
+        self.metrics.request(op, &reply.response, started.elapsed());
+        reply
+    }
+
+    fn answer(&self, session: &mut Session, version: u16, request: Request) -> Reply {
         let agreed = match (session.version, request) {
             (
                 None,
@@ -530,7 +560,12 @@ impl Broker {
     /// The namespace's accounting, completed by what pools track themselves (device-dax: free
     /// aligned space, bytes being scrubbed, quarantined bytes).
     fn df(&self) -> Vec<PoolInfo> {
-        let mut pools = self.ns.lock().df();
+        let pools = self.ns.lock().df();
+        self.with_usage(pools)
+    }
+
+    /// Completes the namespace's `df` with what the pools track themselves.
+    fn with_usage(&self, mut pools: Vec<PoolInfo>) -> Vec<PoolInfo> {
         for (info, pool) in pools.iter_mut().zip(&self.pools) {
             if let Some(usage) = pool.usage() {
                 info.free = usage.free;

@@ -86,6 +86,7 @@ impl Shared {
         let uid = conn.session.peer.uid;
         conn.end(&self.broker, end);
         self.count.lock().release(uid);
+        self.broker.metrics().disconnected();
         // After a flood, give back the table's memory.
         let mut idle = self.idle.lock();
         if idle.capacity() > 1024 && idle.len() * 8 < idle.capacity() {
@@ -483,5 +484,6 @@ impl Loop {
         self.hello
             .push_back((conn.accepted + self.limits.hello_timeout, id));
         idle.insert(id, conn);
+        self.shared.broker.metrics().connected();
     }
 }
