@@ -164,7 +164,8 @@ pub fn run(socket: &Path, args: ServeArgs) -> Result<(), String> {
     let quotas = quotas(&args.quotas)?;
     let started = Instant::now();
     let listener = match (inherited.listener, inherited.lock) {
-        (Some(sock), Some(lock)) => Listener::adopt(sock, lock, socket),
+        (Some(sock), Some(lock)) => Listener::adopt(sock, lock, socket, inherited.activated),
+        (Some(sock), None) => Listener::activated(sock, socket).map_err(|e| error_chain(&e))?,
         _ => Listener::bind(socket, socket_gid).map_err(|e| error_chain(&e))?,
     };
     if !inherited.source.is_empty() {
@@ -175,6 +176,10 @@ pub fn run(socket: &Path, args: ServeArgs) -> Result<(), String> {
         );
     }
     let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
+    let notifier = crate::notify::Notifier::from_env();
+    if let Some(n) = &notifier {
+        n.step("replaying the journal");
+    }
     let (journal, replayed) =
         Journal::open(&state_dir, !args.no_sync).map_err(|e| error_chain(&e))?;
     let journal = Arc::new(journal);
@@ -183,7 +188,6 @@ pub fn run(socket: &Path, args: ServeArgs) -> Result<(), String> {
     } else {
         args.pools
     };
-    let notifier = crate::notify::Notifier::from_env();
     let (pools, mut namespace) = restore::restore(
         &specs,
         &replayed,
@@ -203,7 +207,7 @@ pub fn run(socket: &Path, args: ServeArgs) -> Result<(), String> {
         notifier,
     ));
     match listener.duplicate() {
-        Ok((sock, lock)) => broker.set_handover(sock, lock),
+        Ok((sock, lock)) => broker.set_handover(sock, lock, listener.is_activated()),
         Err(e) => {
             tracing::warn!(error = %e, "cannot keep hand-over fds; `membroker upgrade` will fail")
         }

@@ -138,8 +138,9 @@ pub struct Broker {
     /// the process image is replaced.
     ops: parking_lot::RwLock<()>,
     notifier: Option<Notifier>,
-    /// Duplicates of the listening socket and the lock file, inherited by an upgrade.
-    handover: parking_lot::Mutex<Option<(OwnedFd, OwnedFd)>>,
+    /// Duplicates of the listening socket and the lock file, and whether the socket is
+    /// systemd's, inherited by an upgrade.
+    handover: parking_lot::Mutex<Option<(OwnedFd, OwnedFd, bool)>>,
     /// This instance, for `Hello`: a restart or upgrade changes it.
     instance: String,
     metrics: Arc<Metrics>,
@@ -201,9 +202,10 @@ impl Broker {
         self.notifier.as_ref()
     }
 
-    /// What an upgrade hands over besides the leases: the listening socket and lock file.
-    pub fn set_handover(&self, listener: OwnedFd, lock: OwnedFd) {
-        *self.handover.lock() = Some((listener, lock));
+    /// What an upgrade hands over besides the leases: the listening socket and lock file;
+    /// `activated`: the socket is systemd's.
+    pub fn set_handover(&self, listener: OwnedFd, lock: OwnedFd, activated: bool) {
+        *self.handover.lock() = Some((listener, lock, activated));
     }
 
     /// The identity of a connection: `groups` are its supplementary groups, `label` its
@@ -627,7 +629,7 @@ impl Broker {
         }
         let _quiet = self.ops.write();
         let handover = self.handover.lock();
-        let Some((listener, lock)) = handover.as_ref() else {
+        let Some((listener, lock, activated)) = handover.as_ref() else {
             return Err("this broker has no hand-over state (started without a listener)".into());
         };
         let memory = self.ns.lock().memory();
@@ -641,13 +643,14 @@ impl Broker {
                 .into_iter()
                 .chain(memfds.iter().map(|(_, fd)| *fd))
         };
-        let prepared = match crate::handover::prepare(listener.as_fd(), lock.as_fd(), &memfds) {
-            Ok(prepared) => prepared,
-            Err(e) => {
-                crate::handover::restore_cloexec(all());
-                return Err(format!("cannot prepare the hand-over: {e}"));
-            }
-        };
+        let prepared =
+            match crate::handover::prepare(listener.as_fd(), lock.as_fd(), *activated, &memfds) {
+                Ok(prepared) => prepared,
+                Err(e) => {
+                    crate::handover::restore_cloexec(all());
+                    return Err(format!("cannot prepare the hand-over: {e}"));
+                }
+            };
         tracing::info!(exe = %exe.display(), leases = memory.len(), "upgrading: re-executing the broker");
         // execve itself: a file the kernel refuses (truncated, not a program) fails here and
         // this broker goes on, instead of glibc retrying it with /bin/sh.

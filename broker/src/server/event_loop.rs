@@ -136,6 +136,9 @@ struct Loop {
     /// Connections closed for saying no Hello in time (a flood of idle ones is expected).
     silent: Throttle,
     work: crossbeam_channel::Sender<Conn>,
+    /// systemd's watchdog, if on: how often to tell it the loop is alive, and when next. Told
+    /// from this thread, so a loop that hangs is restarted.
+    watchdog: Option<(Duration, Instant)>,
 }
 
 /// Serves `listener` until SIGTERM or SIGINT, then closes every connection and returns.
@@ -187,6 +190,11 @@ pub fn run(broker: Arc<Broker>, listener: Listener, limits: ConnLimits) -> Resul
         refused: Throttle::default(),
         silent: Throttle::default(),
         work,
+        watchdog: shared
+            .broker
+            .notifier()
+            .and_then(|n| n.watchdog_interval())
+            .map(|every| (every, Instant::now())),
     };
     tracing::info!(
         socket = %listener.path().display(),
@@ -276,12 +284,24 @@ impl Loop {
     fn next_timer(&self) -> Instant {
         let tick = Instant::now() + TICK;
         let hello = self.hello.front().map_or(tick, |(at, _)| *at);
-        hello.min(self.paused_until.unwrap_or(tick)).min(tick)
+        let watchdog = self.watchdog.map_or(tick, |(_, at)| at);
+        hello
+            .min(self.paused_until.unwrap_or(tick))
+            .min(watchdog)
+            .min(tick)
     }
 
     /// Closes connections past their `Hello` deadline; lets the listener work again.
     fn timers(&mut self, listener: &Listener) {
         let now = Instant::now();
+        if let Some((every, at)) = &mut self.watchdog
+            && *at <= now
+        {
+            if let Some(n) = self.shared.broker.notifier() {
+                n.alive();
+            }
+            *at = now + *every;
+        }
         while let Some(&(deadline, id)) = self.hello.front() {
             if deadline > now {
                 break;
