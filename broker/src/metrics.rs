@@ -259,7 +259,8 @@ impl Collector for Scrape {
             &mut encoder,
             "membroker_leases",
             "Leases by pool and state: held, idle (persistent, unheld), removed (memory kept \
-             until the last holder goes), orphaned (restored, holders not back yet).",
+             until the last holder goes), orphaned (not persistent, restored after a restart, holders \
+             not back yet).",
             states,
         )?;
         gauges(

@@ -11,6 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use membroker_client::{CreateLease, ErrorCode};
+use membroker_tests::systemd::Service;
 use membroker_tests::{TestBroker, wait_until};
 
 const MIB: u64 = 1 << 20;
@@ -28,19 +29,30 @@ fn broker_with_metrics(extra: &[&str]) -> (TestBroker, SocketAddr) {
     ];
     args.extend_from_slice(extra);
     let broker = TestBroker::start(&args);
+    let addr = metrics_addr(|| broker.log(), 1);
+    (broker, addr)
+}
+
+/// The address the `nth` start logged it serves metrics on (port 0 picks a new one each time).
+fn metrics_addr(log: impl Fn() -> String, nth: usize) -> SocketAddr {
     let mut addr = None;
     wait_until(
         Duration::from_secs(10),
         "the metrics address in the log",
         || {
-            addr = broker.log().lines().find_map(|line| {
-                let rest = line.split("bound=").nth(1)?;
-                rest.split_whitespace().next()?.parse().ok()
-            });
+            let log = log();
+            let found: Vec<SocketAddr> = log
+                .lines()
+                .filter_map(|line| {
+                    let rest = line.split("bound=").nth(1)?;
+                    rest.split_whitespace().next()?.parse().ok()
+                })
+                .collect();
+            addr = found.get(nth - 1).copied();
             addr.is_some()
         },
     );
-    (broker, addr.expect("found"))
+    addr.expect("found")
 }
 
 /// One HTTP/1.0 request; returns the status line, the headers and the body.
@@ -213,6 +225,41 @@ fn leases_of(s: &BTreeMap<String, f64>, pool: &str, state: &str) -> u64 {
         s,
         &format!("membroker_leases{{pool=\"{pool}\",state=\"{state}\"}}"),
     )
+}
+
+#[test]
+fn a_restored_lease_counts_as_orphaned_until_its_holder_is_back() {
+    let args = ["--pool", "memfd:main:64M", "--metrics", "127.0.0.1:0"];
+    let mut svc = Service::start(&args);
+    let mut client = svc.client();
+    let _lease = client.create(CreateLease::new("vm/ram", MIB)).unwrap();
+    svc.kill9();
+    svc.restart();
+    let addr = metrics_addr(|| svc.log(), 2);
+    let s = samples(&scrape(addr));
+    assert_eq!(
+        (
+            leases_of(&s, "main", "orphaned"),
+            leases_of(&s, "main", "held")
+        ),
+        (1, 0),
+        "restored from the fd store, its holder not back"
+    );
+    let mut again = svc.client();
+    let _back = again.open("vm/ram", true).unwrap();
+    let s = samples(&scrape(addr));
+    assert_eq!(
+        (
+            leases_of(&s, "main", "orphaned"),
+            leases_of(&s, "main", "held")
+        ),
+        (0, 1)
+    );
+    assert_eq!(
+        value(&s, "membroker_requests_total{op=\"open\",result=\"ok\"}"),
+        1,
+        "counters start again with the process"
+    );
 }
 
 #[test]

@@ -887,7 +887,7 @@ impl Namespace {
             let states = &mut out[entry.pool];
             match entry {
                 e if e.removed => states.removed += 1,
-                e if e.orphan => states.orphaned += 1,
+                e if e.orphan && !e.lease.persistent => states.orphaned += 1,
                 e if e.holders.is_empty() => states.idle += 1,
                 _ => states.held += 1,
             }
@@ -905,7 +905,8 @@ pub struct LeaseStates {
     pub idle: u64,
     /// Removed by name, memory kept until its last holder goes.
     pub removed: u64,
-    /// Restored after a restart, its holders not back yet (`--reattach-grace`).
+    /// Not persistent, restored after a restart, its holders not back yet (released after
+    /// `--reattach-grace`).
     pub orphaned: u64,
 }
 
