@@ -677,6 +677,11 @@ impl Broker {
         self.give_back(freed);
     }
 
+    /// Whether the namespace can be taken within `wait` (for the watchdog).
+    pub fn responsive(&self, wait: std::time::Duration) -> bool {
+        self.ns.try_lock_for(wait).is_some()
+    }
+
     /// Leases, for logs.
     pub fn lease_count(&self) -> usize {
         self.ns.lock().df().iter().map(|p| p.leases as usize).sum()

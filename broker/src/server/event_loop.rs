@@ -297,10 +297,18 @@ impl Loop {
         if let Some((every, at)) = &mut self.watchdog
             && *at <= now
         {
-            if let Some(n) = self.shared.broker.notifier() {
-                n.alive();
+            // Alive means this loop runs and requests can take the namespace: a worker stuck
+            // holding it (a deadlock) stops the pings too, and systemd restarts the broker.
+            let broker = &self.shared.broker;
+            match broker.notifier() {
+                Some(n) if broker.responsive(*every / 4) => n.alive(),
+                Some(_) => tracing::error!(
+                    "the namespace has been locked for {:?}; not telling the watchdog this broker is alive",
+                    *every / 4
+                ),
+                None => {}
             }
-            *at = now + *every;
+            *at = Instant::now() + *every;
         }
         while let Some(&(deadline, id)) = self.hello.front() {
             if deadline > now {
