@@ -59,7 +59,7 @@ const RESULTS: [&str; 10] = [
     "internal",
 ];
 
-/// A request's kind: its slot in [`OPS`].
+/// A request's kind: its slot among the `op` labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Op(usize);
 
