@@ -1,6 +1,8 @@
 //! File descriptors that outlive a broker process: `membroker upgrade` re-executes the broker
 //! with its listening socket, lock file and memfd leases inherited, and under systemd the memfd
-//! leases also live in the service's fd store (`FDSTORE=1`), which survives even a crash.
+//! leases also live in the service's fd store (`FDSTORE=1`), which survives even a crash. With
+//! a socket unit (`membroker.socket`) systemd owns the listening socket and passes it in too,
+//! so clients queue in its backlog while the broker restarts.
 
 use std::collections::HashMap;
 use std::io::{Read, Seek};
@@ -10,7 +12,8 @@ use crate::sys::{remove_env, take_inherited_fd};
 
 /// Environment variable carrying the upgrade hand-over: `listen=FD;lock=FD;leases=FD`, where
 /// the last fd is a memfd listing `ID FD` per line (one environment variable is capped at
-/// 128 KiB, far too small for tens of thousands of leases).
+/// 128 KiB, far too small for tens of thousands of leases), and `;activated=1` when the
+/// listening socket is systemd's.
 pub const HANDOVER_ENV: &str = "MEMBROKER_HANDOVER";
 
 /// What a starting broker inherited.
@@ -22,6 +25,9 @@ pub struct Inherited {
     pub leases: HashMap<u64, OwnedFd>,
     /// Where they came from, for the log ("" when nothing was inherited).
     pub source: &'static str,
+    /// The listening socket is systemd's (a socket unit): the broker neither binds nor
+    /// removes the socket file.
+    pub activated: bool,
 }
 
 fn inherited_fd(text: &str) -> Option<OwnedFd> {
@@ -55,6 +61,7 @@ pub fn take() -> Inherited {
             match part.split_once('=') {
                 Some(("listen", fd)) => inherited.listener = inherited_fd(fd),
                 Some(("lock", fd)) => inherited.lock = inherited_fd(fd),
+                Some(("activated", "1")) => inherited.activated = true,
                 Some(("leases", fd)) => {
                     for (id, raw) in inherited_fd(fd).map(read_list).unwrap_or_default() {
                         if let Some(fd) = take_inherited_fd(raw) {
@@ -77,7 +84,7 @@ pub fn take() -> Inherited {
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
     if ours && count > 0 {
-        inherited.source = "systemd fd store";
+        inherited.source = "systemd";
         let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
         let names: Vec<&str> = names.split(':').collect();
         for i in 0..count {
@@ -90,7 +97,15 @@ pub fn take() -> Inherited {
                 Some(id) => {
                     inherited.leases.insert(id, fd);
                 }
-                None => tracing::warn!(fd = 3 + i, name, "unknown fd from systemd; closed"),
+                None if is_listening_seqpacket(&fd) && inherited.listener.is_none() => {
+                    inherited.listener = Some(fd);
+                    inherited.activated = true;
+                }
+                None => tracing::warn!(
+                    fd = 3 + i,
+                    name,
+                    "unknown fd from systemd (a socket unit must be ListenSequentialPacket=); closed"
+                ),
             }
         }
     }
@@ -98,6 +113,13 @@ pub fn take() -> Inherited {
         remove_env(var);
     }
     inherited
+}
+
+/// Whether `fd` is a listening `SOCK_SEQPACKET` socket (what `ListenSequentialPacket=` makes).
+fn is_listening_seqpacket(fd: &OwnedFd) -> bool {
+    use rustix::net::sockopt;
+    sockopt::socket_type(fd).is_ok_and(|t| t == rustix::net::SocketType::SEQPACKET)
+        && sockopt::socket_acceptconn(fd).unwrap_or(false)
 }
 
 /// A prepared hand-over: the environment value, and the memfd listing the leases (it must
@@ -113,6 +135,7 @@ pub struct Prepared {
 pub fn prepare(
     listener: BorrowedFd<'_>,
     lock: BorrowedFd<'_>,
+    activated: bool,
     leases: &[(u64, BorrowedFd<'_>)],
 ) -> rustix::io::Result<Prepared> {
     let inherit = |fd: BorrowedFd<'_>| rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty());
@@ -129,12 +152,15 @@ pub fn prepare(
     }
     inherit(listener)?;
     inherit(lock)?;
-    let env = format!(
+    let mut env = format!(
         "listen={};lock={};leases={}",
         listener.as_raw_fd(),
         lock.as_raw_fd(),
         list.as_raw_fd()
     );
+    if activated {
+        env.push_str(";activated=1");
+    }
     Ok(Prepared { env, list })
 }
 

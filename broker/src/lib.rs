@@ -6,6 +6,7 @@ pub mod cli;
 pub mod error;
 pub mod handover;
 pub mod journal;
+pub mod metrics;
 pub mod namespace;
 pub mod notify;
 pub mod pool;

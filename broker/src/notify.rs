@@ -1,9 +1,12 @@
 //! The systemd side of a `Type=notify` service (sd_notify), written out: readiness, status,
-//! stopping, and the fd store that keeps memfd leases alive across a broker crash.
+//! stopping, the watchdog (`WatchdogSec=`), start-up steps that extend the start timeout
+//! (`EXTEND_TIMEOUT_USEC=`), and the fd store that keeps memfd leases alive across a broker
+//! crash.
 
 use std::io::IoSlice;
 use std::mem::MaybeUninit;
 use std::os::fd::{BorrowedFd, OwnedFd};
+use std::time::Duration;
 
 use rustix::net::{
     AddressFamily, SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketAddrUnix,
@@ -15,6 +18,21 @@ use rustix::net::{
 pub struct Notifier {
     sock: OwnedFd,
     addr: SocketAddrUnix,
+    /// `WATCHDOG_USEC`, when systemd watches this process.
+    watchdog: Option<Duration>,
+}
+
+/// How long one start-up step (replaying the journal, restoring one pool) may take before
+/// systemd gives up on the start.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The watchdog timeout systemd set for this process (`WATCHDOG_USEC`, for this pid if
+/// `WATCHDOG_PID` says whom).
+fn watchdog_from_env() -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    let pid = std::env::var("WATCHDOG_PID").ok();
+    let ours = rustix::process::getpid().as_raw_nonzero().get().to_string();
+    (usec > 0 && pid.is_none_or(|p| p == ours)).then(|| Duration::from_micros(usec))
 }
 
 /// fd-store name of a lease.
@@ -38,7 +56,11 @@ impl Notifier {
             None,
         );
         match (addr, sock) {
-            (Ok(addr), Ok(sock)) => Some(Notifier { sock, addr }),
+            (Ok(addr), Ok(sock)) => Some(Notifier {
+                sock,
+                addr,
+                watchdog: watchdog_from_env(),
+            }),
             (Err(e), _) | (_, Err(e)) => {
                 tracing::warn!(error = %e, "NOTIFY_SOCKET is set but unusable; not notifying systemd");
                 None
@@ -66,7 +88,38 @@ impl Notifier {
     }
 
     pub fn ready(&self, status: &str) {
-        self.send(&format!("READY=1\nSTATUS={status}"), &[]);
+        let mut state = format!("READY=1\nSTATUS={status}");
+        if let Some(timeout) = self.watchdog {
+            // Back to the configured timeout after the start-up steps (see [`Notifier::step`]).
+            state.push_str(&format!(
+                "\nWATCHDOG=1\nWATCHDOG_USEC={}",
+                timeout.as_micros()
+            ));
+        }
+        self.send(&state, &[]);
+    }
+
+    /// A start-up step begins (`what`, shown as the status): systemd's start timeout is
+    /// extended to [`STEP_TIMEOUT`] from now, and so is the watchdog's (an upgrade restores
+    /// under the watchdog), until [`Notifier::ready`].
+    pub fn step(&self, what: &str) {
+        let usec = STEP_TIMEOUT.as_micros();
+        let mut state = format!("EXTEND_TIMEOUT_USEC={usec}\nSTATUS={what}");
+        if let Some(timeout) = self.watchdog {
+            let usec = usec.max(timeout.as_micros());
+            state.push_str(&format!("\nWATCHDOG=1\nWATCHDOG_USEC={usec}"));
+        }
+        self.send(&state, &[]);
+    }
+
+    /// How often to tell the watchdog the broker is alive (half its timeout), if it is on.
+    pub fn watchdog_interval(&self) -> Option<Duration> {
+        self.watchdog.map(|t| t / 2)
+    }
+
+    /// Tells the watchdog the broker is alive.
+    pub fn alive(&self) {
+        self.send("WATCHDOG=1", &[]);
     }
 
     pub fn stopping(&self) {

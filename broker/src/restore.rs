@@ -51,6 +51,9 @@ pub fn restore(
     let (mut memory, mut lost) = (Vec::new(), Vec::new());
     for spec in specs {
         let name = spec.name();
+        if let Some(n) = notifier {
+            n.step(&format!("restoring pool {name}"));
+        }
         if pools.iter().any(|p| p.name == name) {
             return Err(format!("pool {name} is configured twice"));
         }
@@ -144,6 +147,9 @@ pub fn restore(
     freed.extend(lost.iter().map(|(id, _)| Record::Freed { id: *id }));
     if let Err(e) = journal.append_all(&freed) {
         tracing::error!(error = %error_chain(&e), "cannot journal the lost leases as freed");
+    }
+    if let Some(n) = notifier {
+        n.step("compacting the journal");
     }
     if let Err(e) = journal.compact() {
         tracing::error!(error = %error_chain(&e), "journal compaction at start failed");

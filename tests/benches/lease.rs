@@ -176,6 +176,29 @@ fn small_lease_latency(broker: &TestBroker, n: usize) {
     );
 }
 
+/// The cheapest request, `stat` (no journal, no fd): the broker's own per-request cost (the
+/// dispatcher, its metrics, the socket round trip).
+fn stat_latency(broker: &TestBroker, n: usize) {
+    let mut client = broker.client();
+    client
+        .create(CreateLease::new("bench/stat", 4096).persistent(true))
+        .expect("create");
+    let mut took: Vec<Duration> = (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            client.stat("bench/stat").expect("stat");
+            t.elapsed()
+        })
+        .collect();
+    client.remove("bench/stat").expect("remove");
+    let (p50, p99) = (percentile(&mut took, 0.5), percentile(&mut took, 0.99));
+    println!(
+        "stat, {n} requests                       p50 {:>9}  p99 {:>9}",
+        us(p50),
+        us(p99)
+    );
+}
+
 /// Writes one byte per 4 KiB page of a fresh 1 GiB mapping; returns GiB/s.
 fn populate(map: &RawMap) -> f64 {
     let t = Instant::now();
@@ -254,5 +277,6 @@ fn main() {
     round_trips(&broker, PageSize::Base4K, reps);
     round_trips(&broker, PageSize::Huge2M, reps);
     small_lease_latency(&broker, 2000);
+    stat_latency(&broker, 20000);
     populate_all(&broker, reps, with_1g);
 }

@@ -9,6 +9,11 @@
 //! after the fork, so the broker is started as
 //! `bash -c 'move fds to 3..; export LISTEN_PID=$$; exec "$0" "$@"' membroker serve …`: bash
 //! execs the broker in place, so the pid it exported is the broker's.
+//!
+//! Optionally it also plays a socket unit (`ListenSequentialPacket=`: the harness binds and
+//! listens on the broker's socket and passes it first, named like the unit, so clients queue
+//! while no broker runs) and the watchdog (`WATCHDOG_USEC=`; `WATCHDOG=1`, `WATCHDOG_USEC=`
+//! and `EXTEND_TIMEOUT_USEC=` are recorded).
 
 use std::collections::BTreeMap;
 use std::io::{IoSlice, IoSliceMut};
@@ -59,6 +64,12 @@ pub struct Notified {
     pub removed: u64,
     /// `FDSTOREREMOVE=1` for a name the store did not hold.
     pub removed_unknown: Vec<String>,
+    /// When each `WATCHDOG=1` arrived.
+    pub watchdog: Vec<Instant>,
+    /// The last `WATCHDOG_USEC=` the broker set.
+    pub watchdog_usec: Option<u64>,
+    /// `EXTEND_TIMEOUT_USEC=` values with the `STATUS=` sent with them.
+    pub extended: Vec<(u64, String)>,
     /// Protocol problems systemd would log: fds without `FDSTORE=1`, bad names, truncated
     /// control data, messages from a process other than the main one.
     pub errors: Vec<String>,
@@ -112,6 +123,10 @@ pub struct Service {
     sync_seq: u64,
     /// Start time of the last spawn (for start-up benchmarks).
     spawned_at: Option<Instant>,
+    /// The socket unit's listening socket, when playing one.
+    socket_unit: Option<OwnedFd>,
+    /// `WATCHDOG_USEC` given to the broker.
+    watchdog: Option<Duration>,
 }
 
 impl Service {
@@ -168,12 +183,42 @@ impl Service {
             receiver: Some(receiver),
             sync_seq: 0,
             spawned_at: None,
+            socket_unit: None,
+            watchdog: None,
         }
+    }
+
+    /// Plays `membroker.socket`: binds and listens on the broker's socket now and passes it
+    /// to every start, like systemd's socket unit. The socket file stays between starts.
+    pub fn with_socket_unit(mut self) -> Service {
+        let sock = rustix::net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .expect("socket");
+        let addr = SocketAddrUnix::new(self.socket.as_path()).expect("socket path");
+        rustix::net::bind(&sock, &addr).expect("bind the socket unit's socket");
+        rustix::net::listen(&sock, 128).expect("listen");
+        self.socket_unit = Some(sock);
+        self
+    }
+
+    /// Turns systemd's watchdog on for every start (`WATCHDOG_USEC`).
+    pub fn with_watchdog(mut self, timeout: Duration) -> Service {
+        self.watchdog = Some(timeout);
+        self
     }
 
     /// Runs another binary at the next start (the same launch, arguments and fds).
     pub fn set_exe(&mut self, exe: &Path) {
         self.exe = exe.to_path_buf();
+    }
+
+    /// Serves `path` at the next start (`--socket`); a socket unit stays where it is.
+    pub fn set_socket(&mut self, path: &Path) {
+        self.socket = path.to_path_buf();
     }
 
     /// Replaces the `serve` arguments for the next start (e.g. other pools).
@@ -311,10 +356,18 @@ impl Service {
         // broker each need an fd per lease already.)
         let shared = self.shared.clone();
         let mut notified = shared.0.lock().expect("notify state");
-        let mut order: Vec<(i32, &str, &OwnedFd)> = notified
-            .store
+        // systemd passes a socket unit's fds first, named after the unit (or its
+        // FileDescriptorName=); then the fd store's.
+        let mut order: Vec<(i32, &str, &OwnedFd)> = self
+            .socket_unit
             .iter()
-            .map(|(name, fd)| (fd.as_raw_fd(), name.as_str(), fd))
+            .map(|fd| (fd.as_raw_fd(), "membroker.socket", fd))
+            .chain(
+                notified
+                    .store
+                    .iter()
+                    .map(|(name, fd)| (fd.as_raw_fd(), name.as_str(), fd)),
+            )
             .collect();
         order.sort_by_key(|(raw, _, _)| *raw);
         for (_, _, fd) in &order {
@@ -327,6 +380,10 @@ impl Service {
                 .env("LISTEN_FDS", order.len().to_string())
                 .env("LISTEN_FDNAMES", names.join(":"));
         }
+        match self.watchdog {
+            Some(timeout) => cmd.env("WATCHDOG_USEC", timeout.as_micros().to_string()),
+            None => cmd.env_remove("WATCHDOG_USEC"),
+        };
         self.spawned_at = Some(Instant::now());
         let spawned = cmd.spawn();
         for (_, _, fd) in &order {
@@ -600,6 +657,24 @@ fn handle(n: &mut Notified, text: &str, mut fds: Vec<OwnedFd>, sender: Option<i3
     }
     if fields.get("STOPPING") == Some(&"1") {
         n.stopping += 1;
+    }
+    if fields.get("WATCHDOG") == Some(&"1") {
+        n.watchdog.push(Instant::now());
+    }
+    if let Some(usec) = fields.get("WATCHDOG_USEC") {
+        match usec.parse() {
+            Ok(usec) => n.watchdog_usec = Some(usec),
+            Err(_) => n.errors.push(format!("bad WATCHDOG_USEC={usec}")),
+        }
+    }
+    if let Some(usec) = fields.get("EXTEND_TIMEOUT_USEC") {
+        match usec.parse() {
+            Ok(usec) => {
+                let status = fields.get("STATUS").copied().unwrap_or("").to_string();
+                n.extended.push((usec, status));
+            }
+            Err(_) => n.errors.push(format!("bad EXTEND_TIMEOUT_USEC={usec}")),
+        }
     }
     let name = fields.get("FDNAME").copied();
     if let Some(name) = name.filter(|name| !valid_fd_name(name)) {

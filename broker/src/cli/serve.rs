@@ -77,6 +77,17 @@ pub struct ServeArgs {
     /// the soft limit is raised to the hard one (LimitNOFILE); a lower N keeps it at N.
     #[arg(long, value_name = "N")]
     open_file_limit: Option<u64>,
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9464 (anyone who can
+    /// reach ADDR may read them: pool usage and request counts, no lease names).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
+    /// Write the metrics to PATH (e.g. /var/lib/prometheus/node-exporter/membroker.prom) for
+    /// node_exporter's textfile collector, every --metrics-interval seconds.
+    #[arg(long, value_name = "PATH")]
+    metrics_textfile: Option<PathBuf>,
+    /// How often --metrics-textfile is rewritten.
+    #[arg(long, value_name = "SECONDS", default_value_t = 15.0)]
+    metrics_interval: f64,
 }
 
 /// `serve --bind-labels`.
@@ -154,7 +165,8 @@ pub fn run(socket: &Path, args: ServeArgs) -> Result<(), String> {
     let quotas = quotas(&args.quotas)?;
     let started = Instant::now();
     let listener = match (inherited.listener, inherited.lock) {
-        (Some(sock), Some(lock)) => Listener::adopt(sock, lock, socket),
+        (Some(sock), Some(lock)) => Listener::adopt(sock, lock, socket, inherited.activated),
+        (Some(sock), None) => Listener::activated(sock, socket).map_err(|e| error_chain(&e))?,
         _ => Listener::bind(socket, socket_gid).map_err(|e| error_chain(&e))?,
     };
     if !inherited.source.is_empty() {
@@ -165,6 +177,10 @@ pub fn run(socket: &Path, args: ServeArgs) -> Result<(), String> {
         );
     }
     let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
+    let notifier = crate::notify::Notifier::from_env();
+    if let Some(n) = &notifier {
+        n.step("replaying the journal");
+    }
     let (journal, replayed) =
         Journal::open(&state_dir, !args.no_sync).map_err(|e| error_chain(&e))?;
     let journal = Arc::new(journal);
@@ -173,7 +189,6 @@ pub fn run(socket: &Path, args: ServeArgs) -> Result<(), String> {
     } else {
         args.pools
     };
-    let notifier = crate::notify::Notifier::from_env();
     let (pools, mut namespace) = restore::restore(
         &specs,
         &replayed,
@@ -193,7 +208,7 @@ pub fn run(socket: &Path, args: ServeArgs) -> Result<(), String> {
         notifier,
     ));
     match listener.duplicate() {
-        Ok((sock, lock)) => broker.set_handover(sock, lock),
+        Ok((sock, lock)) => broker.set_handover(sock, lock, listener.is_activated()),
         Err(e) => {
             tracing::warn!(error = %e, "cannot keep hand-over fds; `membroker upgrade` will fail")
         }
@@ -215,6 +230,12 @@ pub fn run(socket: &Path, args: ServeArgs) -> Result<(), String> {
             })
             .map_err(|e| format!("cannot start the grace timer: {e}"))?;
     }
+    start_metrics(
+        &broker,
+        &args.metrics,
+        &args.metrics_textfile,
+        args.metrics_interval,
+    )?;
     if let Some(n) = broker.notifier() {
         n.ready(&format!("serving {leases} leases"));
     }
@@ -230,6 +251,32 @@ pub fn run(socket: &Path, args: ServeArgs) -> Result<(), String> {
         n.stopping();
     }
     result
+}
+
+/// `--metrics` and `--metrics-textfile`: threads of their own that read the broker's state.
+fn start_metrics(
+    broker: &Arc<Broker>,
+    addr: &Option<std::net::SocketAddr>,
+    textfile: &Option<PathBuf>,
+    interval: f64,
+) -> Result<(), String> {
+    let render = || {
+        let broker = broker.clone();
+        move || broker.metrics_text()
+    };
+    if let Some(addr) = addr {
+        let bound = crate::metrics::serve_http(*addr, render())?;
+        tracing::info!(%bound, "serving metrics at /metrics");
+    }
+    if let Some(path) = textfile {
+        let every = Duration::try_from_secs_f64(interval)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| format!("--metrics-interval {interval}: give a positive number"))?;
+        crate::metrics::write_textfile(path.clone(), every, render())?;
+        tracing::info!(path = %path.display(), "writing metrics");
+    }
+    Ok(())
 }
 
 fn init_tracing() {

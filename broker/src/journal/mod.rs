@@ -165,6 +165,8 @@ pub struct Journal {
     durability: Mutex<Durability>,
     /// Signalled when a sync ends.
     synced: Condvar,
+    /// Where each `fdatasync`'s duration goes, once metrics are on ([`Journal::time_syncs`]).
+    sync_timer: std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>,
 }
 
 /// What is known to be on disk.
@@ -243,6 +245,7 @@ impl Journal {
             }),
             durability: Mutex::new(Durability::default()),
             synced: Condvar::new(),
+            sync_timer: std::sync::OnceLock::new(),
             path,
         };
         Ok((journal, replayed))
@@ -250,6 +253,11 @@ impl Journal {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// From now on, records how long each `fdatasync` of the journal takes (seconds).
+    pub fn time_syncs(&self, histogram: prometheus_client::metrics::histogram::Histogram) {
+        let _ = self.sync_timer.set(histogram);
     }
 
     fn io(&self, what: &'static str) -> impl FnOnce(std::io::Error) -> JournalError + '_ {
@@ -358,7 +366,11 @@ impl Journal {
                 let inner = self.inner.lock();
                 (inner.written, inner.file.try_clone())
             };
+            let started = Instant::now();
             let synced = file.and_then(|f| f.sync_data());
+            if let Some(timer) = self.sync_timer.get() {
+                timer.observe(started.elapsed().as_secs_f64());
+            }
             d = self.durability.lock();
             d.syncing = false;
             match synced {

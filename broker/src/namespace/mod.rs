@@ -948,6 +948,35 @@ impl Namespace {
             })
             .collect()
     }
+
+    /// Per pool (in pool order), how many of its leases are in each state.
+    pub fn lease_states(&self) -> Vec<LeaseStates> {
+        let mut out = vec![LeaseStates::default(); self.pools.len()];
+        for entry in self.leases.values() {
+            let states = &mut out[entry.pool];
+            match entry {
+                e if e.removed => states.removed += 1,
+                e if e.orphan && !e.lease.persistent => states.orphaned += 1,
+                e if e.holders.is_empty() => states.idle += 1,
+                _ => states.held += 1,
+            }
+        }
+        out
+    }
+}
+
+/// A pool's leases by state, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LeaseStates {
+    /// Held by at least one connection.
+    pub held: u64,
+    /// Persistent, held by nobody.
+    pub idle: u64,
+    /// Removed by name, memory kept until its last holder goes.
+    pub removed: u64,
+    /// Not persistent, restored after a restart, its holders not back yet (released after
+    /// `--reattach-grace`).
+    pub orphaned: u64,
 }
 
 #[cfg(test)]

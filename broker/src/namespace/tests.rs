@@ -291,6 +291,31 @@ fn persistent_lease_outlives_its_holder_and_release() {
 }
 
 #[test]
+fn lease_states_count_each_lease_once_per_pool() {
+    let mut ns = Namespace::new(pools(), 1);
+    let (alice, bob) = (peer(1, 1000), peer(2, 1000));
+    create(&mut ns, &alice, CreateLease::new("held", 4096)).unwrap();
+    let idle = CreateLease::new("idle", 4096).persistent(true);
+    create(&mut ns, &alice, idle).unwrap();
+    ns.release(&alice, "idle").unwrap();
+    let gone = CreateLease::new("gone", 2 << 20)
+        .persistent(true)
+        .pool("huge");
+    create(&mut ns, &bob, gone).unwrap();
+    ns.remove(&bob, "gone").unwrap();
+    let states = ns.lease_states();
+    let expect = |held, idle, removed| LeaseStates {
+        held,
+        idle,
+        removed,
+        orphaned: 0,
+    };
+    assert_eq!(states, [expect(1, 1, 0), expect(0, 0, 1)]);
+    ns.disconnect(bob.conn);
+    assert_eq!(ns.lease_states()[1], expect(0, 0, 0));
+}
+
+#[test]
 fn poison_reports_are_checked_and_recorded() {
     let mut ns = Namespace::new(pools(), 1);
     let alice = peer(1, 1000);

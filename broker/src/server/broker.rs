@@ -16,6 +16,7 @@ use rustix::fs::{Mode, OFlags};
 
 use crate::error::{WireError, error_chain};
 use crate::journal::Journal;
+use crate::metrics::Metrics;
 use crate::namespace::{Freed, Namespace, NsError, Peer};
 use crate::notify::Notifier;
 use crate::pool::{Allocation, Pool};
@@ -137,10 +138,12 @@ pub struct Broker {
     /// the process image is replaced.
     ops: parking_lot::RwLock<()>,
     notifier: Option<Notifier>,
-    /// Duplicates of the listening socket and the lock file, inherited by an upgrade.
-    handover: parking_lot::Mutex<Option<(OwnedFd, OwnedFd)>>,
+    /// Duplicates of the listening socket and the lock file, and whether the socket is
+    /// systemd's, inherited by an upgrade.
+    handover: parking_lot::Mutex<Option<(OwnedFd, OwnedFd, bool)>>,
     /// This instance, for `Hello`: a restart or upgrade changes it.
     instance: String,
+    metrics: Arc<Metrics>,
 }
 
 impl Broker {
@@ -156,6 +159,10 @@ impl Broker {
         let started = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
+        let metrics = Arc::new(Metrics::default());
+        if let Some(journal) = &journal {
+            journal.time_syncs(metrics.journal_sync());
+        }
         Broker {
             pools,
             ns: Mutex::new(ns),
@@ -171,7 +178,23 @@ impl Broker {
                 started.as_secs(),
                 started.subsec_millis()
             ),
+            metrics,
         }
+    }
+
+    /// What the broker counts.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The metrics' text now (Prometheus exposition format).
+    pub fn metrics_text(&self) -> String {
+        let (pools, states) = {
+            let ns = self.ns.lock();
+            (ns.df(), ns.lease_states())
+        };
+        let pools = self.with_usage(pools).into_iter().zip(states).collect();
+        self.metrics.encode(crate::metrics::State { pools })
     }
 
     /// The systemd notifier, if started by systemd.
@@ -179,9 +202,10 @@ impl Broker {
         self.notifier.as_ref()
     }
 
-    /// What an upgrade hands over besides the leases: the listening socket and lock file.
-    pub fn set_handover(&self, listener: OwnedFd, lock: OwnedFd) {
-        *self.handover.lock() = Some((listener, lock));
+    /// What an upgrade hands over besides the leases: the listening socket and lock file;
+    /// `activated`: the socket is systemd's.
+    pub fn set_handover(&self, listener: OwnedFd, lock: OwnedFd, activated: bool) {
+        *self.handover.lock() = Some((listener, lock, activated));
     }
 
     /// The identity of a connection: `groups` are its supplementary groups, `label` its
@@ -211,6 +235,14 @@ impl Broker {
 
     /// Answers one decoded request of a connection; `version` is the one its header carries.
     pub fn handle(&self, session: &mut Session, version: u16, request: Request) -> Reply {
+        let started = std::time::Instant::now();
+        let op = crate::metrics::Op::of(&request);
+        let reply = self.answer(session, version, request);
+        self.metrics.request(op, &reply.response, started.elapsed());
+        reply
+    }
+
+    fn answer(&self, session: &mut Session, version: u16, request: Request) -> Reply {
         let agreed = match (session.version, request) {
             (
                 None,
@@ -530,7 +562,12 @@ impl Broker {
     /// The namespace's accounting, completed by what pools track themselves (device-dax: free
     /// aligned space, bytes being scrubbed, quarantined bytes).
     fn df(&self) -> Vec<PoolInfo> {
-        let mut pools = self.ns.lock().df();
+        let pools = self.ns.lock().df();
+        self.with_usage(pools)
+    }
+
+    /// Completes the namespace's `df` with what the pools track themselves.
+    fn with_usage(&self, mut pools: Vec<PoolInfo>) -> Vec<PoolInfo> {
         for (info, pool) in pools.iter_mut().zip(&self.pools) {
             if let Some(usage) = pool.usage() {
                 info.free = usage.free;
@@ -592,7 +629,7 @@ impl Broker {
         }
         let _quiet = self.ops.write();
         let handover = self.handover.lock();
-        let Some((listener, lock)) = handover.as_ref() else {
+        let Some((listener, lock, activated)) = handover.as_ref() else {
             return Err("this broker has no hand-over state (started without a listener)".into());
         };
         let memory = self.ns.lock().memory();
@@ -606,13 +643,14 @@ impl Broker {
                 .into_iter()
                 .chain(memfds.iter().map(|(_, fd)| *fd))
         };
-        let prepared = match crate::handover::prepare(listener.as_fd(), lock.as_fd(), &memfds) {
-            Ok(prepared) => prepared,
-            Err(e) => {
-                crate::handover::restore_cloexec(all());
-                return Err(format!("cannot prepare the hand-over: {e}"));
-            }
-        };
+        let prepared =
+            match crate::handover::prepare(listener.as_fd(), lock.as_fd(), *activated, &memfds) {
+                Ok(prepared) => prepared,
+                Err(e) => {
+                    crate::handover::restore_cloexec(all());
+                    return Err(format!("cannot prepare the hand-over: {e}"));
+                }
+            };
         tracing::info!(exe = %exe.display(), leases = memory.len(), "upgrading: re-executing the broker");
         // execve itself: a file the kernel refuses (truncated, not a program) fails here and
         // this broker goes on, instead of glibc retrying it with /bin/sh.
@@ -637,6 +675,11 @@ impl Broker {
             );
         }
         self.give_back(freed);
+    }
+
+    /// Whether the namespace can be taken within `wait` (for the watchdog).
+    pub fn responsive(&self, wait: std::time::Duration) -> bool {
+        self.ns.try_lock_for(wait).is_some()
     }
 
     /// Leases, for logs.

@@ -86,6 +86,7 @@ impl Shared {
         let uid = conn.session.peer.uid;
         conn.end(&self.broker, end);
         self.count.lock().release(uid);
+        self.broker.metrics().disconnected();
         // After a flood, give back the table's memory.
         let mut idle = self.idle.lock();
         if idle.capacity() > 1024 && idle.len() * 8 < idle.capacity() {
@@ -135,6 +136,9 @@ struct Loop {
     /// Connections closed for saying no Hello in time (a flood of idle ones is expected).
     silent: Throttle,
     work: crossbeam_channel::Sender<Conn>,
+    /// systemd's watchdog, if on: how often to tell it the loop is alive, and when next. Told
+    /// from this thread, so a loop that hangs is restarted.
+    watchdog: Option<(Duration, Instant)>,
 }
 
 /// Serves `listener` until SIGTERM or SIGINT, then closes every connection and returns.
@@ -186,6 +190,11 @@ pub fn run(broker: Arc<Broker>, listener: Listener, limits: ConnLimits) -> Resul
         refused: Throttle::default(),
         silent: Throttle::default(),
         work,
+        watchdog: shared
+            .broker
+            .notifier()
+            .and_then(|n| n.watchdog_interval())
+            .map(|every| (every, Instant::now())),
     };
     tracing::info!(
         socket = %listener.path().display(),
@@ -275,12 +284,32 @@ impl Loop {
     fn next_timer(&self) -> Instant {
         let tick = Instant::now() + TICK;
         let hello = self.hello.front().map_or(tick, |(at, _)| *at);
-        hello.min(self.paused_until.unwrap_or(tick)).min(tick)
+        let watchdog = self.watchdog.map_or(tick, |(_, at)| at);
+        hello
+            .min(self.paused_until.unwrap_or(tick))
+            .min(watchdog)
+            .min(tick)
     }
 
     /// Closes connections past their `Hello` deadline; lets the listener work again.
     fn timers(&mut self, listener: &Listener) {
         let now = Instant::now();
+        if let Some((every, at)) = &mut self.watchdog
+            && *at <= now
+        {
+            // Alive means this loop runs and requests can take the namespace: a worker stuck
+            // holding it (a deadlock) stops the pings too, and systemd restarts the broker.
+            let broker = &self.shared.broker;
+            match broker.notifier() {
+                Some(n) if broker.responsive(*every / 4) => n.alive(),
+                Some(_) => tracing::error!(
+                    "the namespace has been locked for {:?}; not telling the watchdog this broker is alive",
+                    *every / 4
+                ),
+                None => {}
+            }
+            *at = Instant::now() + *every;
+        }
         while let Some(&(deadline, id)) = self.hello.front() {
             if deadline > now {
                 break;
@@ -483,5 +512,6 @@ impl Loop {
         self.hello
             .push_back((conn.accepted + self.limits.hello_timeout, id));
         idle.insert(id, conn);
+        self.shared.broker.metrics().connected();
     }
 }

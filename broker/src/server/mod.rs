@@ -25,6 +25,8 @@ pub use limits::{ConnLimits, set_nofile};
 pub enum ServeError {
     #[error("another broker is already serving {} (it holds {}); stop it first or use another --socket", socket.display(), lock.display())]
     AlreadyRunning { socket: PathBuf, lock: PathBuf },
+    #[error("systemd passed a listening socket bound to {bound}, but --socket is {}; make the socket unit's ListenSequentialPacket= and --socket the same path", socket.display())]
+    ForeignSocket { socket: PathBuf, bound: String },
     #[error("{what} {}", path.display())]
     Io {
         what: &'static str,
@@ -52,12 +54,39 @@ fn sys(what: &'static str) -> impl FnOnce(Errno) -> ServeError {
     move |source| ServeError::Sys { what, source }
 }
 
-/// A bound listening socket, guarded by its lock file; the socket file is removed on drop.
+/// A bound listening socket, guarded by its lock file; the socket file is removed on drop
+/// unless systemd owns it (a socket unit).
 #[derive(Debug)]
 pub struct Listener {
     sock: OwnedFd,
     path: PathBuf,
     _lock: File,
+    activated: bool,
+}
+
+/// Takes `<path>.lock`, which guards the socket path: one broker per socket.
+fn take_lock(path: &Path) -> Result<File, ServeError> {
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let lock_path = PathBuf::from(lock_path);
+    let lock = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io("cannot open lock file", &lock_path))?;
+    match rustix::fs::flock(&lock, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(lock),
+        Err(Errno::WOULDBLOCK) => Err(ServeError::AlreadyRunning {
+            socket: path.to_path_buf(),
+            lock: lock_path,
+        }),
+        Err(e) => Err(ServeError::Io {
+            what: "cannot lock",
+            path: lock_path,
+            source: e.into(),
+        }),
+    }
 }
 
 impl Listener {
@@ -77,31 +106,7 @@ impl Listener {
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
                 .map_err(io("cannot chmod", dir))?;
         }
-        let mut lock_path = path.as_os_str().to_owned();
-        lock_path.push(".lock");
-        let lock_path = PathBuf::from(lock_path);
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io("cannot open lock file", &lock_path))?;
-        match rustix::fs::flock(&lock, FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => {}
-            Err(Errno::WOULDBLOCK) => {
-                return Err(ServeError::AlreadyRunning {
-                    socket: path.to_path_buf(),
-                    lock: lock_path,
-                });
-            }
-            Err(e) => {
-                return Err(ServeError::Io {
-                    what: "cannot lock",
-                    path: lock_path,
-                    source: e.into(),
-                });
-            }
-        }
+        let lock = take_lock(path)?;
         // We hold the lock, so any socket file left here is stale.
         match std::fs::remove_file(path) {
             Ok(()) => tracing::info!(socket = %path.display(), "removed stale socket"),
@@ -121,6 +126,7 @@ impl Listener {
             sock,
             path: path.to_path_buf(),
             _lock: lock,
+            activated: false,
         };
         if let Some(gid) = gid {
             rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(gid)))
@@ -132,13 +138,45 @@ impl Listener {
         Ok(listener)
     }
 
-    /// Takes over the listening socket and lock file an upgrade handed over.
-    pub fn adopt(sock: OwnedFd, lock: OwnedFd, path: &Path) -> Listener {
+    /// Serves the listening socket systemd passed (`membroker.socket`), which must be bound to
+    /// `path`; takes the lock file like [`Listener::bind`]. systemd keeps the socket file.
+    pub fn activated(sock: OwnedFd, path: &Path) -> Result<Listener, ServeError> {
+        let bound = rustix::net::getsockname(&sock).map_err(sys("getsockname"))?;
+        let bound = SocketAddrUnix::try_from(bound)
+            .ok()
+            .and_then(|a| a.path().map(|p| p.to_string_lossy().into_owned()));
+        if bound.as_deref().map(Path::new) != Some(path) {
+            return Err(ServeError::ForeignSocket {
+                socket: path.to_path_buf(),
+                bound: bound.unwrap_or_else(|| "no path".into()),
+            });
+        }
+        let lock = take_lock(path)?;
+        // The event loop accepts until EAGAIN. (The flag is on the socket systemd shares with
+        // us; systemd only polls it.)
+        rustix::fs::fcntl_setfl(&sock, rustix::fs::OFlags::NONBLOCK).map_err(sys("fcntl"))?;
+        Ok(Listener {
+            sock,
+            path: path.to_path_buf(),
+            _lock: lock,
+            activated: true,
+        })
+    }
+
+    /// Takes over the listening socket and lock file an upgrade handed over; `activated`:
+    /// the socket is systemd's.
+    pub fn adopt(sock: OwnedFd, lock: OwnedFd, path: &Path, activated: bool) -> Listener {
         Listener {
             sock,
             path: path.to_path_buf(),
             _lock: File::from(lock),
+            activated,
         }
+    }
+
+    /// Whether the socket is systemd's (a socket unit).
+    pub fn is_activated(&self) -> bool {
+        self.activated
     }
 
     pub fn path(&self) -> &Path {
@@ -156,6 +194,8 @@ impl Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if !self.activated {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
