@@ -268,8 +268,12 @@ pub fn df(socket: &Path, as_json: bool) -> Result<(), String> {
             "SCRUBBING",
             "QUARANTINED",
             "LEASES",
+            "KERNEL",
+            "BROKER",
         ],
-        &[false, false, true, true, true, true, true, true, true],
+        &[
+            false, false, true, true, true, true, true, true, true, true, true,
+        ],
     );
     for p in &pools {
         let name = if p.default {
@@ -287,6 +291,8 @@ pub fn df(socket: &Path, as_json: bool) -> Result<(), String> {
             format_size(p.scrubbing),
             format_size(p.quarantined),
             p.leases.to_string(),
+            format_size(p.kernel_overhead),
+            format_size(p.broker_metadata),
         ]);
     }
     print!("{}", t.render());

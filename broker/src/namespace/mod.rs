@@ -876,6 +876,8 @@ impl Namespace {
                 quarantined: 0,
                 leases: p.leases,
                 default: i == self.default_pool,
+                kernel_overhead: 0,
+                broker_metadata: 0,
             })
             .collect()
     }

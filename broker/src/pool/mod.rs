@@ -6,6 +6,7 @@
 mod devdax;
 pub mod extents;
 pub mod memfd;
+pub mod overhead;
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
@@ -230,6 +231,8 @@ pub struct Pool {
     pub page_size: PageSize,
     /// Capacity in bytes (admission control limit).
     pub size: u64,
+    /// hugetlb memfd pools: the kernel frees most of their pages' `struct page`s.
+    vmemmap_optimized: bool,
     backend: Backend,
 }
 
@@ -259,6 +262,8 @@ impl Pool {
                 kind: PoolKind::Memfd,
                 page_size: *page_size,
                 size: *size,
+                vmemmap_optimized: *page_size != PageSize::Base4K
+                    && overhead::hugetlb_vmemmap_optimized(name, *page_size),
                 backend: Backend::Memfd(MemfdPool::new(name, *page_size)),
             }),
             PoolSpec::Devdax {
@@ -276,6 +281,7 @@ impl Pool {
                     kind: PoolKind::Devdax,
                     page_size: pool.align(),
                     size: pool.size(),
+                    vmemmap_optimized: false,
                     backend: Backend::Devdax(pool),
                 })
             }
@@ -394,6 +400,20 @@ impl Pool {
                 pool: self.name.clone(),
                 source,
             }),
+        }
+    }
+
+    /// The estimate model's inputs (see [`overhead`]) for `used` bytes in `leases` leases and
+    /// `scrubbing` bytes being scrubbed.
+    pub fn footprint(&self, used: u64, scrubbing: u64, leases: u64) -> overhead::Footprint {
+        overhead::Footprint {
+            kind: self.kind,
+            page_size: self.page_size,
+            size: self.size,
+            leased: used + scrubbing,
+            leases,
+            ranges: self.devdax().map_or(0, DevdaxPool::ranges),
+            vmemmap_optimized: self.vmemmap_optimized,
         }
     }
 

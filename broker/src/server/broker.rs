@@ -18,7 +18,7 @@ use crate::error::{WireError, error_chain};
 use crate::journal::Journal;
 use crate::namespace::{Freed, Namespace, NsError, Peer};
 use crate::notify::Notifier;
-use crate::pool::{Allocation, Pool};
+use crate::pool::{Allocation, Pool, overhead};
 
 /// A reply, the fd that travels with it, and what the connection does next.
 #[derive(Debug)]
@@ -537,6 +537,9 @@ impl Broker {
                 info.scrubbing = usage.scrubbing;
                 info.quarantined = usage.quarantined;
             }
+            let footprint = pool.footprint(info.used, info.scrubbing, info.leases);
+            info.kernel_overhead = overhead::kernel_overhead(&footprint);
+            info.broker_metadata = overhead::broker_metadata(&footprint);
         }
         pools
     }

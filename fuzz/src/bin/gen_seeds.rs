@@ -128,6 +128,8 @@ fn responses() -> Vec<Response> {
             quarantined: 2 << 20,
             leases: 1,
             default: true,
+            kernel_overhead: 4 << 20,
+            broker_metadata: 600,
         }]),
         Response::Error {
             code: ErrorCode::NoSpace,

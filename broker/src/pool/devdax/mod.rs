@@ -494,6 +494,14 @@ impl DevdaxPool {
         }
     }
 
+    /// Ranges the allocator tracks (free, leased, quarantined); the one device of a static region.
+    pub fn ranges(&self) -> u64 {
+        if self.whole.is_some() {
+            return 1;
+        }
+        self.extents.lock().ranges().count() as u64
+    }
+
     pub fn usage(&self) -> Usage {
         if let Some((_, size, leased)) = &self.whole {
             let free = if leased.load(Ordering::Acquire) {
