@@ -16,7 +16,8 @@ use crate::server::{self, Broker, ConnLimits, Listener};
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// A pool: memfd:NAME:SIZE[:PAGE] (PAGE 4K, 2M or 1G), e.g. memfd:default:4G:2M, or
-    /// devdax:NAME:REGION[:ALIGN] (ALIGN 2M or 1G), e.g. devdax:fast:region0:2M. Repeat for more
+    /// devdax:NAME:REGION[:ALIGN] (ALIGN 2M or 1G; default 1G where the region holds an
+    /// aligned GiB, else 2M), e.g. devdax:fast:region0:2M. Repeat for more
     /// pools; the first is the default. Without any: memfd:default:SIZE:4K, SIZE half of RAM.
     #[arg(long = "pool", value_name = "SPEC")]
     pools: Vec<PoolSpec>,
