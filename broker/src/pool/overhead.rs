@@ -105,12 +105,16 @@ pub fn hugetlb_vmemmap_optimized(pool: &str, page: PageSize) -> bool {
             );
             false
         }
-        Err(_) => {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             tracing::warn!(
                 pool,
                 "this kernel cannot free huge pages' struct pages (no {SYSCTL}): {page} pages \
                  cost the kernel 16 MiB per GiB like ordinary RAM"
             );
+            false
+        }
+        Err(e) => {
+            tracing::warn!(pool, error = %e, "cannot read {SYSCTL}; estimating as if it were off");
             false
         }
     }
