@@ -86,10 +86,10 @@ fn device_dax_kernel_overhead_matches_the_kernel() {
 
     // `df` shows both figures, as columns and in --json.
     reset_dax_region();
-    let broker = TestBroker::start(&["--pool", "devdax:d:region0:2M"]);
-    let _lease = broker
+    let mut broker = TestBroker::start(&["--pool", "devdax:d:region0:2M"]);
+    broker
         .client()
-        .create(CreateLease::new("vm/ram", GIB))
+        .create(CreateLease::new("vm/ram", GIB).persistent(true))
         .unwrap();
     let table = stdout_ok(&broker.run_cli(&["df"]));
     assert!(
@@ -109,6 +109,18 @@ fn device_dax_kernel_overhead_matches_the_kernel() {
             .expect("broker_metadata")
             > 0
     );
+
+    // Restarted without ALIGN, the broker keeps its leases' 2M rather than the 1G default.
+    broker.terminate();
+    let state = broker.state_dir();
+    let again = TestBroker::start(&[
+        "--pool",
+        "devdax:d:region0",
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    assert_eq!(pool(&again).page_size, PageSize::Huge2M, "{}", again.log());
+    assert_eq!(pool(&again).leases, 1);
 }
 
 #[test]
