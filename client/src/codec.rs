@@ -369,6 +369,9 @@ pub fn decode_response(msg: &[u8]) -> Result<(Header, Response)> {
                 leases: p.8,
                 default: p.9,
                 node: None,
+                // A version-1 broker does not estimate them.
+                kernel_overhead: 0,
+                broker_metadata: 0,
             })
             .collect();
         return Ok((header, Response::Df(pools)));
@@ -421,6 +424,8 @@ mod tests {
             leases: 1,
             default: node.is_none(),
             node,
+            kernel_overhead: 4 << 20,
+            broker_metadata: 4096,
         };
         vec![pool("any", None), pool("near", Some(1))]
     }

@@ -376,6 +376,11 @@ pub struct PoolInfo {
     pub default: bool,
     /// The NUMA node every page of the pool's leases is on, if the pool is bound to one.
     pub node: Option<u32>,
+    /// Estimated kernel memory (bytes) spent on the pool's memory: its `struct page`s and the
+    /// tables mapping them (device-dax: only memory in leases has any).
+    pub kernel_overhead: u64,
+    /// Estimated memory (bytes) the broker keeps for the pool's leases and ranges.
+    pub broker_metadata: u64,
 }
 
 /// A quota and what counts against it.

@@ -16,18 +16,8 @@ use std::io::Write;
 use std::process::Command;
 use std::time::Duration;
 
-use membroker_tests::{Helper, TestBroker, bin_path};
+use membroker_tests::{Helper, TestBroker, bin_path, median};
 use support::{MARKER, Qemu, initramfs, pattern_init, shim_path};
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
 
 fn boot(initrd: &std::path::Path, socket: &str, shim: bool) -> f64 {
     let env = [("MEMBROKER_SOCKET", socket)];

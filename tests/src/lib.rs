@@ -12,9 +12,21 @@ use std::time::{Duration, Instant};
 
 use membroker_client::Client;
 
+pub mod meminfo;
 pub mod sys;
 pub mod systemd;
 pub mod tenant;
+
+/// The median of benchmark samples (the mean of the middle two of an even count).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
 
 /// Path of a binary built by this workspace (`membroker`, `mb-holder`, …).
 pub fn bin_path(name: &str) -> PathBuf {

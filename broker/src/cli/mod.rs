@@ -288,8 +288,12 @@ pub fn df(socket: &Path, as_json: bool) -> Result<(), String> {
             "QUARANTINED",
             "LEASES",
             "NODE",
+            "KERNEL",
+            "BROKER",
         ],
-        &[false, false, true, true, true, true, true, true, true, true],
+        &[
+            false, false, true, true, true, true, true, true, true, true, true, true,
+        ],
     );
     for p in &pools {
         let name = if p.default {
@@ -308,6 +312,8 @@ pub fn df(socket: &Path, as_json: bool) -> Result<(), String> {
             format_size(p.quarantined),
             p.leases.to_string(),
             p.node.map_or_else(|| "-".to_string(), |n| n.to_string()),
+            format_size(p.kernel_overhead),
+            format_size(p.broker_metadata),
         ]);
     }
     print!("{}", t.render());

@@ -17,8 +17,9 @@ use crate::server::{self, Broker, ConnLimits, Listener};
 pub struct ServeArgs {
     /// A pool: memfd:NAME:SIZE[:PAGE][:node=N] (PAGE 4K, 2M or 1G; node=N: every page on NUMA
     /// node N, never elsewhere), e.g. memfd:default:4G:2M, or devdax:NAME:REGION[:ALIGN] (ALIGN
-    /// 2M or 1G; the node is the region's), e.g. devdax:fast:region0:2M. Repeat for more pools;
-    /// the first is the default. Without any: memfd:default:SIZE:4K, SIZE half of RAM.
+    /// 2M or 1G; default 1G where the region holds an aligned GiB, else 2M; the node is the
+    /// region's), e.g. devdax:fast:region0:2M. Repeat for more pools; the first is the default.
+    /// Without any: memfd:default:SIZE:4K, SIZE half of RAM.
     #[arg(long = "pool", value_name = "SPEC")]
     pools: Vec<PoolSpec>,
     /// Group (name or gid) whose members (primary or supplementary), like root, may manage

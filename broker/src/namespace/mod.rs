@@ -945,6 +945,8 @@ impl Namespace {
                 leases: p.leases,
                 default: i == self.default_pool,
                 node: p.node,
+                kernel_overhead: 0,
+                broker_metadata: 0,
             })
             .collect()
     }

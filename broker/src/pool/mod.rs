@@ -7,6 +7,7 @@ mod devdax;
 pub mod extents;
 pub mod memfd;
 mod numa;
+pub mod overhead;
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
@@ -263,6 +264,8 @@ pub struct Pool {
     /// The NUMA node every page of the pool is on: a memfd pool's `node=N`, a device-dax
     /// region's `target_node`.
     pub node: Option<u32>,
+    /// hugetlb memfd pools: the kernel frees most of their pages' `struct page`s.
+    vmemmap_optimized: bool,
     backend: Backend,
 }
 
@@ -301,6 +304,8 @@ impl Pool {
                     page_size: *page_size,
                     size: *size,
                     node: *node,
+                    vmemmap_optimized: *page_size != PageSize::Base4K
+                        && overhead::hugetlb_vmemmap_optimized(name, *page_size),
                     backend: Backend::Memfd(MemfdPool::new(name, *page_size, *node)),
                 })
             }
@@ -320,6 +325,7 @@ impl Pool {
                     page_size: pool.align(),
                     size: pool.size(),
                     node: pool.node(),
+                    vmemmap_optimized: false,
                     backend: Backend::Devdax(pool),
                 })
             }
@@ -439,6 +445,20 @@ impl Pool {
                 pool: self.name.clone(),
                 source,
             }),
+        }
+    }
+
+    /// The estimate model's inputs (see [`overhead`]) for `used` bytes in `leases` leases and
+    /// `scrubbing` bytes being scrubbed.
+    pub fn footprint(&self, used: u64, scrubbing: u64, leases: u64) -> overhead::Footprint {
+        overhead::Footprint {
+            kind: self.kind,
+            page_size: self.page_size,
+            size: self.size,
+            leased: used + scrubbing,
+            leases,
+            ranges: self.devdax().map_or(0, DevdaxPool::ranges),
+            vmemmap_optimized: self.vmemmap_optimized,
         }
     }
 

@@ -19,7 +19,7 @@ use crate::journal::Journal;
 use crate::metrics::Metrics;
 use crate::namespace::{Freed, Namespace, NsError, Peer};
 use crate::notify::Notifier;
-use crate::pool::{Allocation, Pool};
+use crate::pool::{Allocation, Pool, overhead};
 
 /// A reply, the fd that travels with it, and what the connection does next.
 #[derive(Debug)]
@@ -574,6 +574,9 @@ impl Broker {
                 info.scrubbing = usage.scrubbing;
                 info.quarantined = usage.quarantined;
             }
+            let footprint = pool.footprint(info.used, info.scrubbing, info.leases);
+            info.kernel_overhead = overhead::kernel_overhead(&footprint);
+            info.broker_metadata = overhead::broker_metadata(&footprint);
         }
         pools
     }

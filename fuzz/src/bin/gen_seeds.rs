@@ -132,6 +132,8 @@ fn responses() -> Vec<Response> {
             leases: 1,
             default: true,
             node: Some(1),
+            kernel_overhead: 4 << 20,
+            broker_metadata: 600,
         }]),
         Response::Error {
             code: ErrorCode::NoSpace,
@@ -331,13 +333,15 @@ fn main() {
             &msg,
         );
     }
-    // Version 1's layouts of the messages version 2 extended (a Create without a node).
+    // Version 1's layouts of the messages version 2 extended (a Create without a node or a
+    // label).
     let mut create = requests()
         .into_iter()
         .find(|r| matches!(r, Request::Create(_)))
         .expect("a Create seed");
     if let Request::Create(c) = &mut create {
         c.node = None;
+        c.label = BindLabel::Creator;
     }
     let msg = encode_request(1, &create).expect("version-1 Create encodes");
     write(&root.join("codec_request"), "create-v1", &msg);

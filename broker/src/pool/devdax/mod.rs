@@ -202,7 +202,14 @@ impl DevdaxPool {
                 scrubber,
             });
         }
-        let align = align.unwrap_or(PageSize::Huge2M);
+        // Unless told, a restarted broker keeps the align its leases' devices have.
+        let kept = used
+            .iter()
+            .filter(|_| adopt)
+            .find_map(|d| PageSize::from_bytes(sysfs::align(&d.name).ok()?));
+        let align = align
+            .or(kept)
+            .unwrap_or_else(|| least_overhead_align(name, &region));
         if align.bytes() < region.align || align == PageSize::Base4K {
             return Err(DaxError::BadAlign {
                 region: id,
@@ -499,6 +506,14 @@ impl DevdaxPool {
         }
     }
 
+    /// Ranges the allocator tracks (free, leased, quarantined); the one device of a static region.
+    pub fn ranges(&self) -> u64 {
+        if self.whole.is_some() {
+            return 1;
+        }
+        self.extents.lock().ranges().count() as u64
+    }
+
     pub fn usage(&self) -> Usage {
         if let Some((_, size, leased)) = &self.whole {
             let free = if leased.load(Ordering::Acquire) {
@@ -519,6 +534,39 @@ impl DevdaxPool {
             quarantined: alloc.quarantined_bytes() + alloc.poisoned_leased_bytes(),
         }
     }
+}
+
+/// The align whose devices cost the kernel least (see `pool::overhead`): 1G when the region
+/// holds a whole aligned GiB and the CPU maps 1 GiB pages (a device's faults are never smaller
+/// than its align), else 2M.
+fn least_overhead_align(pool: &str, region: &Region) -> PageSize {
+    let align = if holds_aligned_gib(region.base, region.size, region.align) && cpu_maps_1g_pages()
+    {
+        PageSize::Huge1G
+    } else {
+        PageSize::Huge2M
+    };
+    tracing::info!(pool, %align, "device align (least kernel overhead this region allows; ALIGN in the pool spec overrides)");
+    align
+}
+
+/// `[base, base + size)` of a region of `align` holds a whole 1 GiB-aligned GiB.
+fn holds_aligned_gib(base: u64, size: u64, align: u64) -> bool {
+    let gib = PageSize::Huge1G.bytes();
+    align <= gib
+        && base
+            .checked_next_multiple_of(gib)
+            .and_then(|start| start.checked_add(gib))
+            .is_some_and(|end| end <= base.saturating_add(size))
+}
+
+/// The CPU has 1 GiB page table entries (`pdpe1gb`).
+fn cpu_maps_1g_pages() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|info| {
+        info.lines()
+            .filter(|l| l.starts_with("flags"))
+            .any(|l| l.split_whitespace().any(|f| f == "pdpe1gb"))
+    })
 }
 
 /// Gives a new, empty device its align and `extents` (while unbound), binds it and opens it.
@@ -551,5 +599,29 @@ fn configure(device: &str, align: u64, extents: &[Extent], size: u64) -> Result<
 pub(super) fn give_back(extents: &Mutex<ExtentAllocator>, ranges: &[Extent]) {
     if let Err(e) = extents.lock().release(ranges) {
         tracing::error!(error = %e, "extent bookkeeping refused a release");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::holds_aligned_gib;
+
+    #[test]
+    fn one_gib_align_needs_an_aligned_gib() {
+        const G: u64 = 1 << 30;
+        const M: u64 = 1 << 20;
+        assert!(holds_aligned_gib(4 * G, 2 * G, 2 * M));
+        assert!(holds_aligned_gib(4 * G, G, 2 * M));
+        assert!(!holds_aligned_gib(4 * G, 256 * M, 2 * M));
+        assert!(
+            !holds_aligned_gib(4 * G + 2 * M, G, 2 * M),
+            "a GiB, but not aligned"
+        );
+        assert!(holds_aligned_gib(4 * G + 2 * M, 2 * G, 2 * M));
+        assert!(
+            !holds_aligned_gib(4 * G, 2 * G, 2 * G),
+            "the region's align is larger"
+        );
+        assert!(!holds_aligned_gib(u64::MAX - G, G, 2 * M));
     }
 }
