@@ -26,7 +26,8 @@ use crate::error::WireError;
 use crate::journal::{LeaseRecord, Record as JournalRecord, ReplayedLease};
 use crate::pool::Allocation;
 use membroker_client::proto::{
-    CreateLease, ErrorCode, HolderInfo, LeaseInfo, LeaseState, PoisonInfo, PoolInfo, PoolKind,
+    CreateLease, ErrorCode, HolderInfo, LeaseInfo, LeaseState, LeaseTotals, MAX_LISTED, PoisonInfo,
+    PoolInfo, PoolKind,
 };
 use membroker_client::size::format_size;
 use quota::Quotas;
@@ -809,9 +810,11 @@ impl Namespace {
             persistent: l.persistent,
             state,
             created: l.created,
-            extents: l.extents.clone(),
-            holders: entry.holders.values().cloned().collect(),
-            poison: entry.poison.clone(),
+            // At most MAX_LISTED of each: a description always fits a message
+            // (`Namespace::describe` says how many there are).
+            extents: l.extents.iter().take(MAX_LISTED).cloned().collect(),
+            holders: entry.holders.values().take(MAX_LISTED).cloned().collect(),
+            poison: entry.poison.iter().take(MAX_LISTED).cloned().collect(),
             writable,
             device: l.device.clone(),
             label: l.label.clone(),
@@ -842,6 +845,28 @@ impl Namespace {
             return Err(Self::denied(entry, "see it"));
         }
         Ok(self.info(peer, entry, false))
+    }
+
+    /// [`Namespace::stat`], with how many holders, extents and poison ranges the lease has
+    /// (those the description shows at all).
+    pub fn describe(&self, peer: &Peer, name: &str) -> Result<(LeaseInfo, LeaseTotals)> {
+        let info = self.stat(peer, name)?;
+        let (_, entry) = self.lookup(name)?;
+        let sees_all = Self::sees_all(peer, &entry.lease);
+        let totals = LeaseTotals {
+            holders: if sees_all {
+                entry.holders.len() as u64
+            } else {
+                0
+            },
+            extents: if sees_all {
+                entry.lease.extents.len() as u64
+            } else {
+                0
+            },
+            poison: entry.poison.len() as u64,
+        };
+        Ok((info, totals))
     }
 
     /// Leases under `prefix` after `after` that `peer` may read, in name order, while `fits`

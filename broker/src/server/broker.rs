@@ -341,6 +341,10 @@ impl Broker {
                 Ok(info) => Reply::new(Response::Stat(info)),
                 Err(e) => Reply::failed(&e),
             },
+            Request::Describe { name } => match self.ns.lock().describe(peer, &name) {
+                Ok((info, totals)) => Reply::new(Response::Described { info, totals }),
+                Err(e) => Reply::failed(&e),
+            },
             Request::List { prefix, after } => self.list(peer, &prefix, after.as_deref()),
             Request::Df => Reply::new(Response::Df(self.df())),
             Request::ReportPoison { name, offset, len } => {
