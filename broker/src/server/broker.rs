@@ -569,22 +569,18 @@ impl Broker {
             return Reply::error(e.code(), format!("lease {}: {}", req.name, error_chain(&e)))
                 .into();
         }
-        // Durable before the lease is visible and before the reply that hands it out; the sync
-        // runs outside the namespace lock, shared with other writers (group commit).
-        let (prepared, written) = {
-            let mut ns = self.ns.lock();
-            let prepared = match ns.prepare(peer, reservation, allocation) {
-                Ok(prepared) => prepared,
-                Err(failed) => {
-                    drop(ns);
-                    let (e, memory) = *failed;
-                    tracing::warn!(error = %e, "create not committed; memory given back");
-                    pool.discard(memory);
-                    return Reply::failed(&e).into();
-                }
-            };
-            let written = self.journal.as_ref().map(|j| j.write(prepared.records()));
-            (prepared, written)
+        // Durable before the lease is visible and before the reply that hands it out: its
+        // records are written under the namespace lock like any change's, synced outside it.
+        let (prepared, written) =
+            self.change_written(|ns| ns.prepare(peer, reservation, allocation));
+        let prepared = match prepared {
+            Ok(prepared) => prepared,
+            Err(failed) => {
+                let (e, memory) = *failed;
+                tracing::warn!(error = %e, "create not committed; memory given back");
+                pool.discard(memory);
+                return Reply::failed(&e).into();
+            }
         };
         let peer = peer.clone();
         self.after_journal(written, move |broker, durable| {
