@@ -24,9 +24,10 @@
 //! callback (which sends the reply) once the ticket is on disk. With no sync running, the
 //! caller runs one itself (one client alone waits no longer than with [`Journal::wait`]);
 //! otherwise the callback is queued and the change's thread goes on serving. Whoever ends a
-//! sync runs the callbacks it covers; while callbacks are still queued the journal's sync
-//! thread keeps syncing, so the group a sync covers is every change written while the
-//! previous one ran, however many that is.
+//! sync runs the callbacks it covers; while callbacks are still queued the journal's two sync
+//! threads keep syncing (one starts the next sync while the other runs callbacks), so the
+//! group a sync covers is every change written while the previous one ran, however many that
+//! is.
 //!
 //! # When the disk fails
 //!
@@ -175,7 +176,7 @@ pub struct Journal {
     synced: Condvar,
     /// Wakes the sync thread: callbacks are queued and no sync runs.
     queued: Condvar,
-    /// The sync thread was started.
+    /// The sync threads were started.
     sync_thread: std::sync::Once,
 }
 
@@ -412,16 +413,19 @@ impl Journal {
         }
     }
 
-    /// The thread that keeps syncing while callbacks are queued, so that no server thread
-    /// does more than one sync for others. It ends with the journal.
+    /// The threads that keep syncing while callbacks are queued, so that no server thread
+    /// does more than one sync for others: two, so that one syncs while the other runs the
+    /// callbacks of the sync before. They end with the journal.
     fn start_sync_thread(self: &Arc<Self>) {
-        let journal = Arc::downgrade(self);
-        let spawned = std::thread::Builder::new()
-            .name("journal-sync".into())
-            .spawn(move || Journal::sync_thread(&journal));
-        if let Err(e) = spawned {
-            // Callbacks are then settled by the next writer's sync instead.
-            tracing::error!(error = %e, "cannot start the journal's sync thread");
+        for i in 0..2 {
+            let journal = Arc::downgrade(self);
+            let spawned = std::thread::Builder::new()
+                .name(format!("journal-sync-{i}"))
+                .spawn(move || Journal::sync_thread(&journal));
+            if let Err(e) = spawned {
+                // Callbacks are then settled by the next writer's sync instead.
+                tracing::error!(error = %e, "cannot start a journal sync thread");
+            }
         }
     }
 
@@ -465,6 +469,10 @@ impl Journal {
             .into_iter()
             .partition(|(ticket, _)| failing.is_some() || *ticket <= durable);
         d.queued = waiting;
+        if !d.queued.is_empty() {
+            // The next sync starts (on a sync thread) while this one's callbacks run.
+            self.queued.notify_one();
+        }
         if !settled.is_empty() {
             drop(d);
             for (_, then) in settled {
