@@ -299,4 +299,8 @@ fn soak_storm_flood_and_kill9_lose_nothing_and_leave_nothing_behind() {
         "seed {seed}: {problems:?}\n{}",
         svc.log_tail(40)
     );
+    println!(
+        "after the clients left: threads, fds, RSS KiB {:?}",
+        resources(&svc)
+    );
 }
