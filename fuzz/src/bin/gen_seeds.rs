@@ -8,8 +8,8 @@ use membroker::journal::{DirRecord, LeaseRecord, Record};
 use membroker_client::PageSize;
 use membroker_client::codec::{encode_request, encode_response};
 use membroker_client::proto::{
-    CreateLease, DirInfo, ErrorCode, Extent, HolderInfo, LeaseInfo, LeaseState, Mkdir, PoisonInfo,
-    PoisonedLease, PoolInfo, PoolKind, QuarantineInfo, QuotaInfo, Request, Response,
+    CreateLease, DirInfo, ErrorCode, Extent, HolderInfo, LeaseInfo, LeaseState, LeaseTotals, Mkdir,
+    PoisonInfo, PoisonedLease, PoolInfo, PoolKind, QuarantineInfo, QuotaInfo, Request, Response,
 };
 use membroker_fuzz::journal::encode_input;
 
@@ -101,6 +101,9 @@ fn requests() -> Vec<Request> {
             start: 1 << 32,
             len: 2 << 20,
         },
+        Request::Describe {
+            name: "tenant/vm1/ram0".into(),
+        },
     ]
 }
 
@@ -168,6 +171,14 @@ fn responses() -> Vec<Response> {
                 }],
             }],
         }]),
+        Response::Described {
+            info: lease_info(),
+            totals: LeaseTotals {
+                holders: 12_000,
+                extents: 1,
+                poison: 0,
+            },
+        },
     ]
 }
 
