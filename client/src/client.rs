@@ -13,8 +13,8 @@ use crate::error::{Error, Result};
 use crate::lease::Lease;
 use crate::options::Options;
 use crate::proto::{
-    CreateLease, ErrorCode, LeaseInfo, PROTOCOL_MAX, PROTOCOL_MIN, PoolInfo, QuarantineInfo,
-    QuotaInfo, Request, Response,
+    CreateLease, ErrorCode, LeaseInfo, LeaseTotals, PROTOCOL_MAX, PROTOCOL_MIN, PoolInfo,
+    QuarantineInfo, QuotaInfo, Request, Response,
 };
 use crate::reconnect::{DEFAULT_RECONNECT_TIMEOUT, GaveUp, RealClock, Step, retry_until};
 use crate::transport::{self, TransportError};
@@ -707,6 +707,15 @@ impl Client {
     pub fn stat(&mut self, name: &str) -> Result<LeaseInfo> {
         match self.call(&Request::Stat { name: name.into() })? {
             (Response::Stat(info), _) => Ok(info),
+            (other, _) => Err(unexpected(&other)),
+        }
+    }
+
+    /// Describes one lease and says how many holders, extents and poison ranges it has (the
+    /// description lists at most [`crate::proto::MAX_LISTED`] of each).
+    pub fn describe(&mut self, name: &str) -> Result<(LeaseInfo, LeaseTotals)> {
+        match self.call(&Request::Describe { name: name.into() })? {
+            (Response::Described { info, totals }, _) => Ok((info, totals)),
             (other, _) => Err(unexpected(&other)),
         }
     }

@@ -132,6 +132,9 @@ pub enum Request {
     /// Return a quarantined physical range of a device-dax pool to its free memory (root or
     /// admin group): a report turned out false.
     ClearQuarantine { pool: String, start: u64, len: u64 },
+    /// Describe one lease like [`Request::Stat`], and say how many holders and extents it
+    /// has: a description lists at most [`MAX_LISTED`] of each.
+    Describe { name: String },
 }
 
 /// Parameters of [`Request::Mkdir`].
@@ -210,6 +213,25 @@ pub enum Response {
     },
     Quota(Vec<QuotaInfo>),
     Quarantine(Vec<QuarantineInfo>),
+    /// The answer to [`Request::Describe`].
+    Described {
+        info: LeaseInfo,
+        totals: LeaseTotals,
+    },
+}
+
+/// Most holders, and most extents, a [`LeaseInfo`] lists (poison ranges are fewer anyway):
+/// however many a lease has, its description fits a message.
+pub const MAX_LISTED: usize = 256;
+
+/// How many holders, extents and poison ranges a lease has, of which its [`LeaseInfo`] lists
+/// at most [`MAX_LISTED`] (the first, in the broker's order); 0 where the viewer may not see
+/// them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Encode, Decode, Serialize)]
+pub struct LeaseTotals {
+    pub holders: u64,
+    pub extents: u64,
+    pub poison: u64,
 }
 
 impl Request {
@@ -233,6 +255,7 @@ impl Request {
             Request::Quota => 15,
             Request::Quarantine => 16,
             Request::ClearQuarantine { .. } => 17,
+            Request::Describe { .. } => 18,
         }
     }
 }
@@ -252,6 +275,7 @@ impl Response {
                 Response::Dirs { .. } => 8,
                 Response::Quota(_) => 9,
                 Response::Quarantine(_) => 10,
+                Response::Described { .. } => 11,
             }
     }
 

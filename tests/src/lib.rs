@@ -612,3 +612,16 @@ impl Rng {
         self.next_u64() % n.max(1)
     }
 }
+
+/// The bytes the soak test's clients (`mb-soak`) write into a lease named `name`: `len` bytes
+/// that differ from lease to lease.
+pub fn soak_pattern(name: &str, len: usize) -> Vec<u8> {
+    let seed = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let mut rng = Rng(seed);
+    (0..len.div_ceil(8))
+        .flat_map(|_| rng.next_u64().to_le_bytes())
+        .take(len)
+        .collect()
+}

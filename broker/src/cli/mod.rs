@@ -11,7 +11,7 @@ mod table;
 use std::path::Path;
 
 use clap::Args;
-use membroker_client::proto::{LeaseInfo, PoolInfo};
+use membroker_client::proto::{LeaseInfo, LeaseTotals, MAX_LISTED, PoolInfo};
 use membroker_client::size::{format_size, parse_size};
 use membroker_client::{BindLabel, Client, CreateLease, Error, Options, PageSize, TIMEOUT_ENV};
 
@@ -103,7 +103,11 @@ pub fn ls(
                 l.pool.clone(),
                 if l.persistent { "yes" } else { "no" }.into(),
                 state(l),
-                l.holders.len().to_string(),
+                // The broker lists at most MAX_LISTED (`stat` counts them all).
+                match l.holders.len() {
+                    n if n >= MAX_LISTED => format!("{n}+"),
+                    n => n.to_string(),
+                },
                 l.name.clone(),
             ],
         ));
@@ -126,7 +130,16 @@ fn print_owner(names: &Names, uid: u32, gid: u32, mode: u32, bits: &str) {
     println!("mode:       {mode:04o} ({bits})");
 }
 
-fn print_lease(l: &LeaseInfo) {
+/// A listing the broker cut short ends with how many it left out.
+fn more(items: &mut Vec<String>, total: u64) {
+    let left_out = total.saturating_sub(items.len() as u64);
+    if left_out > 0 {
+        items.push(format!("... and {left_out} more"));
+    }
+}
+
+/// A lease's description; `totals` counts what it lists (zeros: as many as it lists).
+fn print_lease(l: &LeaseInfo, totals: &LeaseTotals) {
     let names = Names::load();
     println!("name:       {}", l.name);
     println!("size:       {} ({} bytes)", format_size(l.size), l.size);
@@ -136,11 +149,12 @@ fn print_lease(l: &LeaseInfo) {
     println!("persistent: {}", if l.persistent { "yes" } else { "no" });
     println!("state:      {}", state(l));
     println!("created:    {} (unix time)", l.created);
-    let extents: Vec<String> = l
+    let mut extents: Vec<String> = l
         .extents
         .iter()
         .map(|e| format!("{:#x}+{}", e.start, format_size(e.len)))
         .collect();
+    more(&mut extents, totals.extents);
     println!("extents:    {}", extents.join(", "));
     if let Some(device) = &l.device {
         println!("device:     /dev/{device}");
@@ -148,11 +162,12 @@ fn print_lease(l: &LeaseInfo) {
     if let Some(label) = &l.label {
         println!("label:      {label} (only processes with this label may open it)");
     }
-    let holders: Vec<String> = l
+    let mut holders: Vec<String> = l
         .holders
         .iter()
         .map(|h| format!("pid {} (uid {})", h.pid, h.uid))
         .collect();
+    more(&mut holders, totals.holders);
     println!(
         "holders:    {}",
         if holders.is_empty() {
@@ -162,19 +177,28 @@ fn print_lease(l: &LeaseInfo) {
         }
     );
     if !l.poison.is_empty() {
-        let poison: Vec<String> = l
+        let mut poison: Vec<String> = l
             .poison
             .iter()
             .map(|p| format!("{:#x}+{}", p.offset, format_size(p.len)))
             .collect();
+        more(&mut poison, totals.poison);
         println!("poison:     {}", poison.join(", "));
     }
 }
 
 pub fn stat(socket: &Path, name: &str, as_json: bool) -> Result<(), String> {
     let mut client = connect(socket)?;
-    let lease = match client.stat(name) {
-        Ok(lease) => lease,
+    let described = match client.describe(name) {
+        // A broker from before `Describe` closes the connection: ask it the old way.
+        Err(e) if e.code() == Some(membroker_client::ErrorCode::Protocol) => {
+            client = connect(socket)?;
+            client.stat(name).map(|l| (l, LeaseTotals::default()))
+        }
+        described => described,
+    };
+    let (lease, totals) = match described {
+        Ok(described) => described,
         Err(e) if e.code() == Some(membroker_client::ErrorCode::NotFound) => {
             let path = name.trim_end_matches('/');
             let dirs = client.dirs(path).map_err(|e| text(&e))?;
@@ -192,7 +216,7 @@ pub fn stat(socket: &Path, name: &str, as_json: bool) -> Result<(), String> {
     if as_json {
         return json(&lease);
     }
-    print_lease(&lease);
+    print_lease(&lease, &totals);
     Ok(())
 }
 
@@ -263,7 +287,7 @@ pub fn create(socket: &Path, args: CreateArgs) -> Result<(), String> {
     if args.json {
         return json(lease.info());
     }
-    print_lease(lease.info());
+    print_lease(lease.info(), &LeaseTotals::default());
     Ok(())
 }
 

@@ -20,6 +20,15 @@
 //! while the others wait for it, so concurrent changes share a sync and nobody syncs under the
 //! namespace lock.
 //!
+//! A server need not hold a thread per change in flight: [`Journal::when_durable`] runs a
+//! callback (which sends the reply) once the ticket is on disk. With no sync running, the
+//! caller runs one itself (one client alone waits no longer than with [`Journal::wait`]);
+//! otherwise the callback is queued and the change's thread goes on serving. Whoever ends a
+//! sync runs the callbacks it covers; while callbacks are still queued the journal's two sync
+//! threads keep syncing (one starts the next sync while the other runs callbacks), so the
+//! group a sync covers is every change written while the previous one ran, however many that
+//! is.
+//!
 //! # When the disk fails
 //!
 //! A failed write is cut back to the last whole record. A failed write or `fdatasync` puts the
@@ -82,15 +91,15 @@
 mod record;
 mod replay;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, MutexGuard};
 
 pub use record::{DirRecord, LeaseRecord, Record, ReplayedLease, add_poison};
 pub use replay::Replayed;
@@ -167,10 +176,17 @@ pub struct Journal {
     synced: Condvar,
     /// Where each `fdatasync`'s duration goes, once metrics are on ([`Journal::time_syncs`]).
     sync_timer: std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>,
+    /// Wakes the sync thread: callbacks are queued and no sync runs.
+    queued: Condvar,
+    /// The sync threads were started.
+    sync_thread: std::sync::Once,
 }
 
+/// What runs once a ticket is on disk (or cannot be).
+type Settle = Box<dyn FnOnce(Result<()>) + Send>;
+
 /// What is known to be on disk.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Durability {
     /// Batches up to this one are on disk.
     durable: u64,
@@ -178,6 +194,20 @@ struct Durability {
     syncing: bool,
     /// The journal is failing (see the module documentation): why.
     failing: Option<String>,
+    /// Callbacks of [`Journal::when_durable`] waiting for their ticket. While
+    /// there are any, a sync runs or the sync thread has been woken.
+    queued: VecDeque<(u64, Settle)>,
+}
+
+impl std::fmt::Debug for Durability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Durability")
+            .field("durable", &self.durable)
+            .field("syncing", &self.syncing)
+            .field("failing", &self.failing)
+            .field("queued", &self.queued.len())
+            .finish()
+    }
 }
 
 #[derive(Debug)]
@@ -246,6 +276,8 @@ impl Journal {
             durability: Mutex::new(Durability::default()),
             synced: Condvar::new(),
             sync_timer: std::sync::OnceLock::new(),
+            queued: Condvar::new(),
+            sync_thread: std::sync::Once::new(),
             path,
         };
         Ok((journal, replayed))
@@ -359,30 +391,114 @@ impl Journal {
                 self.synced.wait(&mut d);
                 continue;
             }
-            d.syncing = true;
+            d = self.sync_round(d);
+        }
+    }
+
+    /// Runs `then` once everything up to `ticket` is on disk, with what [`Journal::wait`]
+    /// would return, without holding the calling thread while other changes' sync runs:
+    /// `then` runs here when the ticket is on disk already or this thread runs the sync, and
+    /// otherwise on the thread that ends the sync covering it.
+    pub fn when_durable(
+        self: &Arc<Self>,
+        ticket: Ticket,
+        then: impl FnOnce(Result<()>) + Send + 'static,
+    ) {
+        let mut d = self.durability.lock();
+        if let Some(why) = &d.failing {
+            let error = self.failing_error(why.clone());
             drop(d);
-            // Everything written so far; the sync runs without the write lock, so writers go on.
-            let (target, file) = {
-                let inner = self.inner.lock();
-                (inner.written, inner.file.try_clone())
-            };
-            let started = Instant::now();
-            let synced = file.and_then(|f| f.sync_data());
-            if let Some(timer) = self.sync_timer.get() {
-                timer.observe(started.elapsed().as_secs_f64());
+            return then(Err(error));
+        }
+        if !self.sync || d.durable >= ticket.0 {
+            drop(d);
+            return then(Ok(()));
+        }
+        self.sync_thread.call_once(|| self.start_sync_thread());
+        d.queued.push_back((ticket.0, Box::new(then)));
+        if !d.syncing {
+            drop(self.sync_round(d));
+        }
+    }
+
+    /// The threads that keep syncing while callbacks are queued, so that no server thread
+    /// does more than one sync for others: two, so that one syncs while the other runs the
+    /// callbacks of the sync before. They end with the journal.
+    fn start_sync_thread(self: &Arc<Self>) {
+        for i in 0..2 {
+            let journal = Arc::downgrade(self);
+            let spawned = std::thread::Builder::new()
+                .name(format!("journal-sync-{i}"))
+                .spawn(move || Journal::sync_thread(&journal));
+            if let Err(e) = spawned {
+                // Callbacks are then settled by the next writer's sync instead.
+                tracing::error!(error = %e, "cannot start a journal sync thread");
+            }
+        }
+    }
+
+    fn sync_thread(journal: &Weak<Journal>) {
+        while let Some(journal) = journal.upgrade() {
+            let mut d = journal.durability.lock();
+            if d.queued.is_empty() || d.syncing {
+                journal.queued.wait_for(&mut d, Duration::from_secs(1));
+                continue;
+            }
+            drop(journal.sync_round(d));
+        }
+    }
+
+    /// One `fdatasync` of every batch written so far, by the caller, while nobody else syncs;
+    /// then wakes the waiters and runs the callbacks it covers (every one, with the error,
+    /// when the journal is failing). Hands on to the sync thread if callbacks are left.
+    fn sync_round<'a>(&'a self, mut d: MutexGuard<'a, Durability>) -> MutexGuard<'a, Durability> {
+        d.syncing = true;
+        drop(d);
+        // Everything written so far; the sync runs without the write lock, so writers go on.
+        let (target, file) = {
+            let inner = self.inner.lock();
+            (inner.written, inner.file.try_clone())
+        };
+        let started = Instant::now();
+        let synced = file.and_then(|f| f.sync_data());
+        if let Some(timer) = self.sync_timer.get() {
+            timer.observe(started.elapsed().as_secs_f64());
+        }
+        d = self.durability.lock();
+        d.syncing = false;
+        match synced {
+            Ok(()) => d.durable = d.durable.max(target),
+            Err(e) => {
+                let error = self.io("cannot sync")(e);
+                tracing::error!(error = %crate::error::error_chain(&error), "journal is failing: nothing more is acknowledged until it is rewritten");
+                d.failing = Some(crate::error::error_chain(&error));
+            }
+        }
+        self.synced.notify_all();
+        let durable = d.durable;
+        let failing = d.failing.clone();
+        let (settled, waiting): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut d.queued)
+            .into_iter()
+            .partition(|(ticket, _)| failing.is_some() || *ticket <= durable);
+        d.queued = waiting;
+        if !d.queued.is_empty() {
+            // The next sync starts (on a sync thread) while this one's callbacks run.
+            self.queued.notify_one();
+        }
+        if !settled.is_empty() {
+            drop(d);
+            for (_, then) in settled {
+                then(match &failing {
+                    Some(why) => Err(self.failing_error(why.clone())),
+                    None => Ok(()),
+                });
             }
             d = self.durability.lock();
-            d.syncing = false;
-            match synced {
-                Ok(()) => d.durable = d.durable.max(target),
-                Err(e) => {
-                    let error = self.io("cannot sync")(e);
-                    tracing::error!(error = %crate::error::error_chain(&error), "journal is failing: nothing more is acknowledged until it is rewritten");
-                    d.failing = Some(crate::error::error_chain(&error));
-                }
-            }
-            self.synced.notify_all();
         }
+        if !d.queued.is_empty() && !d.syncing {
+            self.queued.notify_one();
+        }
+        d
     }
 
     fn failing_error(&self, why: String) -> JournalError {

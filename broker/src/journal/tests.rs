@@ -497,3 +497,32 @@ fn a_lease_label_is_optional_both_ways() {
         "{unknown}"
     );
 }
+
+#[test]
+fn callbacks_of_concurrent_writers_run_once_their_records_are_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = std::sync::Arc::new(Journal::open(dir.path(), true).unwrap().0);
+    let (done, settled) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        for t in 0..8u64 {
+            let (journal, done) = (journal.clone(), done.clone());
+            s.spawn(move || {
+                for i in 0..50 {
+                    let ticket = journal.write(&[lease(1 + t * 100 + i)]).unwrap();
+                    let (journal2, done) = (journal.clone(), done.clone());
+                    journal.when_durable(ticket, move |durable| {
+                        // Whoever runs it: the ticket is covered by a finished sync.
+                        assert!(journal2.durability.lock().durable >= ticket.0);
+                        done.send(durable.is_ok()).unwrap();
+                    });
+                }
+            });
+        }
+    });
+    drop(done);
+    let results: Vec<bool> = settled.iter().collect();
+    assert_eq!(results.len(), 400);
+    assert!(results.iter().all(|ok| *ok));
+    let (_, replayed) = Journal::open(dir.path(), true).unwrap();
+    assert_eq!(replayed.records, 400);
+}

@@ -31,7 +31,7 @@ fn a_lease_is_bound_to_its_creators_label() {
     let unconfined = labelled(3, 1000, None);
     let res = ns.reserve(&a, &lease("a/ram0")).unwrap();
     let prepared = ns.prepare(&a, res, memory()).unwrap();
-    match prepared.records().last() {
+    match ns.take_records().last() {
         Some(JournalRecord::Lease(l)) => {
             assert_eq!(l.label.as_deref(), Some("vm-a"), "journaled with the label");
         }

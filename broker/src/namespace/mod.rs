@@ -26,8 +26,8 @@ use crate::error::WireError;
 use crate::journal::{LeaseRecord, Record as JournalRecord, ReplayedLease};
 use crate::pool::Allocation;
 use membroker_client::proto::{
-    BindLabel, CreateLease, ErrorCode, HolderInfo, LeaseInfo, LeaseState, PoisonInfo, PoolInfo,
-    PoolKind,
+    BindLabel, CreateLease, ErrorCode, HolderInfo, LeaseInfo, LeaseState, LeaseTotals, MAX_LISTED,
+    PoisonInfo, PoolInfo, PoolKind,
 };
 use membroker_client::size::format_size;
 use quota::Quotas;
@@ -201,16 +201,9 @@ pub type Ownership = (u32, u32, u32);
 #[must_use]
 pub struct Prepared {
     res: Reservation,
-    /// The directories made on its way, then the lease.
-    records: Vec<JournalRecord>,
+    /// The lease's record, queued with the directories made on its way.
+    lease: LeaseRecord,
     memory: Allocation,
-}
-
-impl Prepared {
-    /// The journal records that must be on disk before the lease is committed.
-    pub fn records(&self) -> &[JournalRecord] {
-        &self.records
-    }
 }
 
 /// A committed lease: its id, its description, its memory.
@@ -577,9 +570,10 @@ impl Namespace {
         self.pending.remove(&res.name);
     }
 
-    /// Gives the lease made for `res` its id and journal records (the directories made on its
-    /// way, then the lease); the name stays reserved and the lease invisible until
-    /// [`Namespace::commit`] (once the records are on disk) or [`Namespace::abort_prepared`].
+    /// Gives the lease made for `res` its id and queues its journal records (the directories
+    /// made on its way, then the lease) like any change's; the name stays reserved and the
+    /// lease invisible until [`Namespace::commit`] (once the records are on disk) or
+    /// [`Namespace::abort_prepared`].
     pub fn prepare(
         &mut self,
         peer: &Peer,
@@ -611,26 +605,16 @@ impl Namespace {
             device: memory.device.clone(),
             label: res.label.clone(),
         };
-        let mut records = self.missing_dirs(&lease.name, lease.uid, lease.gid, lease.mode);
-        self.add_dirs(&records);
-        records.push(JournalRecord::Lease(lease));
-        Ok(Prepared {
-            res,
-            records,
-            memory,
-        })
+        let dirs = self.missing_dirs(&lease.name, lease.uid, lease.gid, lease.mode);
+        self.add_dirs(&dirs);
+        self.unjournaled.extend(dirs);
+        self.unjournaled.push(JournalRecord::Lease(lease.clone()));
+        Ok(Prepared { res, lease, memory })
     }
 
     /// Makes a prepared lease visible; `peer` holds it. Its records must be on disk.
     pub fn commit(&mut self, peer: &Peer, prepared: Prepared) -> Committed {
-        let Prepared {
-            res,
-            mut records,
-            memory,
-        } = prepared;
-        let Some(JournalRecord::Lease(lease)) = records.pop() else {
-            unreachable!("prepare ends the records with the lease")
-        };
+        let Prepared { res, lease, memory } = prepared;
         self.pending.remove(&res.name);
         let id = lease.id;
         self.pools[res.pool].leases += 1;
@@ -657,15 +641,9 @@ impl Namespace {
     /// back, queues its `Freed` (the journal's model may hold it) and the removal of the
     /// directories made for it, and returns its memory for the pool to discard.
     pub fn abort_prepared(&mut self, prepared: Prepared) -> Allocation {
-        let Prepared {
-            res,
-            mut records,
-            memory,
-        } = prepared;
+        let Prepared { res, lease, memory } = prepared;
         let name = res.name.clone();
-        if let Some(JournalRecord::Lease(lease)) = records.pop() {
-            self.unjournaled.push(JournalRecord::Freed { id: lease.id });
-        }
+        self.unjournaled.push(JournalRecord::Freed { id: lease.id });
         self.abort(res);
         self.prune_dirs(&name);
         memory
@@ -877,9 +855,11 @@ impl Namespace {
             persistent: l.persistent,
             state,
             created: l.created,
-            extents: l.extents.clone(),
-            holders: entry.holders.values().cloned().collect(),
-            poison: entry.poison.clone(),
+            // At most MAX_LISTED of each: a description always fits a message
+            // (`Namespace::describe` says how many there are).
+            extents: l.extents.iter().take(MAX_LISTED).cloned().collect(),
+            holders: entry.holders.values().take(MAX_LISTED).cloned().collect(),
+            poison: entry.poison.iter().take(MAX_LISTED).cloned().collect(),
             writable,
             device: l.device.clone(),
             label: l.label.clone(),
@@ -910,6 +890,28 @@ impl Namespace {
             return Err(Self::denied(entry, "see it"));
         }
         Ok(self.info(peer, entry, false))
+    }
+
+    /// [`Namespace::stat`], with how many holders, extents and poison ranges the lease has
+    /// (those the description shows at all).
+    pub fn describe(&self, peer: &Peer, name: &str) -> Result<(LeaseInfo, LeaseTotals)> {
+        let info = self.stat(peer, name)?;
+        let (_, entry) = self.lookup(name)?;
+        let sees_all = Self::sees_all(peer, &entry.lease);
+        let totals = LeaseTotals {
+            holders: if sees_all {
+                entry.holders.len() as u64
+            } else {
+                0
+            },
+            extents: if sees_all {
+                entry.lease.extents.len() as u64
+            } else {
+                0
+            },
+            poison: entry.poison.len() as u64,
+        };
+        Ok((info, totals))
     }
 
     /// Leases under `prefix` after `after` that `peer` may read, in name order, while `fits`

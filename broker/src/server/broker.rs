@@ -5,6 +5,8 @@
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use membroker_client::codec::{MAX_PAYLOAD, encoded_len};
 use membroker_client::proto::{
@@ -15,7 +17,7 @@ use parking_lot::Mutex;
 use rustix::fs::{Mode, OFlags};
 
 use crate::error::{WireError, error_chain};
-use crate::journal::Journal;
+use crate::journal::{Journal, JournalError, Ticket};
 use crate::metrics::Metrics;
 use crate::namespace::{Freed, Namespace, NsError, Peer};
 use crate::notify::Notifier;
@@ -94,6 +96,77 @@ impl Reply {
     }
 }
 
+/// What [`Broker::handle`] answers: a reply now, or one that waits for the journal.
+#[derive(Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "moved once, from the dispatcher to the transport; boxing would cost every reply an allocation"
+)]
+pub enum Answer {
+    Now(Reply),
+    /// The request changed the namespace and its reply may only go once the change's records
+    /// are on disk: [`Broker::when_durable`] builds it then, without holding the calling
+    /// thread meanwhile.
+    Durable(Deferred),
+}
+
+impl From<Reply> for Answer {
+    fn from(reply: Reply) -> Answer {
+        Answer::Now(reply)
+    }
+}
+
+/// The rest of a request whose records are written but maybe not yet on disk: builds the
+/// reply from whether they reached it.
+pub struct Deferred {
+    ticket: Ticket,
+    finish: Finish,
+    /// Counts it among the changes in flight until it is finished (or dropped).
+    _in_flight: InFlight,
+}
+
+/// What builds a deferred reply, given whether its records reached the disk.
+type Finish = Box<dyn FnOnce(&Broker, Result<(), JournalError>) -> Reply + Send>;
+
+impl std::fmt::Debug for Deferred {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deferred")
+            .field("ticket", &self.ticket)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One change whose reply waits for the journal; an upgrade waits until there are none.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn new(count: &Arc<AtomicUsize>) -> InFlight {
+        count.fetch_add(1, Ordering::SeqCst);
+        InFlight(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// An acknowledged change's reply once its records are on disk, or could not be put there.
+fn acknowledge(reply: Reply, durable: Result<(), JournalError>) -> Reply {
+    match durable {
+        Err(e) if matches!(reply.response, Response::Ok) => Reply::error(
+            ErrorCode::Internal,
+            format!(
+                "the change was made but the state journal did not record it, so it may not \
+                 survive a broker restart: {}",
+                error_chain(&e)
+            ),
+        ),
+        _ => reply,
+    }
+}
+
 /// Whether the next item still fits a page of a listing. Both the wire size and the count
 /// are bounded, so a page always decodes within the client's allocation budget
 /// (codec::MAX_DECODED).
@@ -144,6 +217,8 @@ pub struct Broker {
     /// This instance, for `Hello`: a restart or upgrade changes it.
     instance: String,
     metrics: Arc<Metrics>,
+    /// Changes whose reply waits for the journal ([`Deferred`]).
+    in_flight: Arc<AtomicUsize>,
 }
 
 impl Broker {
@@ -171,6 +246,7 @@ impl Broker {
             ops: parking_lot::RwLock::new(()),
             notifier,
             handover: parking_lot::Mutex::new(None),
+            in_flight: Arc::new(AtomicUsize::new(0)),
             instance: format!(
                 "membroker {} (pid {}, started {}.{:03})",
                 env!("CARGO_PKG_VERSION"),
@@ -234,15 +310,30 @@ impl Broker {
     }
 
     /// Answers one decoded request of a connection; `version` is the one its header carries.
-    pub fn handle(&self, session: &mut Session, version: u16, request: Request) -> Reply {
-        let started = std::time::Instant::now();
+    pub fn handle(&self, session: &mut Session, version: u16, request: Request) -> Answer {
+        let started = Instant::now();
         let op = crate::metrics::Op::of(&request);
-        let reply = self.answer(session, version, request);
-        self.metrics.request(op, &reply.response, started.elapsed());
-        reply
+        match self.answer(session, version, request) {
+            Answer::Now(reply) => {
+                self.metrics.request(op, &reply.response, started.elapsed());
+                Answer::Now(reply)
+            }
+            // Counted once its reply is built, when its records are on disk.
+            Answer::Durable(mut deferred) => {
+                let finish = deferred.finish;
+                deferred.finish = Box::new(move |broker, durable| {
+                    let reply = finish(broker, durable);
+                    broker
+                        .metrics
+                        .request(op, &reply.response, started.elapsed());
+                    reply
+                });
+                Answer::Durable(deferred)
+            }
+        }
     }
 
-    fn answer(&self, session: &mut Session, version: u16, request: Request) -> Reply {
+    fn answer(&self, session: &mut Session, version: u16, request: Request) -> Answer {
         let agreed = match (session.version, request) {
             (
                 None,
@@ -251,24 +342,30 @@ impl Broker {
                     max_version,
                     client,
                 },
-            ) => return self.hello(session, min_version, max_version, &client),
+            ) => {
+                return self
+                    .hello(session, min_version, max_version, &client)
+                    .into();
+            }
             (None, _) => {
-                return Reply::fatal(ErrorCode::Protocol, "the first message must be Hello");
+                return Reply::fatal(ErrorCode::Protocol, "the first message must be Hello").into();
             }
             (Some(_), Request::Hello { .. }) => {
-                return Reply::fatal(ErrorCode::Protocol, "Hello may only be the first message");
+                return Reply::fatal(ErrorCode::Protocol, "Hello may only be the first message")
+                    .into();
             }
             (Some(agreed), _) if version != agreed => {
                 return Reply::fatal(
                     ErrorCode::Protocol,
                     format!("message at protocol {version} after agreeing on {agreed}"),
-                );
+                )
+                .into();
             }
             (Some(_), request) => request,
         };
         let peer = &session.peer;
         let _ops = self.ops.read();
-        match agreed {
+        let reply = match agreed {
             Request::Hello { .. } => unreachable!("answered above"),
             Request::Upgrade if !peer.admin => Reply::error(
                 ErrorCode::PermissionDenied,
@@ -279,44 +376,49 @@ impl Broker {
                 ..Reply::new(Response::Ok)
             },
             Request::Create(req) => match super::limits::check_fd_headroom(peer) {
-                Ok(()) => self.create(peer, req),
+                Ok(()) => return self.create(peer, req),
                 Err(why) => Reply::error(ErrorCode::NoSpace, format!("lease {}: {why}", req.name)),
             },
             Request::Open { name, writable } => self.open(peer, &name, writable),
-            Request::Release { name } => self.freeing(|ns| ns.release(peer, &name)),
+            Request::Release { name } => return self.freeing(|ns| ns.release(peer, &name), None),
             Request::Remove { name } => {
-                let reply = self.freeing(|ns| ns.remove(peer, &name));
-                if matches!(reply.response, Response::Ok) {
-                    tracing::info!(lease = %name, "removed");
-                }
-                reply
+                return self.freeing(|ns| ns.remove(peer, &name), Some(name.clone()));
             }
             Request::Stat { name } => match self.ns.lock().stat(peer, &name) {
                 Ok(info) => Reply::new(Response::Stat(info)),
                 Err(e) => Reply::failed(&e),
             },
+            Request::Describe { name } => match self.ns.lock().describe(peer, &name) {
+                Ok((info, totals)) => Reply::new(Response::Described { info, totals }),
+                Err(e) => Reply::failed(&e),
+            },
             Request::List { prefix, after } => self.list(peer, &prefix, after.as_deref()),
             Request::Df => Reply::new(Response::Df(self.df())),
-            Request::ReportPoison { name, offset, len } => self.acknowledged(
-                |ns| ns.report_poison(peer, &name, offset, len),
-                |report| match report {
-                    Ok(report) => {
-                        let (offset, len) = (report.offset, report.len);
-                        tracing::warn!(lease = %name, offset, len, uid = peer.uid, new = report.new, "memory error reported");
-                        if report.new {
-                            self.pools[report.pool].quarantine(&report.memory, offset, len);
+            Request::ReportPoison { name, offset, len } => {
+                let (uid, lease) = (peer.uid, name.clone());
+                return self.acknowledged(
+                    |ns| ns.report_poison(peer, &name, offset, len),
+                    move |broker, report| match report {
+                        Ok(report) => {
+                            let (offset, len) = (report.offset, report.len);
+                            tracing::warn!(%lease, offset, len, uid, new = report.new, "memory error reported");
+                            if report.new {
+                                broker.pools[report.pool].quarantine(&report.memory, offset, len);
+                            }
+                            Reply::new(Response::Ok)
                         }
-                        Reply::new(Response::Ok)
-                    }
-                    Err(e) => Reply::failed(&e),
-                },
-            ),
-            Request::Mkdir(req) => self.meta(&req.path, "mkdir", |ns| ns.mkdir(peer, &req)),
+                        Err(e) => Reply::failed(&e),
+                    },
+                );
+            }
+            Request::Mkdir(req) => {
+                return self.meta(req.path.clone(), "mkdir", |ns| ns.mkdir(peer, &req));
+            }
             Request::Chmod { name, mode } => {
-                self.meta(&name, "chmod", |ns| ns.chmod(peer, &name, mode))
+                return self.meta(name.clone(), "chmod", |ns| ns.chmod(peer, &name, mode));
             }
             Request::Chown { name, uid, gid } => {
-                self.meta(&name, "chown", |ns| ns.chown(peer, &name, uid, gid))
+                return self.meta(name.clone(), "chown", |ns| ns.chown(peer, &name, uid, gid));
             }
             Request::Dirs { prefix, after } => self.dirs(peer, &prefix, after.as_deref()),
             Request::Quota => Reply::new(Response::Quota(self.ns.lock().quotas(peer))),
@@ -327,31 +429,77 @@ impl Broker {
             ),
             Request::ClearQuarantine { pool, start, len } => {
                 let Some(p) = self.pools.iter().find(|p| p.name == pool) else {
-                    return Reply::error(ErrorCode::NotFound, format!("no pool named {pool:?}"));
+                    return Reply::error(ErrorCode::NotFound, format!("no pool named {pool:?}"))
+                        .into();
                 };
                 match p.unquarantine(Extent { start, len }) {
                     Ok(()) => Reply::new(Response::Ok),
                     Err(e) => Reply::failed(&e),
                 }
             }
+        };
+        reply.into()
+    }
+
+    /// Calls `then` with a deferred reply once its records are on disk (or the journal says
+    /// they cannot be): on this thread if they are already or it runs the sync, else on the
+    /// thread that ends the sync covering them. Meanwhile this thread is free.
+    pub fn when_durable(
+        self: &Arc<Self>,
+        deferred: Deferred,
+        then: impl FnOnce(Reply) + Send + 'static,
+    ) {
+        let finish = move |broker: &Broker, durable| {
+            let Deferred {
+                finish, _in_flight, ..
+            } = deferred;
+            let reply = finish(broker, durable);
+            drop(_in_flight);
+            then(reply);
+        };
+        match &self.journal {
+            Some(journal) => {
+                let broker = self.clone();
+                let ticket = deferred.ticket;
+                journal.when_durable(ticket, move |durable| finish(&broker, durable));
+            }
+            None => finish(self, Ok(())),
+        }
+    }
+
+    /// A reply that waits for `written` to be on disk, finished by `finish`; now if there is
+    /// nothing to wait for.
+    fn after_journal(
+        &self,
+        written: Option<crate::journal::Result<Ticket>>,
+        finish: impl FnOnce(&Broker, Result<(), JournalError>) -> Reply + Send + 'static,
+    ) -> Answer {
+        match written {
+            Some(Ok(ticket)) => Answer::Durable(Deferred {
+                ticket,
+                finish: Box::new(finish),
+                _in_flight: InFlight::new(&self.in_flight),
+            }),
+            Some(Err(e)) => finish(self, Err(e)).into(),
+            None => finish(self, Ok(())).into(),
         }
     }
 
     /// A change of names, owners or modes: journaled before the reply.
     fn meta(
         &self,
-        name: &str,
+        name: String,
         what: &'static str,
         op: impl FnOnce(&mut Namespace) -> Result<(), crate::namespace::NsError>,
-    ) -> Reply {
-        self.acknowledged(op, |result| match result {
+    ) -> Answer {
+        self.acknowledged(op, move |broker, result| match result {
             Ok(()) => {
                 tracing::info!(name, what, "namespace changed");
                 // A lease's memory carries its owner and mode (reopening by path is checked
                 // against them): keep it in step.
-                let lease = self.ns.lock().lease_memory(name);
+                let lease = broker.ns.lock().lease_memory(&name);
                 if let Some((pool, memory, (uid, gid, mode))) = lease
-                    && let Err(e) = self.pools[pool].set_owner(&memory, uid, gid, mode)
+                    && let Err(e) = broker.pools[pool].set_owner(&memory, uid, gid, mode)
                 {
                     tracing::error!(name, error = %error_chain(&e), "cannot give the lease memory its new owner or mode");
                     return Reply::failed(&e);
@@ -398,16 +546,7 @@ impl Broker {
         &self,
         op: impl FnOnce(&mut Namespace) -> T,
     ) -> (T, Result<(), crate::journal::JournalError>) {
-        let (out, written) = {
-            let mut ns = self.ns.lock();
-            let out = op(&mut ns);
-            let records = ns.take_records();
-            let written = match &self.journal {
-                Some(journal) if !records.is_empty() => Some(journal.write(&records)),
-                _ => None,
-            };
-            (out, written)
-        };
+        let (out, written) = self.change_written(op);
         let durable = match (&self.journal, written) {
             (Some(journal), Some(written)) => written.and_then(|ticket| journal.wait(ticket)),
             _ => Ok(()),
@@ -415,39 +554,47 @@ impl Broker {
         (out, durable)
     }
 
-    /// A change a client is told about: refused up front, nothing changed, while the journal
-    /// cannot be written; reported as not durable if its records did not reach the disk after
-    /// all. `reply` turns the change's result into the reply.
-    fn acknowledged<T>(
+    /// Runs a change of the namespace under its lock and writes its records to the journal
+    /// before the lock is released; `None` if there was nothing to write.
+    fn change_written<T>(
         &self,
         op: impl FnOnce(&mut Namespace) -> T,
-        reply: impl FnOnce(T) -> Reply,
-    ) -> Reply {
+    ) -> (T, Option<crate::journal::Result<Ticket>>) {
+        let mut ns = self.ns.lock();
+        let out = op(&mut ns);
+        let records = ns.take_records();
+        let written = match &self.journal {
+            Some(journal) if !records.is_empty() => Some(journal.write(&records)),
+            _ => None,
+        };
+        (out, written)
+    }
+
+    /// A change a client is told about: refused up front, nothing changed, while the journal
+    /// cannot be written; reported as not durable if its records did not reach the disk after
+    /// all. `reply` turns the change's result into the reply once its records are on disk.
+    fn acknowledged<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&mut Namespace) -> T,
+        reply: impl FnOnce(&Broker, T) -> Reply + Send + 'static,
+    ) -> Answer {
         if let Some(journal) = &self.journal
             && let Err(e) = journal.ready()
         {
-            return Reply::error(ErrorCode::Internal, error_chain(&e));
+            return Reply::error(ErrorCode::Internal, error_chain(&e)).into();
         }
-        let (out, durable) = self.change_durably(op);
-        let reply = reply(out);
-        match durable {
-            Err(e) if matches!(reply.response, Response::Ok) => Reply::error(
-                ErrorCode::Internal,
-                format!(
-                    "the change was made but the state journal did not record it, so it may not \
-                     survive a broker restart: {}",
-                    error_chain(&e)
-                ),
-            ),
-            _ => reply,
-        }
+        let (out, written) = self.change_written(op);
+        self.after_journal(written, move |broker, durable| {
+            acknowledge(reply(broker, out), durable)
+        })
     }
 
-    fn create(&self, peer: &Peer, req: membroker_client::CreateLease) -> Reply {
+    fn create(&self, peer: &Peer, req: membroker_client::CreateLease) -> Answer {
         let reservation = match self.ns.lock().reserve(peer, &req) {
             Ok(r) => r,
-            Err(e) => return Reply::failed(&e),
+            Err(e) => return Reply::failed(&e).into(),
         };
+        let pool_index = reservation.pool;
         // The allocation (fallocate of up to the whole lease) runs outside the lock.
         let pool = &self.pools[reservation.pool];
         let allocation = match pool.allocate(&reservation.name, reservation.size) {
@@ -455,7 +602,8 @@ impl Broker {
             Err(e) => {
                 self.ns.lock().abort(reservation);
                 tracing::warn!(lease = %req.name, error = %e, "allocation failed");
-                return Reply::error(e.code(), format!("lease {}: {}", req.name, error_chain(&e)));
+                return Reply::error(e.code(), format!("lease {}: {}", req.name, error_chain(&e)))
+                    .into();
             }
         };
         // Before anyone has the fd: reopening it by path is then checked against the lease's
@@ -465,34 +613,44 @@ impl Broker {
             self.ns.lock().abort(reservation);
             pool.discard(allocation);
             tracing::error!(lease = %req.name, error = %e, "cannot give the lease memory its owner");
-            return Reply::error(e.code(), format!("lease {}: {}", req.name, error_chain(&e)));
+            return Reply::error(e.code(), format!("lease {}: {}", req.name, error_chain(&e)))
+                .into();
         }
-        // Durable before the lease is visible and before the reply that hands it out; the sync
-        // runs outside the namespace lock, shared with other writers (group commit).
-        let (prepared, written) = {
-            let mut ns = self.ns.lock();
-            let prepared = match ns.prepare(peer, reservation, allocation) {
-                Ok(prepared) => prepared,
-                Err(failed) => {
-                    drop(ns);
-                    let (e, memory) = *failed;
-                    tracing::warn!(error = %e, "create not committed; memory given back");
-                    pool.discard(memory);
-                    return Reply::failed(&e);
-                }
-            };
-            let written = self.journal.as_ref().map(|j| j.write(prepared.records()));
-            (prepared, written)
+        // Durable before the lease is visible and before the reply that hands it out: its
+        // records are written under the namespace lock like any change's, synced outside it.
+        let (prepared, written) =
+            self.change_written(|ns| ns.prepare(peer, reservation, allocation));
+        let prepared = match prepared {
+            Ok(prepared) => prepared,
+            Err(failed) => {
+                let (e, memory) = *failed;
+                tracing::warn!(error = %e, "create not committed; memory given back");
+                pool.discard(memory);
+                return Reply::failed(&e).into();
+            }
         };
-        let durable = match (&self.journal, written) {
-            (Some(journal), Some(written)) => written.and_then(|ticket| journal.wait(ticket)),
-            _ => Ok(()),
-        };
+        let peer = peer.clone();
+        self.after_journal(written, move |broker, durable| {
+            broker.created(&peer, pool_index, &req.name, prepared, durable)
+        })
+    }
+
+    /// The end of a create whose records reached the disk (the lease is committed, visible
+    /// and held) or did not (its memory goes back).
+    fn created(
+        &self,
+        peer: &Peer,
+        pool_index: usize,
+        name: &str,
+        prepared: crate::namespace::Prepared,
+        durable: Result<(), JournalError>,
+    ) -> Reply {
+        let pool = &self.pools[pool_index];
         if let Err(e) = durable {
             let memory = self.change(|ns| ns.abort_prepared(prepared));
             pool.discard(memory);
             let e = NsError::Journal {
-                name: req.name.clone(),
+                name: name.to_owned(),
                 problem: error_chain(&e),
             };
             tracing::error!(error = %e, "create not journaled; memory given back");
@@ -525,7 +683,9 @@ impl Broker {
         ) {
             Ok(ro) => Reply::lease(info, ReplyFd::Owned(ro)),
             Err(e) => {
-                drop(self.freeing(|ns| ns.release(peer, name)));
+                if let Ok(freed) = self.change(|ns| ns.release(peer, name)) {
+                    self.give_back(freed);
+                }
                 Reply::error(
                     ErrorCode::Internal,
                     format!("lease {name}: reopening read-only failed: {e}"),
@@ -534,13 +694,18 @@ impl Broker {
         }
     }
 
+    /// A release or a removal (of `removed`, logged).
     fn freeing(
         &self,
         op: impl FnOnce(&mut Namespace) -> Result<Freed, crate::namespace::NsError>,
-    ) -> Reply {
-        self.acknowledged(op, |result| match result {
+        removed: Option<String>,
+    ) -> Answer {
+        self.acknowledged(op, move |broker, result| match result {
             Ok(freed) => {
-                self.give_back(freed);
+                broker.give_back(freed);
+                if let Some(name) = removed {
+                    tracing::info!(lease = %name, "removed");
+                }
                 Reply::new(Response::Ok)
             }
             Err(e) => Reply::failed(&e),
@@ -631,6 +796,14 @@ impl Broker {
             ));
         }
         let _quiet = self.ops.write();
+        // Changes whose replies wait for the journal finish first (no new one starts).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.in_flight.load(Ordering::SeqCst) > 0 {
+            if Instant::now() > deadline {
+                return Err("changes in flight did not finish within 10 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let handover = self.handover.lock();
         let Some((listener, lock, activated)) = handover.as_ref() else {
             return Err("this broker has no hand-over state (started without a listener)".into());

@@ -11,7 +11,7 @@ use membroker_client::transport::{self, TransportError};
 
 use rustix::io::Errno;
 
-use super::broker::{Broker, Reply, ReplyFd, Session, Then};
+use super::broker::{Answer, Broker, Deferred, Reply, ReplyFd, Session, Then};
 use crate::error::error_chain;
 use crate::namespace::Peer;
 
@@ -36,6 +36,14 @@ pub struct Pending {
     fd: Option<ReplyFd>,
     /// Since when it waits ([`SEND_TIMEOUT`] counts from here).
     pub since: Instant,
+}
+
+/// What a connection does after a step.
+pub enum Step {
+    /// Wait on its socket.
+    Wait(Wait),
+    /// Its request's reply waits for the journal ([`Broker::when_durable`], then [`answer`]).
+    Durable(Deferred),
 }
 
 /// What a connection waits for next.
@@ -80,23 +88,23 @@ impl Conn {
 }
 
 /// Sends the pending reply of a writable socket, or reads one request from a readable one,
-/// has the broker answer it and sends the reply: the transport only. `Err` ends the
-/// connection.
-pub fn step(broker: &Broker, conn: &mut Conn, buf: &mut [u8]) -> Result<Wait, End> {
+/// has the broker answer it and sends the reply (or says that the reply waits for the
+/// journal): the transport only. `Err` ends the connection.
+pub fn step(broker: &Broker, conn: &mut Conn, buf: &mut [u8]) -> Result<Step, End> {
     let (sock, session) = (&conn.sock, &mut conn.session);
     if let Some(pending) = conn.pending.take() {
         return match pending.send(sock) {
-            Ok(None) => Ok(Wait::Request),
+            Ok(None) => Ok(Step::Wait(Wait::Request)),
             Ok(Some(pending)) => {
                 conn.pending = Some(pending);
-                Ok(Wait::Room)
+                Ok(Step::Wait(Wait::Room))
             }
             Err(e) => Err(End::Protocol(format!("reply not delivered: {e}"))),
         };
     }
     let received = match transport::recv(sock, buf) {
         Ok(r) => r,
-        Err(TransportError::Io(Errno::AGAIN)) => return Ok(Wait::Request),
+        Err(TransportError::Io(Errno::AGAIN)) => return Ok(Step::Wait(Wait::Request)),
         Err(TransportError::Closed) => return Err(End::Closed),
         Err(e) => return Err(refuse(sock, session, ErrorCode::Protocol, error_chain(&e))),
     };
@@ -125,7 +133,15 @@ pub fn step(broker: &Broker, conn: &mut Conn, buf: &mut [u8]) -> Result<Wait, En
             }
         }
     }
-    let mut reply = broker.handle(session, header.version, request);
+    match broker.handle(session, header.version, request) {
+        Answer::Now(reply) => answer(broker, conn, reply).map(Step::Wait),
+        Answer::Durable(deferred) => Ok(Step::Durable(deferred)),
+    }
+}
+
+/// Sends the reply to the request just read and says what the connection waits for next.
+pub fn answer(broker: &Broker, conn: &mut Conn, mut reply: Reply) -> Result<Wait, End> {
+    let (sock, session) = (&conn.sock, &conn.session);
     loop {
         let then = reply.then;
         let why = match &reply.response {

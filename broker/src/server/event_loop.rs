@@ -18,7 +18,7 @@ use rustix::io::Errno;
 use rustix::net::SocketFlags;
 
 use super::broker::{Broker, Session};
-use super::conn::{self, Conn, End, SEND_TIMEOUT, Wait};
+use super::conn::{self, Conn, End, SEND_TIMEOUT, Step, Wait};
 use super::limits::{ConnCount, ConnLimits, FD_RESERVE};
 use super::{Listener, ServeError, sys};
 
@@ -265,18 +265,34 @@ fn start_workers(
         .collect()
 }
 
-/// A worker: serves one request of each connection it is handed.
-fn work(shared: &Shared, queue: &crossbeam_channel::Receiver<Conn>) {
+/// A worker: serves one request of each connection it is handed. A request whose reply waits
+/// for the journal leaves the worker free: the reply is sent by whoever ends the sync.
+fn work(shared: &Arc<Shared>, queue: &crossbeam_channel::Receiver<Conn>) {
     let mut buf = vec![0u8; MAX_MSG_SIZE + 1];
     for mut conn in queue {
-        let peer = &conn.session.peer;
-        let span = tracing::info_span!("conn", id = peer.conn, uid = peer.uid, pid = peer.pid);
+        let span = conn_span(&conn);
         let _enter = span.enter();
         match conn::step(&shared.broker, &mut conn, &mut buf) {
-            Ok(wait) => shared.park(conn, wait),
+            Ok(Step::Wait(wait)) => shared.park(conn, wait),
+            Ok(Step::Durable(deferred)) => {
+                let then = shared.clone();
+                shared.broker.when_durable(deferred, move |reply| {
+                    let span = conn_span(&conn);
+                    let _enter = span.enter();
+                    match conn::answer(&then.broker, &mut conn, reply) {
+                        Ok(wait) => then.park(conn, wait),
+                        Err(end) => then.close(conn, end),
+                    }
+                });
+            }
             Err(end) => shared.close(conn, end),
         }
     }
+}
+
+fn conn_span(conn: &Conn) -> tracing::Span {
+    let peer = &conn.session.peer;
+    tracing::info_span!("conn", id = peer.conn, uid = peer.uid, pid = peer.pid)
 }
 
 impl Loop {

@@ -8,9 +8,9 @@ use membroker::journal::{DirRecord, LeaseRecord, Record};
 use membroker_client::PageSize;
 use membroker_client::codec::{encode_request, encode_response};
 use membroker_client::proto::{
-    BindLabel, CreateLease, DirInfo, ErrorCode, Extent, HolderInfo, LeaseInfo, LeaseState, Mkdir,
-    PROTOCOL_MAX, PoisonInfo, PoisonedLease, PoolInfo, PoolKind, QuarantineInfo, QuotaInfo,
-    Request, Response,
+    BindLabel, CreateLease, DirInfo, ErrorCode, Extent, HolderInfo, LeaseInfo, LeaseState,
+    LeaseTotals, Mkdir, PROTOCOL_MAX, PoisonInfo, PoisonedLease, PoolInfo, PoolKind,
+    QuarantineInfo, QuotaInfo, Request, Response,
 };
 use membroker_fuzz::journal::encode_input;
 
@@ -104,6 +104,9 @@ fn requests() -> Vec<Request> {
             start: 1 << 32,
             len: 2 << 20,
         },
+        Request::Describe {
+            name: "tenant/vm1/ram0".into(),
+        },
     ]
 }
 
@@ -174,6 +177,14 @@ fn responses() -> Vec<Response> {
                 }],
             }],
         }]),
+        Response::Described {
+            info: lease_info(),
+            totals: LeaseTotals {
+                holders: 12_000,
+                extents: 1,
+                poison: 0,
+            },
+        },
     ]
 }
 

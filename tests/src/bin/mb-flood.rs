@@ -12,6 +12,10 @@
 //!                            reply until the broker stops taking them: print "stuffed N"
 //! mb-flood SOCKET create N   on one connection, create 4 KiB leases until one is refused or
 //!                            N are made: print "created K" and "message M" if one failed
+//! mb-flood SOCKET hold=NAME N
+//!                            open lease NAME read-only on N connections (N holders): print
+//!                            "held K" (the opens answered with the lease) and "message M"
+//!                            (the first other answer, if any)
 //! ```
 //! Then it keeps everything open until stdin closes (or a kill).
 
@@ -117,6 +121,33 @@ fn main() {
                 println!("message {message}");
             }
             _kept.1 = Some(client);
+        }
+        hold if hold.starts_with("hold=") => {
+            let name = &hold["hold=".len()..];
+            let open = Request::Open {
+                name: name.into(),
+                writable: false,
+            };
+            let open = codec::encode_request(PROTOCOL_MIN, &open).expect("encode");
+            let (mut held, mut first) = (Vec::new(), None);
+            for _ in 0..count {
+                let sock = connect(socket);
+                hello(&sock).expect("hello");
+                transport::send(rustix::fd::AsFd::as_fd(&sock), &open, &[]).expect("send open");
+                // The lease's fd that comes with the answer is closed at once: the connection
+                // is the holder.
+                match read_answer(&sock) {
+                    Some(Response::Lease(_)) => held.push(sock),
+                    other => {
+                        first.get_or_insert(format!("{other:?}"));
+                    }
+                }
+            }
+            println!("held {}", held.len());
+            if let Some(message) = first {
+                println!("message {message}");
+            }
+            _kept.0 = held;
         }
         other => panic!("unknown mode {other:?}"),
     }
