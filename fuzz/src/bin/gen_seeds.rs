@@ -205,7 +205,7 @@ fn lease(id: u64) -> Record {
             len: 2 << 20,
         }],
         device: Some(format!("dax0.{id}")),
-        label: (id % 2 == 0).then(|| format!("membroker-test-{id}")),
+        label: id.is_multiple_of(2).then(|| format!("membroker-test-{id}")),
     })
 }
 
