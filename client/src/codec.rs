@@ -481,21 +481,25 @@ mod tests {
                 })
             ));
         }
-        // Df: each pool without its node, which a version-1 reader gets back as None.
+        // Df: each pool without its version-2 fields, which a version-1 reader gets back as
+        // None and 0.
         let msg = encode_response(1, &Response::Df(pools())).unwrap();
         assert_eq!(msg[HEADER_LEN], DF_VARIANT as u8);
         let v2 = encode_response(2, &Response::Df(pools())).unwrap();
-        assert_eq!(
-            msg.len(),
-            v2.len() - 1 - 2,
-            "one byte less per pool (None, Some(1))"
-        );
+        // Per pool: the node (None: 1 byte, Some(1): 2), kernel_overhead (4 MiB: a varint of
+        // 5 bytes), broker_metadata (4096: 3 bytes).
+        assert_eq!(msg.len(), v2.len() - (1 + 5 + 3) - (2 + 5 + 3));
         let (_, Response::Df(back)) = decode_response(&msg).unwrap() else {
             panic!("not a Df")
         };
         let want: Vec<PoolInfo> = pools()
             .into_iter()
-            .map(|p| PoolInfo { node: None, ..p })
+            .map(|p| PoolInfo {
+                node: None,
+                kernel_overhead: 0,
+                broker_metadata: 0,
+                ..p
+            })
             .collect();
         assert_eq!(back, want);
     }

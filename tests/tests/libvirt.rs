@@ -24,7 +24,9 @@ mod support;
 use support::{MIB, initramfs, kernel, shim_path};
 
 const URI: &str = "qemu:///system";
-const HOOK: &str = "/etc/libvirt/hooks/qemu";
+/// Where the Debian package installs the hook: libvirt (>= 6.5) runs every script in
+/// `hooks/qemu.d/`.
+const HOOK: &str = "/etc/libvirt/hooks/qemu.d/membroker";
 const VM: &str = "membroker-test-vm";
 const BIG: &str = "membroker-test-big";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);

@@ -93,7 +93,10 @@ fn df_shows_nodes(broker: &TestBroker) {
         .map(|(name, node)| (name.to_string(), Some(node)));
     assert_eq!(nodes, want);
     let table = stdout_ok(&broker.cli().arg("df").output().unwrap());
-    assert!(table.lines().next().unwrap().ends_with("NODE"), "{table}");
+    assert!(
+        table.lines().next().unwrap().contains("  NODE  "),
+        "{table}"
+    );
     let json: serde_json::Value = serde_json::from_str(&stdout_ok(
         &broker.cli().args(["df", "--json"]).output().unwrap(),
     ))

@@ -102,6 +102,18 @@ fn deb_installs_the_broker_shim_units_and_group_and_purges_clean() {
         contrib("membroker.service")
     );
     assert!(root.join("usr/share/doc/membroker/README.md").is_file());
+    // The libvirt kit: the hook where libvirt runs it next to an operator's own, the AppArmor
+    // snippet where libvirt's QEMU abstraction includes it, the example domain.
+    let hook = root.join("etc/libvirt/hooks/qemu.d/membroker");
+    assert_eq!(std::fs::read(&hook).unwrap(), contrib("libvirt/qemu"));
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&hook).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o755);
+    assert_eq!(
+        std::fs::read(root.join("etc/apparmor.d/abstractions/libvirt-qemu.d/membroker")).unwrap(),
+        contrib("libvirt/apparmor/membroker")
+    );
+    assert!(root.join("usr/share/doc/membroker/examples/domain.xml").is_file());
     assert!(
         root.join("usr/share/doc/membroker/examples/preserve-fd-store.conf")
             .is_file()

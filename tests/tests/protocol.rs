@@ -372,9 +372,11 @@ fn many_clients_at_once() {
 fn a_version_1_client_still_creates_and_reads_df() {
     let broker = TestBroker::start(&["--pool", "memfd:t:64M"]);
     let sock = after_hello(&broker);
-    // What a version-1 client sends: Create without the trailing node (None: one 0 byte).
+    // What a version-1 client sends: Create without the trailing node (None: one 0 byte) and
+    // label (Creator: variant 0, one 0 byte).
     let mut create =
         codec::encode_request(2, &Request::Create(CreateLease::new("old", 4096))).expect("encode");
+    assert_eq!(create.pop(), Some(0));
     assert_eq!(create.pop(), Some(0));
     create[4..6].copy_from_slice(&1u16.to_le_bytes());
     let len = (create.len() - HEADER_LEN) as u32;

@@ -128,7 +128,7 @@ fn main() {
                 name: name.into(),
                 writable: false,
             };
-            let open = codec::encode_request(PROTOCOL_MIN, &open).expect("encode");
+            let open = codec::encode_request(PROTOCOL_MAX, &open).expect("encode");
             let (mut held, mut first) = (Vec::new(), None);
             for _ in 0..count {
                 let sock = connect(socket);
