@@ -113,7 +113,10 @@ fn deb_installs_the_broker_shim_units_and_group_and_purges_clean() {
         std::fs::read(root.join("etc/apparmor.d/abstractions/libvirt-qemu.d/membroker")).unwrap(),
         contrib("libvirt/apparmor/membroker")
     );
-    assert!(root.join("usr/share/doc/membroker/examples/domain.xml").is_file());
+    assert!(
+        root.join("usr/share/doc/membroker/examples/domain.xml")
+            .is_file()
+    );
     assert!(
         root.join("usr/share/doc/membroker/examples/preserve-fd-store.conf")
             .is_file()
