@@ -124,12 +124,19 @@ pub struct TestBroker {
     child: Option<Child>,
     dir: tempfile::TempDir,
     socket: PathBuf,
+    /// The `membroker` binary it runs, and its CLI.
+    binary: PathBuf,
     args: Vec<String>,
 }
 
 impl TestBroker {
     /// Starts `membroker serve` with these extra arguments (e.g. `--pool memfd:t:64M`).
     pub fn start(args: &[&str]) -> TestBroker {
+        TestBroker::start_binary(bin_path("membroker"), args)
+    }
+
+    /// Starts `binary serve` (e.g. the installed `/usr/bin/membroker`) with these arguments.
+    pub fn start_binary(binary: PathBuf, args: &[&str]) -> TestBroker {
         let dir = tempfile::Builder::new()
             .prefix("membroker-test")
             .tempdir()
@@ -142,6 +149,7 @@ impl TestBroker {
             child: None,
             dir,
             socket,
+            binary,
             args: args.iter().map(|s| s.to_string()).collect(),
         };
         broker.spawn();
@@ -158,7 +166,7 @@ impl TestBroker {
             .append(true)
             .open(self.log_path())
             .expect("log file");
-        let mut cmd = Command::new(bin_path("membroker"));
+        let mut cmd = Command::new(&self.binary);
         cmd.arg("serve")
             .arg("--socket")
             .arg(&self.socket)
@@ -235,7 +243,7 @@ impl TestBroker {
 
     /// The `membroker` CLI against this broker.
     pub fn cli(&self) -> Command {
-        let mut cmd = Command::new(bin_path("membroker"));
+        let mut cmd = Command::new(&self.binary);
         cmd.arg("--socket").arg(&self.socket);
         cmd
     }

@@ -1,14 +1,15 @@
 //! `membroker libvirt-hook` run as libvirt runs it (arguments, the domain XML on stdin) against a
 //! real broker; then real libvirt (feature `libvirt`): Debian's `libvirtd` and `virtlogd`,
-//! started here by hand (no systemd), with `contrib/libvirt/qemu` installed as the qemu hook,
-//! drive one domain under TCG through its life on broker memory: start, guest reboot, a
-//! libvirtd restart, a broker upgrade, managedsave and restore, destroy; and a domain the pool
-//! cannot hold is refused before its QEMU starts.
+//! started here by hand (no systemd), drive one domain under TCG through its life on broker
+//! memory: start, guest reboot, a libvirtd restart, a broker upgrade, managedsave and restore,
+//! destroy; and a domain the pool cannot hold is refused before its QEMU starts. That part runs
+//! the files membroker's Debian package installed (`scripts/test` builds it with cargo-deb and
+//! installs it with dpkg): the broker `/usr/bin/membroker`, the shim in
+//! `/usr/lib/x86_64-linux-gnu/` and the hook in `/etc/libvirt/hooks/qemu.d/`.
 //!
 //! libvirt's qemu driver keeps its state in fixed system directories (/etc/libvirt,
-//! /run/libvirt, /var/lib/libvirt), so this test uses the system's daemons and hook file: it
-//! fails if a libvirtd is already running, and leaves no domain, daemon, hook or QEMU log
-//! behind.
+//! /run/libvirt, /var/lib/libvirt), so this test uses the system's daemons: it fails if a
+//! libvirtd is already running, and leaves no domain, daemon or QEMU log behind.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -21,12 +22,15 @@ use membroker_tests::{Helper, TestBroker, bin_path, stdout_ok, wait_until};
 
 #[path = "../shim/support.rs"]
 mod support;
-use support::{MIB, initramfs, kernel, shim_path};
+use support::{MIB, initramfs, kernel};
 
 const URI: &str = "qemu:///system";
 /// Where the Debian package installs the hook: libvirt (>= 6.5) runs every script in
 /// `hooks/qemu.d/`.
 const HOOK: &str = "/etc/libvirt/hooks/qemu.d/membroker";
+/// The package's broker and shim.
+const INSTALLED_BROKER: &str = "/usr/bin/membroker";
+const INSTALLED_SHIM: &str = "/usr/lib/x86_64-linux-gnu/libmembroker_preload.so";
 const VM: &str = "membroker-test-vm";
 const BIG: &str = "membroker-test-big";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
@@ -82,23 +86,18 @@ impl Libvirt {
             !virsh(&["version"]).status.success(),
             "a libvirtd is already running: this test starts its own"
         );
-        // A hook this test left when it was killed is replaced; any other is the host's.
-        let existing = std::fs::read_to_string(HOOK).unwrap_or_default();
-        assert!(
-            existing.is_empty() || existing.contains("membroker libvirt-hook"),
-            "{HOOK} exists: this test installs its own"
+        // The package's hook, as shipped.
+        let installed = std::fs::read(HOOK).unwrap_or_else(|e| {
+            panic!(
+                "{HOOK}: {e}: membroker's Debian package is not installed (scripts/test builds \
+                 it with cargo deb and installs target/debian/membroker_*.deb with dpkg -i)"
+            )
+        });
+        assert_eq!(
+            installed,
+            include_bytes!("../../contrib/libvirt/qemu"),
+            "{HOOK} is not contrib/libvirt/qemu: install this build's package"
         );
-        // contrib/libvirt/qemu as shipped, pointed at the membroker binary under test.
-        let shipped = include_str!("../../contrib/libvirt/qemu");
-        assert!(shipped.contains("exec /usr/bin/membroker libvirt-hook \"$@\""));
-        let hook = shipped.replace(
-            "/usr/bin/membroker",
-            bin_path("membroker").to_str().unwrap(),
-        );
-        std::fs::create_dir_all(Path::new(HOOK).parent().unwrap()).unwrap();
-        std::fs::write(HOOK, hook).unwrap();
-        std::fs::set_permissions(HOOK, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
         let log = dir.join("libvirtd.log");
         let mut virtlogd = Command::new("virtlogd");
         membroker_tests::sys::terminate_with_parent(&mut virtlogd);
@@ -169,7 +168,6 @@ impl Drop for Libvirt {
         self.stop_libvirtd();
         membroker_tests::signal(self.virtlogd.id(), rustix::process::Signal::TERM);
         let _ = self.virtlogd.wait();
-        let _ = std::fs::remove_file(HOOK);
     }
 }
 
@@ -201,7 +199,7 @@ fn domain_xml(name: &str, mib: u64, dir: &Path, initrd: &Path, socket: &Path) ->
         kernel = dir.join("vmlinuz").display(),
         initrd = initrd.display(),
         console = dir.join(format!("{name}.console")).display(),
-        shim = shim_path().display(),
+        shim = INSTALLED_SHIM,
         socket = socket.display(),
     )
 }
@@ -441,7 +439,10 @@ fn hook_makes_keeps_and_removes_a_domains_leases() {
 )]
 fn libvirt_domain_lives_on_broker_memory() {
     let qemu_uid = uid_of("libvirt-qemu");
-    let broker = TestBroker::start(&["--pool", "memfd:t:384M", "--socket-group", "libvirt-qemu"]);
+    let broker = TestBroker::start_binary(
+        PathBuf::from(INSTALLED_BROKER),
+        &["--pool", "memfd:t:384M", "--socket-group", "libvirt-qemu"],
+    );
     let dir = tempfile::tempdir().unwrap();
     // QEMU runs as libvirt-qemu and must reach the kernel, the initramfs and the console.
     std::fs::set_permissions(
