@@ -2,7 +2,8 @@
 //! real broker; then real libvirt (feature `libvirt`): Debian's `libvirtd` and `virtlogd`,
 //! started here by hand (no systemd), drive one domain under TCG through its life on broker
 //! memory: start, guest reboot, a libvirtd restart, a broker upgrade, managedsave and restore,
-//! destroy; and a domain the pool cannot hold is refused before its QEMU starts. That part runs
+//! destroy; a domain the pool cannot hold is refused before its QEMU starts; and a domain with
+//! shared memfd RAM serves a virtiofs share through libvirt's virtiofsd. That part runs
 //! the files membroker's Debian package installed (`scripts/test` builds it with cargo-deb and
 //! installs it with dpkg): the broker `/usr/bin/membroker`, the shim in
 //! `/usr/lib/x86_64-linux-gnu/` and the hook in `/etc/libvirt/hooks/qemu.d/`.
@@ -22,7 +23,7 @@ use membroker_tests::{Helper, TestBroker, bin_path, stdout_ok, wait_until};
 
 #[path = "../shim/support.rs"]
 mod support;
-use support::{MIB, initramfs, kernel};
+use support::{MIB, initramfs, initramfs_with_modules, kernel};
 
 const URI: &str = "qemu:///system";
 /// Where the Debian package installs the hook: libvirt (>= 6.5) runs every script in
@@ -31,6 +32,10 @@ const HOOK: &str = "/etc/libvirt/hooks/qemu.d/membroker";
 /// The package's broker and shim.
 const INSTALLED_BROKER: &str = "/usr/bin/membroker";
 const INSTALLED_SHIM: &str = "/usr/lib/x86_64-linux-gnu/libmembroker_preload.so";
+/// QEMU 7.2's virtiofsd, as Debian installs it.
+const VIRTIOFSD: &str = "/usr/lib/qemu/virtiofsd";
+/// The domain whose RAM is a shared memfd, serving virtiofs.
+const VFS: &str = "membroker-test-vfs";
 const VM: &str = "membroker-test-vm";
 const BIG: &str = "membroker-test-big";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
@@ -117,7 +122,7 @@ impl Libvirt {
     }
 
     fn remove_domains(&self) {
-        for name in [VM, BIG] {
+        for name in [VM, BIG, VFS] {
             let _ = virsh(&["destroy", name]);
             let _ = virsh(&["undefine", name, "--managed-save"]);
             let _ = std::fs::remove_file(format!("/var/log/libvirt/qemu/{name}.log"));
@@ -174,10 +179,38 @@ impl Drop for Libvirt {
 /// A TCG domain of `mib` MiB that boots the installed kernel with `initrd` on broker memory,
 /// its serial console in `console`.
 fn domain_xml(name: &str, mib: u64, dir: &Path, initrd: &Path, socket: &Path) -> String {
+    shared_domain_xml(name, mib, dir, initrd, socket, None)
+}
+
+/// [`domain_xml`], with `share` given: its RAM a shared memfd (`<memoryBacking><source
+/// type='memfd'/><access mode='shared'/>`) and `share` exported to the guest over virtiofs
+/// (tag `share`, Debian's `/usr/lib/qemu/virtiofsd`).
+fn shared_domain_xml(
+    name: &str,
+    mib: u64,
+    dir: &Path,
+    initrd: &Path,
+    socket: &Path,
+    share: Option<&Path>,
+) -> String {
+    let (backing, filesystem) = match share {
+        Some(share) => (
+            "<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>"
+                .to_string(),
+            format!(
+                "<filesystem type='mount' accessmode='passthrough'>\
+                   <driver type='virtiofs'/><binary path='{VIRTIOFSD}'/>\
+                   <source dir='{}'/><target dir='share'/></filesystem>",
+                share.display()
+            ),
+        ),
+        None => (String::new(), String::new()),
+    };
     format!(
         "<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{name}</name>
   <memory unit='MiB'>{mib}</memory>
+  {backing}
   <vcpu>1</vcpu>
   <os>
     <type arch='x86_64' machine='pc'>hvm</type>
@@ -188,6 +221,7 @@ fn domain_xml(name: &str, mib: u64, dir: &Path, initrd: &Path, socket: &Path) ->
   <devices>
     <serial type='file'><source path='{console}' append='on'/></serial>
     <memballoon model='none'/>
+    {filesystem}
   </devices>
   <qemu:commandline>
     <qemu:env name='LD_PRELOAD' value='{shim}'/>
@@ -574,4 +608,71 @@ fn libvirt_domain_lives_on_broker_memory() {
     wait_until(Duration::from_secs(10), "the pool to be empty", || {
         used(&broker) == 0
     });
+
+    // A domain with shared memfd RAM and a virtiofs share: its RAM is a lease under QEMU's own
+    // memfd, libvirt's virtiofsd receives that fd and maps the lease, and the guest writes a
+    // file through the share that the host reads.
+    let vfs = dir.path().join("vfs");
+    let share = vfs.join("share");
+    std::fs::create_dir_all(&share).unwrap();
+    std::fs::set_permissions(&vfs, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let body = "/bin/busybox mount -t virtiofs share /mnt || echo VFS-MOUNT-FAILED\n\
+                echo written-by-the-guest > /mnt/from-guest && echo VFS-WROTE\n\
+                /bin/busybox umount /mnt\n\
+                echo VFS-DONE";
+    let vfs_initrd = initramfs_with_modules(&vfs, body, &["virtio_pci", "virtiofs"]);
+    let xml = shared_domain_xml(
+        VFS,
+        256,
+        dir.path(),
+        &vfs_initrd,
+        broker.socket(),
+        Some(&share),
+    );
+    define(dir.path(), VFS, &xml);
+    let console = Console(dir.path().join(format!("{VFS}.console")));
+    virsh_ok(&["start", VFS]);
+    console.wait("the guest to use the share", |c| c.count("VFS-DONE") == 1);
+    assert_eq!(console.count("VFS-WROTE"), 1, "{}", console.text());
+    assert_eq!(
+        std::fs::read_to_string(share.join("from-guest")).unwrap(),
+        "written-by-the-guest\n"
+    );
+    let name = format!("libvirt/{VFS}/ram0");
+    let lease = broker.client().stat(&name).unwrap();
+    let pid = qemu_pid(VFS);
+    assert_eq!(
+        (
+            lease.size,
+            lease.holders.iter().map(|h| h.pid).collect::<Vec<_>>()
+        ),
+        (256 * MIB, vec![pid])
+    );
+    let memfd = format!("memfd:membroker:{name}");
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    assert!(
+        maps.lines()
+            .any(|l| l.contains(&memfd) && l.contains(" rw-s ")),
+        "QEMU does not map the lease shared:\n{maps}"
+    );
+    let virtiofsd = processes_running(VIRTIOFSD);
+    assert!(
+        virtiofsd.iter().any(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/maps")).is_ok_and(|m| m.contains(&memfd))
+        }),
+        "no virtiofsd ({virtiofsd:?}) maps the lease"
+    );
+    virsh_ok(&["destroy", VFS]);
+    assert!(leases(&broker, "libvirt").is_empty());
+}
+
+/// The pids of processes running `exe`.
+fn processes_running(exe: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| p == Path::new(exe))
+        })
+        .collect()
 }
