@@ -381,11 +381,8 @@ impl Journal {
     pub fn wait(&self, ticket: Ticket) -> Result<()> {
         let mut d = self.durability.lock();
         loop {
-            if let Some(why) = &d.failing {
-                return Err(self.failing_error(why.clone()));
-            }
-            if !self.sync || d.durable >= ticket.0 {
-                return Ok(());
+            if let Some(outcome) = self.outcome(&d, ticket.0) {
+                return outcome;
             }
             if d.syncing {
                 self.synced.wait(&mut d);
@@ -405,14 +402,9 @@ impl Journal {
         then: impl FnOnce(Result<()>) + Send + 'static,
     ) {
         let mut d = self.durability.lock();
-        if let Some(why) = &d.failing {
-            let error = self.failing_error(why.clone());
+        if let Some(outcome) = self.outcome(&d, ticket.0) {
             drop(d);
-            return then(Err(error));
-        }
-        if !self.sync || d.durable >= ticket.0 {
-            drop(d);
-            return then(Ok(()));
+            return then(outcome);
         }
         self.sync_thread.call_once(|| self.start_sync_thread());
         d.queued.push_back((ticket.0, Box::new(then)));
@@ -475,23 +467,21 @@ impl Journal {
             }
         }
         self.synced.notify_all();
-        let durable = d.durable;
-        let failing = d.failing.clone();
-        let (settled, waiting): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut d.queued)
-            .into_iter()
-            .partition(|(ticket, _)| failing.is_some() || *ticket <= durable);
-        d.queued = waiting;
+        let mut settled = Vec::new();
+        for (ticket, then) in std::mem::take(&mut d.queued) {
+            match self.outcome(&d, ticket) {
+                Some(outcome) => settled.push((then, outcome)),
+                None => d.queued.push_back((ticket, then)),
+            }
+        }
         if !d.queued.is_empty() {
             // The next sync starts (on a sync thread) while this one's callbacks run.
             self.queued.notify_one();
         }
         if !settled.is_empty() {
             drop(d);
-            for (_, then) in settled {
-                then(match &failing {
-                    Some(why) => Err(self.failing_error(why.clone())),
-                    None => Ok(()),
-                });
+            for (then, outcome) in settled {
+                then(outcome);
             }
             d = self.durability.lock();
         }
@@ -499,6 +489,15 @@ impl Journal {
             self.queued.notify_one();
         }
         d
+    }
+
+    /// What waiting for `ticket` comes to now, if it is settled: on disk (or nothing is
+    /// synced), or refused because the journal is failing; `None` while it waits for a sync.
+    fn outcome(&self, d: &Durability, ticket: u64) -> Option<Result<()>> {
+        if let Some(why) = &d.failing {
+            return Some(Err(self.failing_error(why.clone())));
+        }
+        (!self.sync || d.durable >= ticket).then_some(Ok(()))
     }
 
     fn failing_error(&self, why: String) -> JournalError {
