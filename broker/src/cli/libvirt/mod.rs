@@ -66,8 +66,9 @@ pub fn run(socket: &Path, args: HookArgs) -> Result<(), String> {
     let socket = plan.socket.as_deref().map_or(socket, Path::new);
     let mut client = connect(socket).map_err(|e| fail(&e))?;
     if op == ("prepare", "begin") {
-        let uid = qemu_uid(&domain, &args.qemu_conf).map_err(|e| fail(&e))?;
+        // Missing or unreadable: libvirt's defaults.
         let conf = std::fs::read_to_string(&args.qemu_conf).unwrap_or_default();
+        let uid = qemu_uid(&domain, &conf, &args.qemu_conf).map_err(|e| fail(&e))?;
         let label = qemu_label(&domain, &conf, apparmor_enabled());
         prepare(&mut client, &plan, uid, &label).map_err(|e| fail(&e))
     } else if args.save_dir.join(format!("{}.save", domain.name)).exists() {
@@ -77,14 +78,12 @@ pub fn run(socket: &Path, args: HookArgs) -> Result<(), String> {
     }
 }
 
-/// The uid QEMU runs as: the domain's DAC label, else qemu.conf's `user`, else libvirt-qemu.
-fn qemu_uid(domain: &Domain, qemu_conf: &Path) -> Result<u32, String> {
+/// The uid QEMU runs as: the domain's DAC label, else qemu.conf's `user` (`conf`, read from
+/// `qemu_conf`), else libvirt-qemu.
+fn qemu_uid(domain: &Domain, conf: &str, qemu_conf: &Path) -> Result<u32, String> {
     let user = match &domain.dac_label {
         Some(label) => label.split(':').next().unwrap_or_default().to_string(),
-        None => std::fs::read_to_string(qemu_conf)
-            .ok()
-            .and_then(|conf| conf_user(&conf))
-            .unwrap_or_else(|| DEFAULT_QEMU_USER.to_string()),
+        None => conf_value(conf, "user").unwrap_or_else(|| DEFAULT_QEMU_USER.to_string()),
     };
     if let Some(number) = user.strip_prefix('+') {
         return number
@@ -110,11 +109,6 @@ fn conf_value(conf: &str, key: &str) -> Option<String> {
         let (k, value) = line.split_once('=')?;
         (k.trim() == key).then(|| value.trim().trim_matches('"').to_string())
     })
-}
-
-/// `user = "NAME"` in qemu.conf, if set.
-fn conf_user(conf: &str) -> Option<String> {
-    conf_value(conf, "user")
 }
 
 /// Whether the kernel runs AppArmor, so that libvirt confines each QEMU in its own profile.
@@ -246,8 +240,8 @@ mod tests {
     #[test]
     fn qemu_conf_user() {
         let conf = "#user = \"qemu\"\n# user = \"+0\"\nuser = \"libvirt-qemu\"\ngroup = \"kvm\"\n";
-        assert_eq!(conf_user(conf).as_deref(), Some("libvirt-qemu"));
-        assert_eq!(conf_user("#user = \"libvirt-qemu\"\n"), None);
+        assert_eq!(conf_value(conf, "user").as_deref(), Some("libvirt-qemu"));
+        assert_eq!(conf_value("#user = \"libvirt-qemu\"\n", "user"), None);
     }
 
     #[test]
@@ -255,9 +249,9 @@ mod tests {
         let xml = "<domain><name>d</name><memory>1024</memory>\
                    <seclabel model='dac'><label>+4242:+4242</label></seclabel></domain>";
         let d = Domain::parse(xml).unwrap();
-        assert_eq!(qemu_uid(&d, Path::new("/nonexistent")), Ok(4242));
+        assert_eq!(qemu_uid(&d, "", Path::new("/nonexistent")), Ok(4242));
         let root = Domain::parse(&xml.replace("+4242:+4242", "root:root")).unwrap();
-        assert_eq!(qemu_uid(&root, Path::new("/nonexistent")), Ok(0));
+        assert_eq!(qemu_uid(&root, "", Path::new("/nonexistent")), Ok(0));
     }
 
     #[test]
