@@ -160,18 +160,27 @@ struct State {
     conn: Option<Conn>,
     next_index: u32,
     names: [Option<String>; SLOTS],
-    /// Per slot: the lease was made for the block (see [`Acquired::created`]).
-    created: [bool; SLOTS],
-    /// Per slot: the lease backs a `memory-backend-memfd`, so QEMU holds its fd too.
-    backend: [bool; SLOTS],
+    /// Per slot: where the block's lease came from, which says whether it may move.
+    origin: [Origin; SLOTS],
+}
+
+/// Where a block's lease came from, which decides whether an `mbind` may move the block to
+/// another lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// Re-attached by name: it holds a guest's memory.
+    Reattached,
+    /// Made for the block (see [`Acquired::created`]): nothing has used it yet.
+    Created,
+    /// A `memory-backend-memfd`'s: QEMU holds its fd too and hands it to vhost-user back-ends.
+    Backend,
 }
 
 static STATE: Mutex<State> = Mutex::new(State {
     conn: None,
     next_index: 0,
     names: [const { None }; SLOTS],
-    created: [false; SLOTS],
-    backend: [false; SLOTS],
+    origin: [Origin::Reattached; SLOTS],
 });
 static CONFIG: OnceLock<Result<Config, ConfigError>> = OnceLock::new();
 
@@ -458,8 +467,11 @@ fn record(acquired: Acquired, start: usize, len: usize, backend: bool) -> Result
     };
     let _ = acquired.fd.into_raw_fd();
     st.names[slot] = Some(acquired.name);
-    st.created[slot] = acquired.created;
-    st.backend[slot] = backend;
+    st.origin[slot] = match (backend, acquired.created) {
+        (true, _) => Origin::Backend,
+        (false, true) => Origin::Created,
+        (false, false) => Origin::Reattached,
+    };
     Ok(())
 }
 
@@ -561,8 +573,7 @@ pub fn place(block: &Block, nodes: &[u32], strict: bool) -> Result<Option<Acquir
     let cfg = config()?;
     let mut st = state();
     let name = st.names[block.slot].clone().unwrap_or_default();
-    let created = st.created[block.slot];
-    let backend = st.backend[block.slot];
+    let origin = st.origin[block.slot];
     let pid = std::process::id();
     let Some(conn) = st.conn.as_mut().filter(|c| c.pid == pid) else {
         return Err(ShimError::Policy {
@@ -600,12 +611,12 @@ pub fn place(block: &Block, nodes: &[u32], strict: bool) -> Result<Option<Acquir
     };
     // A lease that holds the guest's memory, or whose fd QEMU holds, stays: a preferred
     // binding is satisfied as it is, a strict one is refused.
-    if backend || !created {
+    if origin != Origin::Created {
         if !strict {
             return Ok(None);
         }
         let (pool, nodes) = (info.pool, list);
-        return Err(if backend {
+        return Err(if origin == Origin::Backend {
             ShimError::SharedFd { name, pool, nodes }
         } else {
             ShimError::Placed { name, pool, nodes }
@@ -644,8 +655,7 @@ pub fn replace(slot: usize, acquired: Acquired, start: usize, len: usize) -> Res
             crate::sys::close_table_fd(old.fd);
         }
         st.names[slot] = None;
-        st.created[slot] = false;
-        st.backend[slot] = false;
+        st.origin[slot] = Origin::Reattached;
     }
     commit(acquired, start, len)
 }
