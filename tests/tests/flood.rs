@@ -36,16 +36,6 @@ fn finish(mut helper: Helper) {
     helper.child.wait().expect("wait helper");
 }
 
-/// The broker's resident memory, in KiB.
-fn rss_kib(broker: &TestBroker) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", broker.pid())).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
-}
-
 /// The broker's CPU time so far (user + system), in clock ticks.
 fn cpu_ticks(broker: &TestBroker) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{}/stat", broker.pid())).unwrap();
@@ -82,7 +72,7 @@ fn idle_flood_is_refused_past_its_limit_and_leaves_nothing_behind() {
     ]);
     root_creates(&broker, "warm-up");
     std::thread::sleep(Duration::from_millis(300)); // the broker sees the warm-up client go
-    let (fds, threads, rss) = (broker.fd_count(), broker.thread_count(), rss_kib(&broker));
+    let (fds, threads, rss) = (broker.fd_count(), broker.thread_count(), broker.rss_kib());
     for round in 1..=2 {
         let mut flooder = flood(&broker, NOBODY, "idle", FLOOD);
         assert_eq!(flooder.line(), format!("connected {FLOOD}"));
@@ -115,7 +105,7 @@ fn idle_flood_is_refused_past_its_limit_and_leaves_nothing_behind() {
             broker.fd_count() <= fds
         });
         assert_eq!(broker.thread_count(), threads);
-        let after = rss_kib(&broker);
+        let after = broker.rss_kib();
         assert!(
             after < rss + 16 * 1024,
             "round {round}: RSS {after} KiB after the flood, {rss} KiB before"

@@ -1,18 +1,19 @@
 //! `serve --metrics` and `--metrics-textfile` against a live broker: the numbers match `df`
-//! and what the clients did, garbage on the metrics port harms nothing, the text file is
-//! replaced whole, and (feature `promtool`, Debian's `prometheus` package) promtool accepts
-//! the text.
+//! and what the clients did, garbage on the metrics port harms nothing, a tenant's flood of
+//! idle connections to it costs the broker no thread and few fds, the text file is replaced
+//! whole, and (feature `promtool`, Debian's `prometheus` package) promtool accepts the text.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use membroker_client::{CreateLease, ErrorCode};
 use membroker_tests::systemd::Service;
-use membroker_tests::{TestBroker, wait_until};
+use membroker_tests::{Helper, TestBroker, bin_path, wait_until};
 
 const MIB: u64 = 1 << 20;
 
@@ -303,6 +304,78 @@ fn garbage_on_the_metrics_port_harms_nothing() {
     let s = samples(&scrape(addr));
     assert_eq!(leases_of(&s, "main", "held"), 1);
     drop(silent);
+}
+
+/// The broker's threads, fds and resident KiB at their highest over `period`.
+fn peak_usage(broker: &TestBroker, period: Duration) -> (usize, usize, u64) {
+    let mut peak = (0, 0, 0);
+    let end = Instant::now() + period;
+    while Instant::now() < end {
+        peak.0 = peak.0.max(broker.thread_count());
+        peak.1 = peak.1.max(broker.fd_count());
+        peak.2 = peak.2.max(broker.rss_kib());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    peak
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged"),
+    ignore = "needs root: run with --features privileged (scripts/test does)"
+)]
+fn a_flood_of_idle_connections_to_the_metrics_port_costs_no_thread_and_few_fds() {
+    const FLOOD: usize = 2000;
+    let (broker, addr) = broker_with_metrics(&[]);
+    scrape(addr);
+    let before = (broker.thread_count(), broker.fd_count(), broker.rss_kib());
+    // Any local uid reaches a loopback port: uid 65534 opens FLOOD connections, half of them
+    // silent, half sending a request they never finish, and keeps them open.
+    let mut cmd = Command::new(bin_path("mb-flood"));
+    cmd.arg(addr.to_string())
+        .args(["tcp", &FLOOD.to_string()])
+        .uid(65534)
+        .gid(65534)
+        .stderr(Stdio::inherit());
+    let mut flood = Helper::spawn(cmd);
+    assert_eq!(flood.line(), format!("connected {FLOOD}"));
+    let (threads, fds, rss) = peak_usage(&broker, Duration::from_secs(1));
+    let numbers = format!(
+        "threads {} -> {threads}, fds {} -> {fds}, RSS {} -> {rss} KiB",
+        before.0, before.1, before.2
+    );
+    eprintln!("under the flood: {numbers}");
+    // The metrics server keeps at most 64 connections open, on the thread it has.
+    assert!(threads <= before.0 + 2, "{numbers}");
+    assert!(fds <= before.1 + 64 + 4, "{numbers}");
+
+    // While the flood is held open, clients and scrapes are served.
+    let mut client = broker.client();
+    let lease = client.create(CreateLease::new("during", MIB)).unwrap();
+    client.df().unwrap();
+    let start = Instant::now();
+    let s = samples(&scrape(addr));
+    let took = start.elapsed();
+    eprintln!("a scrape under the flood took {took:?}");
+    assert!(took < Duration::from_secs(2), "a scrape took {took:?}");
+    assert_eq!(leases_of(&s, "main", "held"), 1);
+    let closed: usize = flood
+        .send("check")
+        .strip_prefix("closed ")
+        .and_then(|n| n.parse().ok())
+        .expect("closed K");
+    assert!(
+        closed >= FLOOD - 64,
+        "the broker closed {closed} of {FLOOD}"
+    );
+
+    drop((lease, client));
+    drop(flood);
+    wait_until(
+        Duration::from_secs(10),
+        "threads and fds back to where they were",
+        || broker.thread_count() <= before.0 && broker.fd_count() <= before.1,
+    );
 }
 
 #[test]

@@ -17,6 +17,12 @@
 //!                            "held K" (the opens answered with the lease) and "message M"
 //!                            (the first other answer, if any)
 //! ```
+//! mb-flood ADDR tcp N       connect N times to the TCP address ADDR (host:port), half of
+//!                            them sending nothing, half the start of an HTTP request they
+//!                            never finish; print "connected K" (stopping at the first connect
+//!                            that takes 2 s); then for each stdin line "check": print
+//!                            "closed K" (how many the server has closed)
+//! ```
 //! Then it keeps everything open until stdin closes (or a kill).
 
 use std::io::BufRead;
@@ -33,7 +39,9 @@ use rustix::process::{Resource, Rlimit};
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let [_, socket, mode, count] = args.as_slice() else {
-        panic!("usage: mb-flood SOCKET idle|hello|create N; args {args:?}");
+        panic!(
+            "usage: mb-flood SOCKET|ADDR idle|hello|unread|create|hold=NAME|tcp N; args {args:?}"
+        );
     };
     let count: usize = count.parse().expect("N");
     let limit = rustix::process::getrlimit(Resource::Nofile);
@@ -149,6 +157,27 @@ fn main() {
             }
             _kept.0 = held;
         }
+        "tcp" => {
+            let addr: std::net::SocketAddr = socket.parse().expect("ADDR: host:port");
+            let socks: Vec<OwnedFd> = (0..count)
+                .map_while(|i| {
+                    let mut sock =
+                        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+                    if i % 2 == 1 {
+                        // Slowloris: a request line, then never the end of the headers.
+                        std::io::Write::write_all(&mut sock, b"GET /metrics HTTP/1.1\r\nX-A: ")
+                            .ok()?;
+                    }
+                    Some(sock.into())
+                })
+                .collect();
+            println!("connected {}", socks.len());
+            while let Some(Ok(line)) = stdin.next() {
+                assert_eq!(line, "check", "only \"check\"");
+                println!("closed {}", ready(&socks).len());
+            }
+            return;
+        }
         other => panic!("unknown mode {other:?}"),
     }
     for line in stdin {
@@ -230,21 +259,7 @@ fn read_answer(sock: &OwnedFd) -> Option<Response> {
 fn answered(socks: &[OwnedFd], want: usize) -> (usize, Option<String>) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let mut fds: Vec<PollFd<'_>> = socks
-            .iter()
-            .map(|s| PollFd::new(s, PollFlags::IN))
-            .collect();
-        let now = rustix::event::Timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        rustix::event::poll(&mut fds, Some(&now)).ok();
-        let ready: Vec<usize> = fds
-            .iter()
-            .enumerate()
-            .filter(|(_, fd)| !fd.revents().is_empty())
-            .map(|(i, _)| i)
-            .collect();
+        let ready = ready(socks);
         if ready.len() >= want || Instant::now() > deadline {
             let message = ready.first().map(|&i| match read_answer(&socks[i]) {
                 Some(Response::Error { code, message }) => format!("{code:?}: {message}"),
@@ -255,4 +270,22 @@ fn answered(socks: &[OwnedFd], want: usize) -> (usize, Option<String>) {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Which of `socks` are readable now: answered, or closed by the other end.
+fn ready(socks: &[OwnedFd]) -> Vec<usize> {
+    let mut fds: Vec<PollFd<'_>> = socks
+        .iter()
+        .map(|s| PollFd::new(s, PollFlags::IN))
+        .collect();
+    let now = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    rustix::event::poll(&mut fds, Some(&now)).ok();
+    fds.iter()
+        .enumerate()
+        .filter(|(_, fd)| !fd.revents().is_empty())
+        .map(|(i, _)| i)
+        .collect()
 }
