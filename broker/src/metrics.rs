@@ -1,6 +1,7 @@
 //! Prometheus metrics: pool usage, leases by state, connections, requests and their latency,
 //! journal syncs. `serve --metrics ADDR` serves them at `/metrics` from a thread of its own
-//! (a scrape takes the namespace lock as briefly as a `df` does, never the event loop), and
+//! (a scrape takes the namespace lock as briefly as a `df` does, never the event loop; the
+//! server bounds what its clients take, see [`http`]), and
 //! `--metrics-textfile PATH` writes the same text for node_exporter's textfile collector.
 //!
 //! Requests are counted in one place, `Broker::handle`, into fixed per-operation slots (no
@@ -23,6 +24,8 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::namespace::LeaseStates;
+
+mod http;
 
 /// The `op` label of each request kind, by its wire discriminant ([`Request::kind`]) less one.
 const OPS: [&str; 17] = [
@@ -312,41 +315,21 @@ impl Collector for Scrape {
 /// `Content-Type` of the exposition.
 const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
-/// Serves `GET /metrics` on `addr` from a thread of its own; `render` makes the text.
-/// Anything else is answered 404 or 405; requests that are not HTTP are dropped by the HTTP
-/// server.
+/// Serves `GET /metrics` on `addr` from a thread of its own ([`http`]: one thread whatever
+/// the clients do, a bounded number of connections, each with a deadline); `render` makes the
+/// text. Anything else is answered 404, 405 or 400.
 pub fn serve_http(
     addr: SocketAddr,
     render: impl Fn() -> String + Send + 'static,
 ) -> Result<SocketAddr, String> {
-    let server = tiny_http::Server::http(addr)
+    let server = http::Server::bind(addr, http::LIMITS, render)
         .map_err(|e| format!("--metrics {addr}: cannot listen: {e}"))?;
     let bound = server
-        .server_addr()
-        .to_ip()
-        .ok_or_else(|| format!("--metrics {addr}: not an IP address"))?;
+        .local_addr()
+        .map_err(|e| format!("--metrics {addr}: cannot read the bound address: {e}"))?;
     std::thread::Builder::new()
         .name("metrics-http".into())
-        .spawn(move || {
-            for request in server.incoming_requests() {
-                let path = request.url().split('?').next().unwrap_or("");
-                let response = match (request.method(), path) {
-                    (tiny_http::Method::Get | tiny_http::Method::Head, "/metrics") => {
-                        let header = tiny_http::Header::from_bytes("Content-Type", CONTENT_TYPE)
-                            .expect("a valid header");
-                        tiny_http::Response::from_string(render()).with_header(header)
-                    }
-                    (_, "/metrics") => {
-                        tiny_http::Response::from_string("GET only\n").with_status_code(405)
-                    }
-                    _ => tiny_http::Response::from_string("metrics are at /metrics\n")
-                        .with_status_code(404),
-                };
-                if let Err(e) = request.respond(response) {
-                    tracing::debug!(error = %e, "metrics reply not delivered");
-                }
-            }
-        })
+        .spawn(move || server.run())
         .map_err(|e| format!("cannot start the metrics thread: {e}"))?;
     Ok(bound)
 }
