@@ -1,6 +1,8 @@
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 
+use proptest::prelude::*;
+
 use super::*;
 
 fn text() -> String {
@@ -196,4 +198,59 @@ fn a_client_that_does_not_finish_in_time_is_closed() {
         "read {} bytes",
         got.len()
     );
+}
+
+/// Checks a whole reply: a status line, headers, and as many body bytes as it says (or none,
+/// to a `HEAD`).
+fn well_formed(reply: &[u8], head: bool) {
+    let text = String::from_utf8(reply.to_vec()).expect("a reply is text");
+    let (headers, body) = text.split_once("\r\n\r\n").expect("a header block");
+    assert!(headers.starts_with("HTTP/1.0 "), "{headers}");
+    assert!(headers.ends_with("\r\nConnection: close"), "{headers}");
+    let length: usize = headers
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .and_then(|n| n.parse().ok())
+        .expect("Content-Length");
+    assert!(body.len() == length || head && body.is_empty(), "{headers}");
+}
+
+proptest! {
+    /// Whatever a client sends, in whatever pieces: a request, refused or answered in full,
+    /// or nothing; never more than the limit read, never a panic.
+    #[test]
+    fn any_bytes_in_any_pieces_get_a_whole_reply_or_none(
+        bytes in prop::collection::vec(
+            prop_oneof![
+                Just(b'\r'), Just(b'\n'), Just(b' '), Just(b'?'), any::<u8>(),
+                Just(b'G'), Just(b'E'), Just(b'T'), Just(b'/'),
+            ],
+            0..600,
+        ),
+        prefix in prop_oneof![
+            Just(&b""[..]), Just(&b"GET /metrics HTTP/1.1"[..]),
+            Just(&b"HEAD /metrics HTTP/1.0\r\n"[..]), Just(&b"POST /x HTTP/1.1\r\n"[..]),
+        ],
+        cuts in prop::collection::vec(0usize..700, 0..8),
+        eof in any::<bool>(),
+    ) {
+        let mut all = prefix.to_vec();
+        all.extend_from_slice(&bytes);
+        let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(all.len())).collect();
+        cuts.push(0);
+        cuts.push(all.len());
+        cuts.sort_unstable();
+        let chunks: Vec<&[u8]> = cuts.windows(2).map(|w| &all[w[0]..w[1]]).filter(|c| !c.is_empty()).collect();
+        let (got, request) = read_all(&chunks, eof, 256);
+        prop_assert!(request.len() <= 256);
+        match got {
+            Got::Complete(len) => {
+                prop_assert!(head_end(&request[..len]) == Some(len));
+                well_formed(&answer(&request[..len], &text), request.starts_with(b"HEAD "));
+            }
+            Got::TooLong => prop_assert_eq!(request.len(), 256),
+            Got::More => prop_assert!(!eof && head_end(&request).is_none()),
+            Got::Closed => prop_assert!(eof && head_end(&request).is_none()),
+        }
+    }
 }
