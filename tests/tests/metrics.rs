@@ -357,6 +357,7 @@ fn a_flood_of_idle_connections_to_the_metrics_port_costs_no_thread_and_few_fds()
     // The metrics server keeps at most 64 connections open, on the thread it has.
     assert!(threads <= before.0 + 2, "{numbers}");
     assert!(fds <= before.1 + 64 + 4, "{numbers}");
+    assert!(rss <= before.2 + 16 * 1024, "{numbers}");
 
     // While the flood is held open, clients and scrapes are served.
     let (client, lease, s, took) = serve("during");
