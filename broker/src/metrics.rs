@@ -1,7 +1,7 @@
 //! Prometheus metrics: pool usage, leases by state, connections, requests and their latency,
 //! journal syncs. `serve --metrics ADDR` serves them at `/metrics` from a thread of its own
 //! (a scrape takes the namespace lock as briefly as a `df` does, never the event loop; the
-//! server bounds what its clients take, see [`http`]), and
+//! server bounds what its clients take, see `metrics/http.rs`), and
 //! `--metrics-textfile PATH` writes the same text for node_exporter's textfile collector.
 //!
 //! Requests are counted in one place, `Broker::handle`, into fixed per-operation slots (no
@@ -315,7 +315,7 @@ impl Collector for Scrape {
 /// `Content-Type` of the exposition.
 const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
-/// Serves `GET /metrics` on `addr` from a thread of its own ([`http`]: one thread whatever
+/// Serves `GET /metrics` on `addr` from a thread of its own (`metrics/http.rs`: one thread whatever
 /// the clients do, a bounded number of connections, each with a deadline); `render` makes the
 /// text. Anything else is answered 404, 405 or 400.
 pub fn serve_http(
