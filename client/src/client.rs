@@ -13,8 +13,8 @@ use crate::error::{Error, Result};
 use crate::lease::Lease;
 use crate::options::Options;
 use crate::proto::{
-    CreateLease, ErrorCode, LeaseInfo, LeaseTotals, PROTOCOL_MAX, PROTOCOL_MIN, PoolInfo,
-    QuarantineInfo, QuotaInfo, Request, Response,
+    CreateLease, ErrorCode, LeaseInfo, LeaseTotals, PROTOCOL_MAX, PROTOCOL_MIN, PoolInfo, Request,
+    Response,
 };
 use crate::reconnect::{DEFAULT_RECONNECT_TIMEOUT, GaveUp, RealClock, Step, retry_until};
 use crate::transport::{self, TransportError};
@@ -736,11 +736,11 @@ impl Client {
     }
 
     /// Asks for pages (`request(after)`) until the broker says no more follow.
-    pub(crate) fn all_pages<T>(
+    pub(crate) fn all_pages<T, K>(
         &mut self,
-        request: impl Fn(Option<String>) -> Request,
+        request: impl Fn(Option<K>) -> Request,
         page: impl Fn(Response) -> Result<(Vec<T>, bool)>,
-        key: impl Fn(&T) -> String,
+        key: impl Fn(&T) -> K,
     ) -> Result<Vec<T>> {
         let mut all: Vec<T> = Vec::new();
         loop {
@@ -762,32 +762,6 @@ impl Client {
             (Response::Df(pools), _) => Ok(pools),
             (other, _) => Err(unexpected(&other)),
         }
-    }
-
-    /// The quotas that limit this client's uid and group (an admin: every quota).
-    pub fn quota(&mut self) -> Result<Vec<QuotaInfo>> {
-        match self.call(&Request::Quota)? {
-            (Response::Quota(quotas), _) => Ok(quotas),
-            (other, _) => Err(unexpected(&other)),
-        }
-    }
-
-    /// Quarantined memory per pool, and the leases with reported poison.
-    pub fn quarantine(&mut self) -> Result<Vec<QuarantineInfo>> {
-        match self.call(&Request::Quarantine)? {
-            (Response::Quarantine(pools), _) => Ok(pools),
-            (other, _) => Err(unexpected(&other)),
-        }
-    }
-
-    /// Returns a quarantined physical range of a device-dax pool to its free memory (root or
-    /// the admin group).
-    pub fn clear_quarantine(&mut self, pool: &str, start: u64, len: u64) -> Result<()> {
-        self.ok_call(&Request::ClearQuarantine {
-            pool: pool.into(),
-            start,
-            len,
-        })
     }
 }
 

@@ -176,6 +176,36 @@ const CREATE_KIND: u16 = 2;
 const DF_VARIANT: u32 = 5;
 const DF_KIND: u16 = 0x8006;
 
+/// The protocol version that added the paged admin listings (`QuotaPage`,
+/// `QuarantinePage`): this module neither writes nor reads them at version 1.
+pub const PAGED_ADMIN_VERSION: u16 = 2;
+
+/// Refuses a message that version `version` does not have.
+fn check_since(version: u16, newer: bool) -> Result<()> {
+    if newer && version < PAGED_ADMIN_VERSION {
+        return Err(CodecError::Unsupported {
+            what: "a paged quota or quarantine listing",
+            version,
+            since: PAGED_ADMIN_VERSION,
+        });
+    }
+    Ok(())
+}
+
+fn paged_admin_request(req: &Request) -> bool {
+    matches!(
+        req,
+        Request::QuotaPage { .. } | Request::QuarantinePage { .. }
+    )
+}
+
+fn paged_admin_response(resp: &Response) -> bool {
+    matches!(
+        resp,
+        Response::QuotaPage { .. } | Response::QuarantinePage { .. }
+    )
+}
+
 /// A version-1 `Create` payload.
 type CreateV1 = (
     u32,
@@ -203,6 +233,7 @@ type PoolInfoV1 = (
 
 /// Encodes a request at protocol `version`.
 pub fn encode_request(version: u16, req: &Request) -> Result<Vec<u8>> {
+    check_since(version, paged_admin_request(req))?;
     match req {
         Request::Create(c) if version < NODE_VERSION => {
             if c.node.is_some() {
@@ -237,6 +268,7 @@ pub fn encode_request(version: u16, req: &Request) -> Result<Vec<u8>> {
 
 /// Encodes a response at protocol `version`.
 pub fn encode_response(version: u16, resp: &Response) -> Result<Vec<u8>> {
+    check_since(version, paged_admin_response(resp))?;
     match resp {
         Response::Df(pools) if version < NODE_VERSION => {
             let pools: Vec<_> = pools
@@ -345,6 +377,7 @@ pub fn decode_request(msg: &[u8]) -> Result<(Header, Request)> {
     if req.kind() != header.kind {
         return Err(CodecError::Kind(header.kind));
     }
+    check_since(header.version, paged_admin_request(&req))?;
     Ok((header, req))
 }
 
@@ -380,6 +413,7 @@ pub fn decode_response(msg: &[u8]) -> Result<(Header, Response)> {
     if resp.kind() != header.kind {
         return Err(CodecError::Kind(header.kind));
     }
+    check_since(header.version, paged_admin_response(&resp))?;
     Ok((header, resp))
 }
 
@@ -708,5 +742,153 @@ mod tests {
             Header { version: 1, kind, len: payload.len() as u32 }.write(msg.first_chunk_mut().unwrap());
             let _ = decode_request(&msg);
         }
+    }
+
+    fn paged_admin_messages() -> (Vec<Request>, Vec<Response>) {
+        use crate::proto::{
+            Extent, PoisonInfo, PoisonedLease, QuarantineAfter, QuarantineInfo, QuotaInfo,
+        };
+        let quota = QuotaInfo {
+            scope: "uid".into(),
+            id: 100_000,
+            label: "uid 100000".into(),
+            default: false,
+            bytes_limit: Some(1 << 30),
+            leases_limit: Some(8),
+            bytes_used: 4096,
+            leases_used: 1,
+        };
+        let pool = QuarantineInfo {
+            pool: "dax".into(),
+            kind: PoolKind::Devdax,
+            ranges: vec![Extent {
+                start: 0x1_4000_0000,
+                len: 2 << 20,
+            }],
+            leases: vec![PoisonedLease {
+                name: "tenant/vm1/ram0".into(),
+                poison: vec![PoisonInfo {
+                    offset: 4 << 20,
+                    len: 2 << 20,
+                }],
+            }],
+        };
+        let requests = vec![
+            Request::QuotaPage { after: None },
+            Request::QuotaPage {
+                after: Some(("uid".into(), 1000)),
+            },
+            Request::QuarantinePage { after: None },
+            Request::QuarantinePage {
+                after: Some(QuarantineAfter::after(&pool)),
+            },
+        ];
+        let responses = vec![
+            Response::QuotaPage {
+                quotas: vec![quota],
+                more: true,
+            },
+            Response::QuarantinePage {
+                pools: vec![pool],
+                more: false,
+            },
+        ];
+        (requests, responses)
+    }
+
+    #[test]
+    fn paged_admin_listings_round_trip_at_version_2() {
+        let (requests, responses) = paged_admin_messages();
+        for req in requests {
+            let (header, back) = decode_request(&encode_request(2, &req).unwrap()).unwrap();
+            assert_eq!((header.version, header.kind), (2, req.kind()));
+            assert_eq!(back, req);
+        }
+        for resp in responses {
+            let (header, back) = decode_response(&encode_response(2, &resp).unwrap()).unwrap();
+            assert_eq!((header.version, header.kind), (2, resp.kind()));
+            assert_eq!(back, resp);
+        }
+        assert_eq!(Request::QuotaPage { after: None }.kind(), 19);
+        assert_eq!(Request::QuarantinePage { after: None }.kind(), 20);
+        let page = Response::QuotaPage {
+            quotas: Vec::new(),
+            more: false,
+        };
+        assert_eq!(page.kind(), 0x800c);
+        let page = Response::QuarantinePage {
+            pools: Vec::new(),
+            more: false,
+        };
+        assert_eq!(page.kind(), 0x800d);
+    }
+
+    #[test]
+    fn version_1_peers_never_see_paged_admin_listings() {
+        let unsupported = |r: Result<Vec<u8>>| {
+            matches!(
+                r,
+                Err(CodecError::Unsupported {
+                    version: 1,
+                    since: 2,
+                    ..
+                })
+            )
+        };
+        let at_version_1 = |mut msg: Vec<u8>| {
+            msg[4..6].copy_from_slice(&1u16.to_le_bytes());
+            msg
+        };
+        let (requests, responses) = paged_admin_messages();
+        for req in requests {
+            assert!(unsupported(encode_request(1, &req)), "{req:?}");
+            let msg = at_version_1(encode_request(2, &req).unwrap());
+            assert!(matches!(
+                decode_request(&msg),
+                Err(CodecError::Unsupported { version: 1, .. })
+            ));
+        }
+        for resp in responses {
+            assert!(unsupported(encode_response(1, &resp)), "{resp:?}");
+            let msg = at_version_1(encode_response(2, &resp).unwrap());
+            assert!(matches!(
+                decode_response(&msg),
+                Err(CodecError::Unsupported { version: 1, .. })
+            ));
+        }
+        // The one-reply listings stay as they were.
+        for req in [Request::Quota, Request::Quarantine] {
+            let (_, back) = decode_request(&encode_request(1, &req).unwrap()).unwrap();
+            assert_eq!(back, req);
+        }
+    }
+
+    #[test]
+    fn a_quarantine_listing_goes_on_after_its_last_range_or_lease() {
+        use crate::proto::{Extent, PoisonInfo, PoisonedLease, QuarantineAfter, QuarantineInfo};
+        let lease = |name: &str| PoisonedLease {
+            name: name.into(),
+            poison: vec![PoisonInfo {
+                offset: 0,
+                len: 4096,
+            }],
+        };
+        let mut pool = QuarantineInfo {
+            pool: "dax".into(),
+            kind: PoolKind::Devdax,
+            ranges: Vec::new(),
+            leases: Vec::new(),
+        };
+        let after = |pool: &QuarantineInfo| QuarantineAfter::after(pool);
+        assert_eq!((after(&pool).range, after(&pool).lease), (None, None));
+        pool.ranges.push(Extent {
+            start: 0x2000,
+            len: 0x1000,
+        });
+        assert_eq!(after(&pool).range, Some(0x2000));
+        pool.leases.extend([lease("a"), lease("b"), lease("b")]);
+        let next = after(&pool);
+        assert_eq!(next.pool, "dax");
+        assert_eq!((next.range, next.lease), (None, Some(("b".into(), 2))));
     }
 }

@@ -61,6 +61,7 @@
 //! guest on `/dev/kvm`.
 #![deny(unsafe_code)]
 
+mod admin;
 mod client;
 pub mod codec;
 mod dirs;

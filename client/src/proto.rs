@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 /// Oldest protocol version this build speaks.
 pub const PROTOCOL_MIN: u16 = 1;
 /// Newest protocol version this build speaks. Version 2 added `node` to
-/// [`CreateLease`] and [`PoolInfo`]; the codec speaks version 1's layout to older peers.
+/// [`CreateLease`] and [`PoolInfo`], and the paged admin listings ([`Request::QuotaPage`],
+/// [`Request::QuarantinePage`]); the codec speaks version 1's layout to older peers.
 pub const PROTOCOL_MAX: u16 = 2;
 
 /// Page size backing a lease.
@@ -124,10 +125,13 @@ pub enum Request {
         prefix: String,
         after: Option<String>,
     },
-    /// Describe the quotas and their usage (an admin sees all, anybody else their own).
+    /// Describe the quotas and their usage (an admin sees all, anybody else their own), in
+    /// one reply. Kept for older clients: a listing too long for one message fails ("reply
+    /// does not encode"); [`Request::QuotaPage`] pages it.
     Quota,
     /// Describe quarantined memory: per pool, the quarantined physical ranges and the leases
-    /// with reported poison.
+    /// with reported poison, in one reply. Kept for older clients: a listing too long for one
+    /// message fails ("reply does not encode"); [`Request::QuarantinePage`] pages it.
     Quarantine,
     /// Return a quarantined physical range of a device-dax pool to its free memory (root or
     /// admin group): a report turned out false.
@@ -135,6 +139,61 @@ pub enum Request {
     /// Describe one lease like [`Request::Stat`], and say how many holders and extents it
     /// has: a description lists at most [`MAX_LISTED`] of each.
     Describe { name: String },
+    /// Describe the quotas like [`Request::Quota`], in `(scope, id)` order (uids by uid, then
+    /// groups by gid, then the default rule), starting after the quota whose `(scope, id)` is
+    /// `after`; the reply says whether more follow. Protocol version 2.
+    QuotaPage { after: Option<(String, u32)> },
+    /// Describe quarantined memory like [`Request::Quarantine`], starting after `after`; the
+    /// reply says whether more follows. Protocol version 2.
+    QuarantinePage { after: Option<QuarantineAfter> },
+}
+
+/// Where a [`Request::QuarantinePage`] goes on: after the last range and the last lease a
+/// client was given of pool `pool`. A pool's ranges come in start order, then its leases in
+/// name order (leases removed while held keep their name, so several may share one: `lease`
+/// says how many of that name were given). With neither, the pool is listed again from its
+/// start (the client merges what a page adds to the pool it ended with).
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct QuarantineAfter {
+    pub pool: String,
+    /// The start of the last range given; `None` if none was.
+    pub range: Option<u64>,
+    /// The name of the last lease given and how many leases of that name were given; `None`
+    /// if none was (all the pool's ranges were given before any lease).
+    pub lease: Option<(String, u32)>,
+}
+
+/// Adds a page of a quarantine listing to what came before: a pool the last page ended with
+/// goes on in this one, under the same name.
+pub fn extend_quarantine(all: &mut Vec<QuarantineInfo>, page: Vec<QuarantineInfo>) {
+    for pool in page {
+        match all.last_mut() {
+            Some(last) if last.pool == pool.pool => {
+                last.ranges.extend(pool.ranges);
+                last.leases.extend(pool.leases);
+            }
+            _ => all.push(pool),
+        }
+    }
+}
+
+impl QuarantineAfter {
+    /// Where a listing that so far ends with `last` goes on.
+    pub fn after(last: &QuarantineInfo) -> QuarantineAfter {
+        let lease = last.leases.last().map(|l| {
+            let same = last.leases.iter().rev().take_while(|o| o.name == l.name);
+            (l.name.clone(), same.count() as u32)
+        });
+        QuarantineAfter {
+            pool: last.pool.clone(),
+            range: last
+                .ranges
+                .last()
+                .filter(|_| lease.is_none())
+                .map(|r| r.start),
+            lease,
+        }
+    }
 }
 
 /// Parameters of [`Request::Mkdir`].
@@ -218,6 +277,17 @@ pub enum Response {
         info: LeaseInfo,
         totals: LeaseTotals,
     },
+    /// A page of [`Request::QuotaPage`].
+    QuotaPage {
+        quotas: Vec<QuotaInfo>,
+        more: bool,
+    },
+    /// A page of [`Request::QuarantinePage`]: pools in the broker's order, each with the next
+    /// of its ranges and leases (a pool may go on in the next page, under the same name).
+    QuarantinePage {
+        pools: Vec<QuarantineInfo>,
+        more: bool,
+    },
 }
 
 /// Most holders, and most extents, a [`LeaseInfo`] lists (poison ranges are fewer anyway):
@@ -256,6 +326,8 @@ impl Request {
             Request::Quarantine => 16,
             Request::ClearQuarantine { .. } => 17,
             Request::Describe { .. } => 18,
+            Request::QuotaPage { .. } => 19,
+            Request::QuarantinePage { .. } => 20,
         }
     }
 }
@@ -276,6 +348,8 @@ impl Response {
                 Response::Quota(_) => 9,
                 Response::Quarantine(_) => 10,
                 Response::Described { .. } => 11,
+                Response::QuotaPage { .. } => 12,
+                Response::QuarantinePage { .. } => 13,
             }
     }
 

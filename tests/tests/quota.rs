@@ -101,11 +101,12 @@ fn quotas_refuse_creates_show_usage_and_survive_a_restart() {
     assert!(table.contains("uid 1001 (default)"), "{table}");
     assert!(!table.contains("uid 1000"), "{table}");
     let all = usage(&broker.run_cli(&["quota", "--json"]));
+    // uids, then groups, then the default rule.
     let expected = vec![
         ("uid 1000".to_string(), 7 * MIB, 2),
+        ("uid 1001".to_string(), 2 * MIB, 1),
         ("gid 1000".to_string(), 9 * MIB, 3),
         ("default".to_string(), 0, 0),
-        ("uid 1001".to_string(), 2 * MIB, 1),
     ];
     assert_eq!(all, expected, "root sees every quota");
 

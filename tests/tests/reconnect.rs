@@ -224,6 +224,11 @@ fn fake_broker(path: &Path, scripts: Vec<fn(OwnedFd, &mut [u8])>) -> std::thread
 }
 
 fn fake_broker_with(path: &Path, scripts: Vec<Script>) -> std::thread::JoinHandle<()> {
+    fake_broker_at(path, PROTOCOL_MIN, scripts)
+}
+
+/// A fake broker like [`fake_broker_with`] that agrees on protocol `version`.
+fn fake_broker_at(path: &Path, version: u16, scripts: Vec<Script>) -> std::thread::JoinHandle<()> {
     let listener = rustix::net::socket_with(
         rustix::net::AddressFamily::UNIX,
         rustix::net::SocketType::SEQPACKET,
@@ -242,7 +247,7 @@ fn fake_broker_with(path: &Path, scripts: Vec<Script>) -> std::thread::JoinHandl
             reply(
                 &conn,
                 &Response::Hello {
-                    version: PROTOCOL_MIN,
+                    version,
                     server: "fake".into(),
                 },
                 None,
@@ -792,5 +797,64 @@ fn reconnect_does_not_reattach_to_a_lease_another_uid_made_under_the_same_name()
     );
     assert_eq!(client.held_leases().count(), 0);
     drop(client);
+    server.join().unwrap();
+}
+
+/// What an older broker answers the admin's listings with: all in one reply.
+fn one_reply_listings(conn: OwnedFd, buf: &mut [u8]) {
+    assert_eq!(recv_request(&conn, buf), Request::Quota);
+    reply(&conn, &Response::Quota(Vec::new()), None);
+    assert_eq!(recv_request(&conn, buf), Request::Quarantine);
+    reply(&conn, &Response::Quarantine(Vec::new()), None);
+}
+
+#[test]
+fn a_version_1_broker_is_asked_for_the_admin_listings_in_one_reply() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fake.sock");
+    let server = fake_broker(&path, vec![one_reply_listings]);
+    let mut client = Client::connect(&path).unwrap();
+    assert_eq!(client.version(), 1);
+    assert_eq!(client.quota().unwrap(), Vec::new());
+    assert_eq!(client.quarantine().unwrap(), Vec::new());
+    server.join().unwrap();
+}
+
+#[test]
+fn a_broker_from_before_the_paged_listings_is_asked_in_one_reply_on_a_new_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fake.sock");
+    // It does not know the paged request: a protocol error, and the connection closed.
+    let refuses = |paged: fn(&Request) -> bool| -> Script {
+        Box::new(move |conn: OwnedFd, buf: &mut [u8]| {
+            let req = recv_request(&conn, buf);
+            assert!(paged(&req), "{req:?}");
+            let refusal = Response::Error {
+                code: ErrorCode::Protocol,
+                message: "payload does not decode".into(),
+            };
+            reply(&conn, &refusal, None);
+        })
+    };
+    let server = fake_broker_at(
+        &path,
+        2,
+        vec![
+            refuses(|r| matches!(r, Request::QuotaPage { after: None })),
+            Box::new(|conn: OwnedFd, buf: &mut [u8]| {
+                assert_eq!(recv_request(&conn, buf), Request::Quota);
+                reply(&conn, &Response::Quota(Vec::new()), None);
+            }),
+            refuses(|r| matches!(r, Request::QuarantinePage { after: None })),
+            Box::new(|conn: OwnedFd, buf: &mut [u8]| {
+                assert_eq!(recv_request(&conn, buf), Request::Quarantine);
+                reply(&conn, &Response::Quarantine(Vec::new()), None);
+            }),
+        ],
+    );
+    let mut client = Client::connect(&path).unwrap();
+    assert_eq!(client.version(), 2);
+    assert_eq!(client.quota().unwrap(), Vec::new());
+    assert_eq!(client.quarantine().unwrap(), Vec::new());
     server.join().unwrap();
 }

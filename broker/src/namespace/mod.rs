@@ -282,6 +282,17 @@ impl Namespace {
         self.quotas.view(peer.uid, peer.gid, peer.admin)
     }
 
+    /// A page of the quotas `peer` sees (see [`quota::Quotas::page`]).
+    pub fn quota_page(
+        &self,
+        peer: &Peer,
+        after: Option<&(String, u32)>,
+        fits: impl FnMut(&membroker_client::proto::QuotaInfo) -> bool,
+    ) -> (Vec<membroker_client::proto::QuotaInfo>, bool) {
+        self.quotas
+            .page(peer.uid, peer.gid, peer.admin, after, fits)
+    }
+
     /// The journal records of the changes made since the last call, in order. The owner
     /// journals them before it lets go of the namespace lock.
     pub fn take_records(&mut self) -> Vec<JournalRecord> {

@@ -115,13 +115,21 @@ impl Namespace {
         })
     }
 
-    /// Leases with reported poison, by pool index, in name order.
+    /// Leases with reported poison, by pool index, in name order (leases removed while held
+    /// keep their name: those of one name in the order they were made).
     pub fn poisoned(&self) -> Vec<(usize, PoisonedLease)> {
-        self.names
+        let mut poisoned: Vec<_> = self
+            .names
             .values()
             .map(|id| &self.leases[id])
             .chain(self.leases.values().filter(|e| e.removed))
             .filter(|e| !e.poison.is_empty())
+            .collect();
+        poisoned.sort_by(|a, b| {
+            (a.pool, &a.lease.name, a.lease.id).cmp(&(b.pool, &b.lease.name, b.lease.id))
+        });
+        poisoned
+            .into_iter()
             .map(|e| {
                 let lease = PoisonedLease {
                     name: e.lease.name.clone(),

@@ -5,7 +5,7 @@
 //! uid's limit is its own rule (`uid:N:...`) or else the `default:` rule; uid 0 only has the
 //! limits named for it. A group's limit is its `gid:` rule, shared by all the group's leases.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 
 use membroker_client::proto::QuotaInfo;
@@ -98,7 +98,10 @@ struct Usage {
 /// The quota rules and what every uid and group uses.
 #[derive(Debug, Default)]
 pub struct Quotas {
+    /// In the operator's order.
     rules: Vec<(Subject, Limit)>,
+    /// Each subject's rule (its last), so that looking one up does not walk thousands.
+    latest: HashMap<Subject, Limit>,
     /// Names of groups for messages (`kvm`), by gid.
     group_names: HashMap<u32, String>,
     uids: HashMap<u32, Usage>,
@@ -115,6 +118,7 @@ impl Quotas {
     /// the groups in messages.
     pub fn new(rules: Vec<(Subject, Limit)>, group_names: HashMap<u32, String>) -> Quotas {
         Quotas {
+            latest: rules.iter().copied().collect(),
             rules,
             group_names,
             ..Quotas::default()
@@ -124,15 +128,12 @@ impl Quotas {
     /// Takes `other`'s rules and group names, keeping the usage counted so far.
     pub fn set_rules(&mut self, other: Quotas) {
         self.rules = other.rules;
+        self.latest = other.latest;
         self.group_names = other.group_names;
     }
 
     fn rule(&self, subject: Subject) -> Option<Limit> {
-        self.rules
-            .iter()
-            .rev()
-            .find(|(s, _)| *s == subject)
-            .map(|(_, l)| *l)
+        self.latest.get(&subject).copied()
     }
 
     /// A uid's limit and whether it is the default's.
@@ -257,12 +258,11 @@ impl Quotas {
         } else {
             subjects.extend([Subject::Uid(uid), Subject::Gid(gid)]);
         }
-        let mut seen = Vec::new();
+        let mut seen = HashSet::new();
         for subject in subjects {
-            if seen.contains(&subject) {
+            if !seen.insert(subject) {
                 continue;
             }
-            seen.push(subject);
             match subject {
                 Subject::Uid(uid) => {
                     if let Some((limit, default)) = self.uid_limit(uid) {
@@ -283,6 +283,36 @@ impl Quotas {
         }
         out
     }
+
+    /// [`Quotas::view`] in `(scope, id)` order (uids, then groups, then the default rule),
+    /// the quotas after `after` as long as `fits` says they fit; and whether more follow.
+    pub fn page(
+        &self,
+        uid: u32,
+        gid: u32,
+        all: bool,
+        after: Option<&(String, u32)>,
+        fits: impl FnMut(&QuotaInfo) -> bool,
+    ) -> (Vec<QuotaInfo>, bool) {
+        let mut view = self.view(uid, gid, all);
+        view.sort_by_key(|q| order(&q.scope, q.id));
+        let rest = view
+            .into_iter()
+            .filter(|q| after.is_none_or(|(scope, id)| order(&q.scope, q.id) > order(scope, *id)));
+        super::name::page(rest, fits)
+    }
+}
+
+/// Where a quota of `scope` and `id` goes in a listing: uids, then groups, then the default
+/// rule (a scope this broker does not know, after them all).
+fn order(scope: &str, id: u32) -> (u8, u32) {
+    let rank = match scope {
+        "uid" => 0,
+        "gid" => 1,
+        "default" => 2,
+        _ => 3,
+    };
+    (rank, id)
 }
 
 #[cfg(test)]
@@ -377,6 +407,48 @@ mod tests {
             q.view(0, 0, true).len(),
             4,
             "default, kvm, uid 1000, uid 1001"
+        );
+    }
+
+    #[test]
+    fn pages_go_on_after_their_last_quota_in_scope_order() {
+        let limit = Limit {
+            bytes: None,
+            leases: Some(1),
+        };
+        let rules = vec![
+            (Subject::Default, limit),
+            (Subject::Gid(100), limit),
+            (Subject::Uid(1002), limit),
+            (Subject::Uid(1000), limit),
+        ];
+        let mut q = Quotas::new(rules, HashMap::new());
+        q.charge(1001, 100, G);
+        let key = |q: &QuotaInfo| (q.scope.clone(), q.id);
+        let (mut all, mut after) = (Vec::new(), None);
+        loop {
+            let mut room = 2;
+            let (page, more) = q.page(0, 0, true, after.as_ref(), |_| {
+                room -= 1;
+                room >= 0
+            });
+            assert!(page.len() <= 2);
+            after = page.last().map(key);
+            all.extend(page);
+            if !more {
+                break;
+            }
+        }
+        let labels: Vec<&str> = all.iter().map(|q| q.label.as_str()).collect();
+        assert_eq!(
+            labels,
+            ["uid 1000", "uid 1001", "uid 1002", "gid 100", "default"]
+        );
+        assert!(all[1].default, "uid 1001 is limited by the default rule");
+        let mine = q.page(1002, 100, false, None, |_| true).0;
+        assert_eq!(
+            mine.iter().map(key).collect::<Vec<_>>(),
+            [("uid".to_string(), 1002), ("gid".to_string(), 100)]
         );
     }
 }

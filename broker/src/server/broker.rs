@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use membroker_client::codec::{MAX_PAYLOAD, encoded_len};
+use membroker_client::codec::encoded_len;
 use membroker_client::proto::{
     DirInfo, ErrorCode, Extent, LeaseInfo, PROTOCOL_MAX, PROTOCOL_MIN, PoolInfo, PoolKind,
-    QuarantineInfo, Request, Response,
+    QuarantineAfter, QuarantineInfo, QuotaInfo, Request, Response,
 };
 use parking_lot::Mutex;
 use rustix::fs::{Mode, OFlags};
@@ -22,6 +22,8 @@ use crate::metrics::Metrics;
 use crate::namespace::{Freed, Namespace, NsError, Peer};
 use crate::notify::Notifier;
 use crate::pool::{Allocation, Pool, overhead};
+
+use super::pages::{PoolQuarantine, page_fits, quarantine_page};
 
 /// A reply, the fd that travels with it, and what the connection does next.
 #[derive(Debug)]
@@ -164,20 +166,6 @@ fn acknowledge(reply: Reply, durable: Result<(), JournalError>) -> Reply {
             ),
         ),
         _ => reply,
-    }
-}
-
-/// Whether the next item still fits a page of a listing. Both the wire size and the count
-/// are bounded, so a page always decodes within the client's allocation budget
-/// (codec::MAX_DECODED).
-fn page_fits<T>(encoded_len: fn(&T) -> usize) -> impl FnMut(&T) -> bool {
-    const MAX_PAGE: usize = 256;
-    let budget = MAX_PAYLOAD - 1024;
-    let (mut used, mut count) = (0usize, 0usize);
-    move |item: &T| {
-        used = used.saturating_add(encoded_len(item));
-        count += 1;
-        used <= budget && count <= MAX_PAGE
     }
 }
 
@@ -423,6 +411,8 @@ impl Broker {
             Request::Dirs { prefix, after } => self.dirs(peer, &prefix, after.as_deref()),
             Request::Quota => Reply::new(Response::Quota(self.ns.lock().quotas(peer))),
             Request::Quarantine => Reply::new(Response::Quarantine(self.quarantine())),
+            Request::QuotaPage { after } => self.quota_page(peer, after.as_ref()),
+            Request::QuarantinePage { after } => self.quarantine_page(after.as_ref()),
             Request::ClearQuarantine { .. } if !peer.admin => Reply::error(
                 ErrorCode::PermissionDenied,
                 "permission denied: only root and the admin group may clear quarantine",
@@ -763,6 +753,32 @@ impl Broker {
             out[pool].leases.push(lease);
         }
         out
+    }
+
+    /// A page of the quarantine listing (see [`quarantine_page`]).
+    fn quarantine_page(&self, after: Option<&QuarantineAfter>) -> Reply {
+        let poisoned = self.ns.lock().poisoned();
+        let pools = self
+            .pools
+            .iter()
+            .map(|p| PoolQuarantine {
+                name: p.name.clone(),
+                kind: p.kind,
+                ranges: p.quarantined(),
+            })
+            .collect();
+        match quarantine_page(pools, poisoned, after) {
+            Ok((pools, more)) => Reply::new(Response::QuarantinePage { pools, more }),
+            Err(why) => Reply::error(ErrorCode::NotFound, why),
+        }
+    }
+
+    fn quota_page(&self, peer: &Peer, after: Option<&(String, u32)>) -> Reply {
+        let (quotas, more) =
+            self.ns
+                .lock()
+                .quota_page(peer, after, page_fits(encoded_len::<QuotaInfo>));
+        Reply::new(Response::QuotaPage { quotas, more })
     }
 
     fn list(&self, peer: &Peer, prefix: &str, after: Option<&str>) -> Reply {

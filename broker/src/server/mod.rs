@@ -6,6 +6,7 @@ mod conn;
 mod event_loop;
 mod label;
 mod limits;
+mod pages;
 
 use std::fs::File;
 use std::os::fd::OwnedFd;

@@ -10,7 +10,7 @@ use membroker_client::codec::{encode_request, encode_response};
 use membroker_client::proto::{
     BindLabel, CreateLease, DirInfo, ErrorCode, Extent, HolderInfo, LeaseInfo, LeaseState,
     LeaseTotals, Mkdir, PROTOCOL_MAX, PoisonInfo, PoisonedLease, PoolInfo, PoolKind,
-    QuarantineInfo, QuotaInfo, Request, Response,
+    QuarantineAfter, QuarantineInfo, QuotaInfo, Request, Response,
 };
 use membroker_fuzz::journal::encode_input;
 
@@ -107,6 +107,16 @@ fn requests() -> Vec<Request> {
         Request::Describe {
             name: "tenant/vm1/ram0".into(),
         },
+        Request::QuotaPage {
+            after: Some(("uid".into(), 1000)),
+        },
+        Request::QuarantinePage {
+            after: Some(QuarantineAfter {
+                pool: "dax".into(),
+                range: None,
+                lease: Some(("vm1".into(), 1)),
+            }),
+        },
     ]
 }
 
@@ -184,6 +194,34 @@ fn responses() -> Vec<Response> {
                 extents: 1,
                 poison: 0,
             },
+        },
+        Response::QuotaPage {
+            quotas: vec![QuotaInfo {
+                scope: "default".into(),
+                id: 0,
+                label: "default".into(),
+                default: true,
+                bytes_limit: None,
+                leases_limit: Some(4),
+                bytes_used: 0,
+                leases_used: 0,
+            }],
+            more: true,
+        },
+        Response::QuarantinePage {
+            pools: vec![QuarantineInfo {
+                pool: "mem".into(),
+                kind: PoolKind::Memfd,
+                ranges: Vec::new(),
+                leases: vec![PoisonedLease {
+                    name: "vm2".into(),
+                    poison: vec![PoisonInfo {
+                        offset: 4096,
+                        len: 4096,
+                    }],
+                }],
+            }],
+            more: false,
         },
     ]
 }

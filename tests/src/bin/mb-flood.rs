@@ -16,6 +16,10 @@
 //!                            open lease NAME read-only on N connections (N holders): print
 //!                            "held K" (the opens answered with the lease) and "message M"
 //!                            (the first other answer, if any)
+//! mb-flood SOCKET poison=PREFIX N
+//!                            on one connection, create N 4 KiB leases named PREFIX0, PREFIX1,
+//!                            ... and report a memory error on each (as their owner): print
+//!                            "poisoned K" and "message M" if a create or a report failed
 //! ```
 //! mb-flood ADDR tcp N       connect N times to the TCP address ADDR (host:port), half of
 //!                            them sending nothing, half the start of an HTTP request they
@@ -125,6 +129,27 @@ fn main() {
                 }
             }
             println!("created {made}");
+            if let Some(message) = failed {
+                println!("message {message}");
+            }
+            _kept.1 = Some(client);
+        }
+        poison if poison.starts_with("poison=") => {
+            let prefix = &poison["poison=".len()..];
+            let mut client = Client::connect(socket).expect("connect");
+            let (mut poisoned, mut failed) = (0, None);
+            while poisoned < count {
+                let name = format!("{prefix}{poisoned}");
+                let made = client
+                    .create(CreateLease::new(name.as_str(), 4096))
+                    .and_then(|_lease| client.report_poison(&name, 0, 1));
+                if let Err(e) = made {
+                    failed = Some(format!("{name}: {e}"));
+                    break;
+                }
+                poisoned += 1;
+            }
+            println!("poisoned {poisoned}");
             if let Some(message) = failed {
                 println!("message {message}");
             }
