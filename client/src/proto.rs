@@ -129,8 +129,9 @@ pub enum Request {
     /// one reply. Kept for older clients: a listing too long for one message fails ("reply
     /// does not encode"); [`Request::QuotaPage`] pages it.
     Quota,
-    /// Describe quarantined memory: per pool, the quarantined physical ranges and the leases
-    /// with reported poison, in one reply. Kept for older clients: a listing too long for one
+    /// Describe quarantined memory: per pool, the quarantined physical ranges (root and the
+    /// admin group only) and the leases with reported poison (those the peer may see, as in
+    /// [`Request::List`]), in one reply. Kept for older clients: a listing too long for one
     /// message fails ("reply does not encode"); [`Request::QuarantinePage`] pages it.
     Quarantine,
     /// Return a quarantined physical range of a device-dax pool to its free memory (root or

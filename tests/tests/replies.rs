@@ -178,6 +178,27 @@ fn hostile_poison_reports_do_not_break_the_admins_quarantine_listing() {
         assert_eq!(rows, POISONED_PER_UID, "uid {uid}:\n{table}");
     }
 
+    // A tenant sees its own poisoned leases, never another's names (they are private).
+    let tenant = POISONERS[1];
+    let out = broker
+        .cli()
+        .args(["quarantine", "--json"])
+        .uid(tenant)
+        .gid(NOBODY)
+        .output()
+        .expect("run the CLI as a tenant");
+    let shown: Vec<serde_json::Value> =
+        serde_json::from_str(&stdout_ok(&out)).expect("quarantine --json as a tenant");
+    let names: Vec<&str> = shown[0]["leases"]
+        .as_array()
+        .expect("leases")
+        .iter()
+        .map(|l| l["name"].as_str().expect("name"))
+        .collect();
+    assert_eq!(names.len(), POISONED_PER_UID, "uid {tenant} sees {names:?}");
+    let own = format!("t{tenant}/");
+    assert!(names.iter().all(|n| n.starts_with(&own)), "{names:?}");
+
     for (_, mut tenant) in tenants {
         drop(tenant.child.stdin.take());
         tenant.child.wait().expect("wait tenant");

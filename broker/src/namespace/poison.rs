@@ -115,15 +115,16 @@ impl Namespace {
         })
     }
 
-    /// Leases with reported poison, by pool index, in name order (leases removed while held
+    /// Leases with reported poison that `peer` may see (as `ls` shows them: another tenant's
+    /// private lease is not named), by pool index, in name order (leases removed while held
     /// keep their name: those of one name in the order they were made).
-    pub fn poisoned(&self) -> Vec<(usize, PoisonedLease)> {
+    pub fn poisoned(&self, peer: &Peer) -> Vec<(usize, PoisonedLease)> {
         let mut poisoned: Vec<_> = self
             .names
             .values()
             .map(|id| &self.leases[id])
             .chain(self.leases.values().filter(|e| e.removed))
-            .filter(|e| !e.poison.is_empty())
+            .filter(|e| !e.poison.is_empty() && Self::visible(peer, e))
             .collect();
         poisoned.sort_by(|a, b| {
             (a.pool, &a.lease.name, a.lease.id).cmp(&(b.pool, &b.lease.name, b.lease.id))

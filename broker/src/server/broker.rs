@@ -410,9 +410,9 @@ impl Broker {
             }
             Request::Dirs { prefix, after } => self.dirs(peer, &prefix, after.as_deref()),
             Request::Quota => Reply::new(Response::Quota(self.ns.lock().quotas(peer))),
-            Request::Quarantine => Reply::new(Response::Quarantine(self.quarantine())),
+            Request::Quarantine => Reply::new(Response::Quarantine(self.quarantine(peer))),
             Request::QuotaPage { after } => self.quota_page(peer, after.as_ref()),
-            Request::QuarantinePage { after } => self.quarantine_page(after.as_ref()),
+            Request::QuarantinePage { after } => self.quarantine_page(peer, after.as_ref()),
             Request::ClearQuarantine { .. } if !peer.admin => Reply::error(
                 ErrorCode::PermissionDenied,
                 "permission denied: only root and the admin group may clear quarantine",
@@ -736,16 +736,17 @@ impl Broker {
         pools
     }
 
-    /// Per pool, its quarantined physical ranges and the leases with reported poison.
-    fn quarantine(&self) -> Vec<QuarantineInfo> {
-        let poisoned = self.ns.lock().poisoned();
+    /// Per pool, its quarantined physical ranges and the leases with reported poison, as far
+    /// as `peer` may see them (see [`Broker::quarantined`]).
+    fn quarantine(&self, peer: &Peer) -> Vec<QuarantineInfo> {
+        let poisoned = self.ns.lock().poisoned(peer);
         let mut out: Vec<QuarantineInfo> = self
             .pools
             .iter()
             .map(|p| QuarantineInfo {
                 pool: p.name.clone(),
                 kind: p.kind,
-                ranges: p.quarantined(),
+                ranges: Self::quarantined(peer, p),
                 leases: Vec::new(),
             })
             .collect();
@@ -755,16 +756,26 @@ impl Broker {
         out
     }
 
+    /// A pool's quarantined physical ranges, for root and the admin group only: they are the
+    /// host's memory map, no tenant's business (`df` shows everybody how much is quarantined).
+    fn quarantined(peer: &Peer, pool: &Pool) -> Vec<Extent> {
+        if peer.admin {
+            pool.quarantined()
+        } else {
+            Vec::new()
+        }
+    }
+
     /// A page of the quarantine listing (see [`quarantine_page`]).
-    fn quarantine_page(&self, after: Option<&QuarantineAfter>) -> Reply {
-        let poisoned = self.ns.lock().poisoned();
+    fn quarantine_page(&self, peer: &Peer, after: Option<&QuarantineAfter>) -> Reply {
+        let poisoned = self.ns.lock().poisoned(peer);
         let pools = self
             .pools
             .iter()
             .map(|p| PoolQuarantine {
                 name: p.name.clone(),
                 kind: p.kind,
-                ranges: p.quarantined(),
+                ranges: Self::quarantined(peer, p),
             })
             .collect();
         match quarantine_page(pools, poisoned, after) {
