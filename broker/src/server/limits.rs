@@ -118,21 +118,39 @@ pub fn open_files() -> std::io::Result<u64> {
     Ok(std::fs::read_dir("/proc/self/fd")?.count() as u64)
 }
 
+/// The size of this process's file table (`FDSize` in `/proc/self/status`): the kernel grows
+/// it in powers of two past the highest fd in use, so it bounds the files open from above,
+/// and reading it costs the same however many are open (about 10 µs), where counting them
+/// costs an entry each (7 ms with 15 000 open).
+pub fn file_table_size() -> std::io::Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("FDSize:"))
+        .and_then(|size| size.trim().parse().ok())
+        .ok_or_else(|| std::io::Error::other("no FDSize in /proc/self/status"))
+}
+
 /// Whether `peer` may open another lease's fd: a tenant must leave [`FD_RESERVE`] files
 /// free, root and the admin group a quarter of it (the journal's and compaction's share).
+/// Every create asks, so the files are counted only when the file table's size says the
+/// limit may be near.
 pub fn check_fd_headroom(peer: &Peer) -> Result<(), String> {
     let limit = nofile_limit();
+    let keep = if peer.admin {
+        FD_RESERVE / 4
+    } else {
+        FD_RESERVE
+    };
+    if file_table_size().is_ok_and(|size| size.saturating_add(keep) <= limit) {
+        return Ok(());
+    }
     let open = match open_files() {
         Ok(open) => open,
         Err(e) => {
             tracing::warn!(error = %e, "cannot count open files");
             return Ok(());
         }
-    };
-    let keep = if peer.admin {
-        FD_RESERVE / 4
-    } else {
-        FD_RESERVE
     };
     if open.saturating_add(keep) > limit {
         return Err(format!(
@@ -196,5 +214,18 @@ mod tests {
         }
         assert_eq!(count.total, 0);
         assert!(count.per_uid.is_empty());
+    }
+
+    #[test]
+    fn the_file_table_bounds_the_files_open() {
+        let files: Vec<std::fs::File> = (0..300)
+            .map(|_| std::fs::File::open("/dev/null").unwrap())
+            .collect();
+        let (size, open) = (file_table_size().unwrap(), open_files().unwrap());
+        assert!(
+            open >= 300 && size >= open,
+            "{open} files open, table {size}"
+        );
+        drop(files);
     }
 }
