@@ -6,6 +6,7 @@
 use std::io::IoSlice;
 use std::mem::MaybeUninit;
 use std::os::fd::{BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use rustix::net::{
@@ -20,6 +21,23 @@ pub struct Notifier {
     addr: SocketAddrUnix,
     /// `WATCHDOG_USEC`, when systemd watches this process.
     watchdog: Option<Duration>,
+    /// Bytes the fd store's names take in `LISTEN_FDNAMES` (see [`FD_NAMES_BUDGET`]).
+    names: AtomicUsize,
+}
+
+/// What the fd store's names may take of `LISTEN_FDNAMES`, the one environment string
+/// systemd hands them over in when it starts the broker again: the kernel refuses to exec
+/// with a string of 128 KiB or more, and the broker could not start. Kept back: the
+/// variable's name, a socket unit's fd names, and creates checked at the same time.
+pub const FD_NAMES_BUDGET: usize = (128 << 10) - 4096;
+
+/// The longest entry a lease adds to `LISTEN_FDNAMES` (its name with the largest id, and
+/// the `:` between names).
+const LONGEST_ENTRY: usize = "lease.".len() + 20 + 1;
+
+/// What a lease's name adds to `LISTEN_FDNAMES`.
+fn entry_len(id: u64) -> usize {
+    fd_name(id).len() + 1
 }
 
 /// How long one start-up step (replaying the journal, restoring one pool) may take before
@@ -60,6 +78,7 @@ impl Notifier {
                 sock,
                 addr,
                 watchdog: watchdog_from_env(),
+                names: AtomicUsize::new(0),
             }),
             (Err(e), _) | (_, Err(e)) => {
                 tracing::warn!(error = %e, "NOTIFY_SOCKET is set but unusable; not notifying systemd");
@@ -126,13 +145,33 @@ impl Notifier {
         self.send("STOPPING=1\nSTATUS=stopping", &[]);
     }
 
+    /// Counts the memfds of `ids`, which the fd store keeps from before this start (systemd
+    /// or the broker that upgraded to this one handed them over).
+    pub fn stored_before(&self, ids: impl Iterator<Item = u64>) {
+        let bytes: usize = ids.map(entry_len).sum();
+        self.names.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Whether the fd store has room for one more lease's memfd: its name must still fit
+    /// `LISTEN_FDNAMES` (see [`FD_NAMES_BUDGET`]). Returns the bytes its names take if not.
+    pub fn store_is_full(&self) -> Option<usize> {
+        let names = self.names.load(Ordering::Relaxed);
+        (names + LONGEST_ENTRY > FD_NAMES_BUDGET).then_some(names)
+    }
+
     /// Keeps a lease's memfd in the service's fd store.
     pub fn store(&self, id: u64, fd: BorrowedFd<'_>) {
+        self.names.fetch_add(entry_len(id), Ordering::Relaxed);
         self.send(&format!("FDSTORE=1\nFDNAME={}", fd_name(id)), &[fd]);
     }
 
     /// Drops a lease's memfd from the fd store.
     pub fn remove(&self, id: u64) {
+        let _ = self
+            .names
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(entry_len(id)))
+            });
         self.send(&format!("FDSTOREREMOVE=1\nFDNAME={}", fd_name(id)), &[]);
     }
 }

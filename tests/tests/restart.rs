@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use membroker_client::proto::ErrorCode;
 use membroker_client::{Client, CreateLease, LeaseInfo};
 use membroker_tests::systemd::{Service, inode_of};
 use membroker_tests::{Rng, TestBroker, bin_path, pattern, stderr_err, stdout_ok};
@@ -1277,4 +1278,63 @@ fn torture(pool: &str, page: u64, memory: Memory, default_cycles: usize, limit: 
         "the torture took {:?}, more than {limit:?}",
         started.elapsed()
     );
+}
+
+/// systemd hands the fd store's names back in one environment string, which the kernel caps
+/// at 128 KiB: a store whose names outgrew it would leave systemd unable to start the broker.
+/// The broker refuses the create that would outgrow it, and everything it kept comes back.
+#[test]
+fn the_fd_store_is_never_filled_past_what_systemd_can_hand_back() {
+    let mut svc = start("memfd:t:256M");
+    let mut client = svc.client();
+    let mut made = 0usize;
+    let refusal = loop {
+        let name = format!("crowd/{made}");
+        match client.create(CreateLease::new(&name, 4 * KIB).persistent(true)) {
+            Ok(lease) => {
+                if made == 0 {
+                    lease.map().unwrap().write_at(0, b"first").unwrap();
+                }
+                client.release(&name).unwrap();
+                made += 1;
+            }
+            Err(e) => break e,
+        }
+        assert!(
+            made < 20_000,
+            "no create refused; the store would outgrow 128 KiB"
+        );
+    };
+    assert_eq!(refusal.code(), Some(ErrorCode::NoSpace), "{refusal}");
+    assert!(refusal.to_string().contains("LISTEN_FDNAMES"), "{refusal}");
+    let names: usize = svc.store_names().iter().map(|n| n.len() + 1).sum();
+    println!("{made} memfd leases kept; their fd-store names take {names} bytes");
+    assert!(
+        made > 10_000 && names < 128 << 10,
+        "{made} leases, {names} bytes"
+    );
+    drop(client);
+
+    svc.kill9();
+    svc.restart();
+    let mut client = svc.client();
+    assert_eq!(
+        client.list("crowd").unwrap().len(),
+        made,
+        "{}",
+        svc.log_tail(20)
+    );
+    let lease = client.open("crowd/0", false).unwrap();
+    let mut word = [0u8; 5];
+    lease.map().unwrap().read_at(0, &mut word).unwrap();
+    assert_eq!(&word, b"first");
+    client.release("crowd/0").unwrap();
+    assert!(!svc.log().contains("lease lost"), "{}", svc.log_tail(30));
+
+    // Room again once a lease goes.
+    client.remove("crowd/1").unwrap();
+    svc.sync();
+    client
+        .create(CreateLease::new("crowd/again", 4 * KIB).persistent(true))
+        .expect("a create once a lease went");
 }

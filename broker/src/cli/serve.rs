@@ -180,6 +180,7 @@ pub fn run(socket: &Path, args: ServeArgs) -> Result<(), String> {
     let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
     let notifier = crate::notify::Notifier::from_env();
     if let Some(n) = &notifier {
+        n.stored_before(inherited.leases.keys().copied());
         n.step("replaying the journal");
     }
     let (journal, replayed) =

@@ -587,6 +587,22 @@ impl Broker {
         let pool_index = reservation.pool;
         // The allocation (fallocate of up to the whole lease) runs outside the lock.
         let pool = &self.pools[reservation.pool];
+        if let (Some(n), PoolKind::Memfd) = (&self.notifier, pool.kind)
+            && let Some(bytes) = n.store_is_full()
+        {
+            self.ns.lock().abort(reservation);
+            return Reply::error(
+                ErrorCode::NoSpace,
+                format!(
+                    "lease {}: systemd's fd store cannot keep another memfd of pool {}: the \
+                     names of those it keeps take {bytes} bytes of LISTEN_FDNAMES, which must \
+                     stay under 128 KiB for systemd to start the broker again; remove leases \
+                     nobody needs, or use a device-dax pool",
+                    req.name, pool.name
+                ),
+            )
+            .into();
+        }
         let allocation = match pool.allocate(&reservation.name, reservation.size) {
             Ok(allocation) => allocation,
             Err(e) => {
