@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use membroker_client::codec::encoded_len;
 use membroker_client::proto::{
-    DirInfo, ErrorCode, Extent, LeaseInfo, PROTOCOL_MAX, PROTOCOL_MIN, PoolInfo, PoolKind,
-    QuarantineAfter, QuarantineInfo, QuotaInfo, Request, Response,
+    DirInfo, ErrorCode, Extent, LeaseInfo, PROTOCOL_MAX, PROTOCOL_MIN, PoisonedLease, PoolInfo,
+    PoolKind, QuarantineAfter, QuarantineInfo, QuotaInfo, Request, Response,
 };
 use parking_lot::Mutex;
 use rustix::fs::{Mode, OFlags};
@@ -752,17 +752,37 @@ impl Broker {
         pools
     }
 
-    /// Per pool, its quarantined physical ranges and the leases with reported poison, as far
-    /// as `peer` may see them (see [`Broker::quarantined`]).
-    fn quarantine(&self, peer: &Peer) -> Vec<QuarantineInfo> {
+    /// Per pool, its quarantined physical ranges, and the leases with reported poison by pool
+    /// index, as far as `peer` may see them: the ranges are the host's memory map, for root
+    /// and the admin group only (`df` shows everybody how much is quarantined); the leases
+    /// are those `peer` sees in `ls`.
+    fn quarantine_parts(&self, peer: &Peer) -> (Vec<PoolQuarantine>, Vec<(usize, PoisonedLease)>) {
         let poisoned = self.ns.lock().poisoned(peer);
-        let mut out: Vec<QuarantineInfo> = self
+        let pools = self
             .pools
             .iter()
-            .map(|p| QuarantineInfo {
-                pool: p.name.clone(),
+            .map(|p| PoolQuarantine {
+                name: p.name.clone(),
                 kind: p.kind,
-                ranges: Self::quarantined(peer, p),
+                ranges: if peer.admin {
+                    p.quarantined()
+                } else {
+                    Vec::new()
+                },
+            })
+            .collect();
+        (pools, poisoned)
+    }
+
+    /// The whole quarantine listing in one reply (see [`Broker::quarantine_parts`]).
+    fn quarantine(&self, peer: &Peer) -> Vec<QuarantineInfo> {
+        let (pools, poisoned) = self.quarantine_parts(peer);
+        let mut out: Vec<QuarantineInfo> = pools
+            .into_iter()
+            .map(|p| QuarantineInfo {
+                pool: p.name,
+                kind: p.kind,
+                ranges: p.ranges,
                 leases: Vec::new(),
             })
             .collect();
@@ -772,28 +792,9 @@ impl Broker {
         out
     }
 
-    /// A pool's quarantined physical ranges, for root and the admin group only: they are the
-    /// host's memory map, no tenant's business (`df` shows everybody how much is quarantined).
-    fn quarantined(peer: &Peer, pool: &Pool) -> Vec<Extent> {
-        if peer.admin {
-            pool.quarantined()
-        } else {
-            Vec::new()
-        }
-    }
-
     /// A page of the quarantine listing (see [`quarantine_page`]).
     fn quarantine_page(&self, peer: &Peer, after: Option<&QuarantineAfter>) -> Reply {
-        let poisoned = self.ns.lock().poisoned(peer);
-        let pools = self
-            .pools
-            .iter()
-            .map(|p| PoolQuarantine {
-                name: p.name.clone(),
-                kind: p.kind,
-                ranges: Self::quarantined(peer, p),
-            })
-            .collect();
+        let (pools, poisoned) = self.quarantine_parts(peer);
         match quarantine_page(pools, poisoned, after) {
             Ok((pools, more)) => Reply::new(Response::QuarantinePage { pools, more }),
             Err(why) => Reply::error(ErrorCode::NotFound, why),
