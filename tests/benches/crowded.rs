@@ -11,7 +11,7 @@
 use std::time::Instant;
 
 use membroker_client::{Client, CreateLease};
-use membroker_tests::TestBroker;
+use membroker_tests::{TestBroker, median};
 
 /// Pairs of create + release of a 4 KiB lease per second, one client, `n` pairs.
 fn pairs_per_second(client: &mut Client, n: usize) -> f64 {
@@ -25,11 +25,6 @@ fn pairs_per_second(client: &mut Client, n: usize) -> f64 {
         drop(lease);
     }
     n as f64 / started.elapsed().as_secs_f64()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn measure(client: &mut Client, reps: usize) -> f64 {
